@@ -1,0 +1,27 @@
+# The two commands: `make demo` and `make test`. Both create .venv on first use
+# and refresh it whenever pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench lint
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/autopose demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	@for script in benchmarks/*.py; do echo "# $$script" >&2; $(PY) $$script || exit 1; done
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check autopose tests benchmarks jobs
+	$(VENV)/bin/ruff format --check autopose tests benchmarks jobs

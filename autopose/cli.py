@@ -1,0 +1,160 @@
+"""The ``autopose`` command.
+
+One parser, one small handler per verb. Handlers import their layer lazily so
+that ``autopose --help`` is instant and the data commands run without Ray.
+Every handler turns :class:`~autopose.errors.AutoposeError` into one line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from autopose.errors import AutoposeError
+
+
+# -- data --------------------------------------------------------------------------
+def _data_synth(args: argparse.Namespace) -> int:
+    raise NotImplementedError("data synth")
+
+
+def _data_build_proxy(args: argparse.Namespace) -> int:
+    raise NotImplementedError("data build-proxy")
+
+
+# -- models and inference -------------------------------------------------------------
+def _model_info(args: argparse.Namespace) -> int:
+    raise NotImplementedError("model-info")
+
+
+def _detect(args: argparse.Namespace) -> int:
+    raise NotImplementedError("detect")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    raise NotImplementedError("evaluate")
+
+
+# -- platform -----------------------------------------------------------------------
+def _search(args: argparse.Namespace) -> int:
+    raise NotImplementedError("search")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    raise NotImplementedError("compare")
+
+
+def _promote(args: argparse.Namespace) -> int:
+    raise NotImplementedError("promote")
+
+
+def _train(args: argparse.Namespace) -> int:
+    raise NotImplementedError("train")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    raise NotImplementedError("demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autopose",
+        description="Differentiable augmentation-policy search for top-down pose estimation.",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+
+    demo = verbs.add_parser("demo", help="run the whole loop on bundled data (local Ray, SQLite MLflow)")
+    demo.add_argument("--workdir", type=Path, default=Path("demo_run"), help="where everything is written")
+    demo.add_argument("--budget", choices=["full", "tiny"], default="full", help="tiny: the test's budget")
+    demo.set_defaults(handler=_demo)
+
+    data = verbs.add_parser("data", help="datasets: synthetic data, Parquet proxy")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="DATA_COMMAND")
+    synth = data_verbs.add_parser("synth", help="write a procedural COCO-format keypoint dataset")
+    synth.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    synth.add_argument("--images", type=int, required=True, help="images in the train split")
+    synth.add_argument(
+        "--val-images", type=int, default=None, help="images in the val split (default: images/4)"
+    )
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--shift", default="none", help="val shift: none, or e.g. rotate=45,brightness=0.5")
+    synth.set_defaults(handler=_data_synth)
+
+    proxy = data_verbs.add_parser("build-proxy", help="cache person crops as a Parquet proxy")
+    proxy.add_argument("--ann", type=Path, required=True, help="COCO keypoint json (or MPII json)")
+    proxy.add_argument("--images", type=Path, required=True, help="image folder")
+    proxy.add_argument("--out", type=Path, required=True, help="output .parquet file")
+    proxy.add_argument("--max-images", type=int, default=5000)
+    proxy.add_argument("--seed", type=int, default=0)
+    proxy.add_argument("--input", default="256x192", help="crop size HxW")
+    proxy.set_defaults(handler=_data_build_proxy)
+
+    info = verbs.add_parser("model-info", help="parameters and GFLOPs of an architecture")
+    info.add_argument("--arch", required=True, help="e.g. p2net_r50, p2net_r101_prog, simplebaseline_r50")
+    info.add_argument("--input", default="256x192", help="input size HxW")
+    info.add_argument("--joints", type=int, default=17)
+    info.set_defaults(handler=_model_info)
+
+    detect = verbs.add_parser("detect", help="person boxes with torchvision Faster R-CNN (local weights)")
+    detect.add_argument("--images", type=Path, required=True)
+    detect.add_argument("--weights", type=Path, required=True, help="Faster R-CNN ResNet-50-FPN state dict")
+    detect.add_argument("--out", type=Path, required=True, help="COCO detection json")
+    detect.add_argument("--score-thr", type=float, default=0.0)
+    detect.set_defaults(handler=_detect)
+
+    evaluate = verbs.add_parser("evaluate", help="COCO keypoint AP (or MPII PCKh)")
+    evaluate.add_argument("--ann", type=Path, required=True, help="ground-truth annotation json")
+    evaluate.add_argument("--checkpoint", type=Path, help="model checkpoint to run")
+    evaluate.add_argument("--images", type=Path, help="image folder (with --checkpoint)")
+    evaluate.add_argument("--dets", type=Path, help="person detections json (default: ground-truth boxes)")
+    evaluate.add_argument("--results", type=Path, help="score an existing COCO results json instead")
+    evaluate.add_argument("--no-flip", action="store_true", help="turn the flip test off")
+    evaluate.set_defaults(handler=_evaluate)
+
+    search = verbs.add_parser("search", help="Ray Tune experiment: policy search beside baselines")
+    search.add_argument("--config", type=Path, required=True)
+    search.add_argument("--experiment", help="MLflow experiment name (default: from the config)")
+    search.add_argument("--address", help="Ray address (default: start a local Ray)")
+    search.add_argument("--resume", action="store_true", help="finish an interrupted experiment")
+    search.set_defaults(handler=_search)
+
+    compare = verbs.add_parser("compare", help="table of searched and baseline policies from MLflow")
+    compare.add_argument("--experiment", help="MLflow experiment name")
+    compare.add_argument("--plot", type=Path, help="write a PNG of AP by policy kind")
+    compare.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)"
+    )
+    compare.set_defaults(handler=_compare)
+
+    promote = verbs.add_parser("promote", help="mark a run's policy promoted and train it fully")
+    promote.add_argument("run_id")
+    promote.add_argument("--config", type=Path, help="training config (default: the run's own)")
+    promote.add_argument("--tracking-uri")
+    promote.add_argument("--address")
+    promote.set_defaults(handler=_promote)
+
+    train = verbs.add_parser("train", help="full training on Ray Train")
+    train.add_argument("--policy", required=True, help="policy JSON file, or handcrafted | random | none")
+    train.add_argument("--config", type=Path, required=True)
+    train.add_argument("--address")
+    train.set_defaults(handler=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except AutoposeError as error:
+        print(f"autopose: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autopose: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Box → center/scale, the affine crop, and its inverse.
+
+Coordinate convention (used everywhere in autopose): the center of pixel
+``(col, row)`` is the point ``(x, y) = (col, row)``; an image of width ``W``
+spans ``x ∈ [-0.5, W - 0.5]``. The crop maps the padded person box onto the
+whole crop, edge to edge, so the map and its inverse carry no half-pixel bias.
+
+Sizes are ``(height, width)`` like tensor shapes; points are ``(x, y)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+BOX_PADDING = 1.25
+
+
+def box_to_center_scale(
+    bbox: np.ndarray | list[float],
+    aspect_ratio: float,
+    padding: float = BOX_PADDING,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crop center and size for a person box.
+
+    Args:
+        bbox: ``(x, y, w, h)`` in image pixels (COCO layout: ``x, y`` is the
+            top-left corner of the box's pixel area).
+        aspect_ratio: crop ``width / height`` (192 / 256 = 0.75 by default).
+        padding: context added around the box (1.25 by default).
+
+    Returns:
+        ``center (2,)`` in image pixels and ``scale (2,) = (w, h)``: the crop's
+        extent in image pixels, widened or heightened to ``aspect_ratio``, then padded.
+    """
+    x, y, w, h = (float(v) for v in bbox)
+    # The box covers pixel edges [x, x + w]; in the pixel-center convention that is
+    # the interval [x - 0.5, x + w - 0.5], whose middle is below.
+    center = np.array([x + w / 2.0 - 0.5, y + h / 2.0 - 0.5], dtype=np.float64)
+    if w > aspect_ratio * h:
+        h = w / aspect_ratio
+    else:
+        w = h * aspect_ratio
+    scale = np.array([w * padding, h * padding], dtype=np.float64)
+    return center, scale
+
+
+def crop_matrix(
+    center: np.ndarray,
+    scale: np.ndarray,
+    output_size: tuple[int, int],
+    rotation: float = 0.0,
+) -> np.ndarray:
+    """The ``2×3`` affine map from image pixels to crop pixels.
+
+    Args:
+        center: ``(2,)`` crop center in image pixels.
+        scale: ``(2,)`` crop extent ``(w, h)`` in image pixels.
+        output_size: ``(height, width)`` of the crop.
+        rotation: degrees, counter-clockwise in the displayed image.
+
+    Returns:
+        ``float64 2×3`` matrix ``A`` with ``crop = A @ [x, y, 1]``.
+    """
+    out_h, out_w = output_size
+    sx = out_w / float(scale[0])
+    sy = out_h / float(scale[1])
+    theta = math.radians(rotation)
+    cos, sin = math.cos(theta), math.sin(theta)
+    # Image y points down, so a counter-clockwise turn on screen is R(-theta) in (x, y).
+    rot = np.array([[cos, sin], [-sin, cos]])
+    linear = np.diag([sx, sy]) @ rot
+    out_center = np.array([(out_w - 1) / 2.0, (out_h - 1) / 2.0])
+    translation = out_center - linear @ np.asarray(center, dtype=np.float64)
+    return np.concatenate([linear, translation[:, None]], axis=1)
+
+
+def invert_affine(matrix: np.ndarray) -> np.ndarray:
+    """Inverse of a ``2×3`` affine matrix (``... ×2×3`` batches allowed)."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    linear = matrix[..., :2]
+    inv_linear = np.linalg.inv(linear)
+    inv_translation = -(inv_linear @ matrix[..., 2:3])
+    return np.concatenate([inv_linear, inv_translation], axis=-1)
+
+
+def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Apply a ``2×3`` affine map to ``N×2`` points (extra columns are kept)."""
+    points = np.asarray(points, dtype=np.float64)
+    xy = points[..., :2] @ matrix[:, :2].T + matrix[:, 2]
+    if points.shape[-1] > 2:
+        return np.concatenate([xy, points[..., 2:]], axis=-1)
+    return xy
+
+
+def warp_image(
+    image: Image.Image | np.ndarray, matrix: np.ndarray, output_size: tuple[int, int]
+) -> np.ndarray:
+    """Crop an image with the affine ``matrix`` (image → crop), bilinear, zero fill.
+
+    Args:
+        image: PIL image or ``H×W×3`` uint8 array.
+        matrix: ``2×3`` image → crop map from :func:`crop_matrix`.
+        output_size: ``(height, width)`` of the crop.
+
+    Returns:
+        ``height×width×3`` uint8 array.
+    """
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    inverse = invert_affine(matrix)
+    linear, translation = inverse[:, :2], inverse[:, 2]
+    # PIL samples output pixel centers at (col + 0.5, row + 0.5) and reads input pixel
+    # centers there too: shift our integer-centered map into PIL's frame.
+    pil_translation = translation + 0.5 - linear @ np.array([0.5, 0.5])
+    data = (*linear[0], pil_translation[0], *linear[1], pil_translation[1])
+    out_h, out_w = output_size
+    warped = image.convert("RGB").transform(
+        (out_w, out_h), Image.Transform.AFFINE, data, Image.Resampling.BILINEAR
+    )
+    return np.asarray(warped)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"256x192"`` → ``(256, 192)`` (height, width)."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"expected HxW such as 256x192, got {text!r}") from None
+    if height <= 0 or width <= 0 or height % 4 or width % 4:
+        raise ValueError(f"input size must be positive multiples of 4, got {text!r}")
+    return height, width

@@ -1,0 +1,1 @@
+"""autopose.engine"""
