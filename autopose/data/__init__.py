@@ -1,1 +1,46 @@
-"""autopose.data"""
+"""autopose.data: annotations → person instances → crops, heatmap codec, Parquet proxy, synth.
+
+The public names are re-exported here; import from ``autopose.data``.
+"""
+
+from autopose.data.coco import (
+    COCO_FLIP_PAIRS,
+    COCO_KEYPOINTS,
+    COCO_SIGMAS,
+    COCO_SKELETON,
+    flip_pairs_from_names,
+    load_coco,
+    load_coco_detections,
+)
+from autopose.data.codec import HeatmapCodec
+from autopose.data.instances import PersonInstance
+from autopose.data.mpii import MPII_FLIP_PAIRS, MPII_KEYPOINTS, load_mpii
+from autopose.data.transforms import (
+    box_to_center_scale,
+    crop_matrix,
+    invert_affine,
+    parse_size,
+    transform_points,
+    warp_image,
+)
+
+__all__ = [
+    "COCO_FLIP_PAIRS",
+    "COCO_KEYPOINTS",
+    "COCO_SIGMAS",
+    "COCO_SKELETON",
+    "MPII_FLIP_PAIRS",
+    "MPII_KEYPOINTS",
+    "HeatmapCodec",
+    "PersonInstance",
+    "box_to_center_scale",
+    "crop_matrix",
+    "flip_pairs_from_names",
+    "invert_affine",
+    "load_coco",
+    "load_coco_detections",
+    "load_mpii",
+    "parse_size",
+    "transform_points",
+    "warp_image",
+]
