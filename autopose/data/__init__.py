@@ -15,6 +15,17 @@ from autopose.data.coco import (
 from autopose.data.codec import HeatmapCodec
 from autopose.data.instances import PersonInstance
 from autopose.data.mpii import MPII_FLIP_PAIRS, MPII_KEYPOINTS, load_mpii
+from autopose.data.proxy import (
+    CocoCropDataset,
+    ProxyDataset,
+    ProxyMetadata,
+    ProxyReport,
+    SkippedFile,
+    build_proxy,
+    decode_batch,
+    read_proxy_metadata,
+    verify_proxy,
+)
 from autopose.data.transforms import (
     box_to_center_scale,
     crop_matrix,
@@ -31,16 +42,25 @@ __all__ = [
     "COCO_SKELETON",
     "MPII_FLIP_PAIRS",
     "MPII_KEYPOINTS",
+    "CocoCropDataset",
     "HeatmapCodec",
     "PersonInstance",
+    "ProxyDataset",
+    "ProxyMetadata",
+    "ProxyReport",
+    "SkippedFile",
     "box_to_center_scale",
+    "build_proxy",
     "crop_matrix",
+    "decode_batch",
     "flip_pairs_from_names",
     "invert_affine",
     "load_coco",
     "load_coco_detections",
     "load_mpii",
     "parse_size",
+    "read_proxy_metadata",
     "transform_points",
+    "verify_proxy",
     "warp_image",
 ]

@@ -157,7 +157,11 @@ def _person_category(data: Mapping, path: Path) -> tuple[int, tuple[str, ...]]:
 
 def _validated_dataset(path: Path) -> tuple[dict, int, tuple[str, ...]]:
     """Read and check a COCO keypoint json; returns (dataset, person category id, keypoint names)."""
-    data = _read_json(path)
+    return validate_coco_dict(_read_json(path), path)
+
+
+def validate_coco_dict(data: Any, path: Path) -> tuple[dict, int, tuple[str, ...]]:
+    """Check an already parsed COCO keypoint json (``path`` only names it in errors)."""
     if not isinstance(data, dict):
         raise AutoposeError(
             f"expected a json object with images/annotations/categories, got {type(data).__name__}",
@@ -251,6 +255,22 @@ def load_coco(
     """
     ann_path, images_dir = Path(ann_path), Path(images_dir)
     dataset, category_id, names = _validated_dataset(ann_path)
+    return coco_instances(
+        dataset, category_id, names, images_dir, training=training, aspect_ratio=aspect_ratio
+    )
+
+
+def coco_instances(
+    dataset: dict,
+    category_id: int,
+    names: tuple[str, ...],
+    images_dir: Path,
+    *,
+    training: bool,
+    aspect_ratio: float,
+) -> list[PersonInstance]:
+    """:func:`load_coco` on a dict already checked by :func:`validate_coco_dict`."""
+    images_dir = Path(images_dir)
     coco = _coco_api(dataset)
     instances: list[PersonInstance] = []
     for image_id in sorted(coco.getImgIds()):

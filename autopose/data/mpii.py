@@ -24,6 +24,7 @@ Each entry of the json list is one person::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -87,8 +88,15 @@ def load_mpii(json_path: Path, images_dir: Path, *, aspect_ratio: float = 0.75) 
     Raises:
         AutoposeError: the file is missing or not in this layout (names file and field).
     """
-    json_path, images_dir = Path(json_path), Path(images_dir)
-    data = _read_json(json_path)
+    json_path = Path(json_path)
+    return mpii_instances(_read_json(json_path), json_path, images_dir, aspect_ratio=aspect_ratio)
+
+
+def mpii_instances(
+    data: Any, json_path: Path, images_dir: Path, *, aspect_ratio: float = 0.75
+) -> list[PersonInstance]:
+    """:func:`load_mpii` on an already parsed json (``json_path`` only names it in errors)."""
+    images_dir = Path(images_dir)
     if not isinstance(data, list):
         raise AutoposeError(
             f"expected a list of MPII entries (HRNet layout), got {type(data).__name__}", path=json_path

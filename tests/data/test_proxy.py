@@ -1,0 +1,183 @@
+"""The Parquet proxy on the real COCO/MPII samples: content, geometry, reuse, bad input."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from autopose.data import (
+    COCO_FLIP_PAIRS,
+    COCO_KEYPOINTS,
+    MPII_KEYPOINTS,
+    CocoCropDataset,
+    ProxyDataset,
+    build_proxy,
+    crop_matrix,
+    invert_affine,
+    load_coco,
+    load_mpii,
+    read_proxy_metadata,
+    transform_points,
+    verify_proxy,
+)
+from autopose.errors import AutoposeError
+
+INPUT = (128, 96)
+
+
+@pytest.fixture(scope="module")
+def coco_proxy(tmp_path_factory, coco_ann, coco_images) -> Path:
+    out = tmp_path_factory.mktemp("proxy") / "coco.parquet"
+    build_proxy(coco_ann, coco_images, out, input_size=INPUT, progress=False)
+    return out
+
+
+def test_proxy_holds_the_12_persons_with_keypoints(coco_proxy, coco_ann, coco_images):
+    expected = {inst.instance_id: inst for inst in load_coco(coco_ann, coco_images, aspect_ratio=0.75)}
+    dataset = ProxyDataset(coco_proxy)
+    assert len(dataset) == 12
+    assert {dataset[i]["instance_id"] for i in range(len(dataset))} == set(expected)
+    meta = dataset.metadata
+    assert meta.dataset == "coco"
+    assert meta.keypoint_names == COCO_KEYPOINTS
+    assert meta.flip_pairs == COCO_FLIP_PAIRS
+    assert meta.input_size == INPUT
+    assert meta.images_used == 4 and meta.skipped == ()
+
+
+def test_every_crop_keypoint_maps_back_within_half_a_pixel(coco_proxy, coco_ann, coco_images):
+    expected = {inst.instance_id: inst for inst in load_coco(coco_ann, coco_images)}
+    dataset = ProxyDataset(coco_proxy)
+    checked = 0
+    for i in range(len(dataset)):
+        item = dataset[i]
+        inst = expected[item["instance_id"]]
+        labelled = item["visibility"].numpy() > 0
+        np.testing.assert_array_equal(item["visibility"].numpy(), inst.keypoints[:, 2])
+        to_image = invert_affine(crop_matrix(item["center"].numpy(), item["scale"].numpy(), INPUT))
+        back = transform_points(item["keypoints"].numpy()[labelled], to_image)
+        assert np.abs(back - inst.keypoints[labelled, :2]).max() <= 0.5
+        checked += int(labelled.sum())
+    assert checked == 181  # all labelled keypoints of the file (SOURCES.md)
+
+
+def test_items_match_the_on_the_fly_path(coco_proxy, coco_ann, coco_images):
+    dataset = ProxyDataset(coco_proxy)
+    on_the_fly = CocoCropDataset(load_coco(coco_ann, coco_images), INPUT)
+    assert len(on_the_fly) == len(dataset)
+    for i in (0, 5, 11):
+        cached, fresh = dataset[i], on_the_fly[i]
+        assert cached.keys() == fresh.keys()
+        assert cached["image"].shape == fresh["image"].shape == (3, *INPUT)
+        assert cached["image"].dtype == torch.uint8
+        assert cached["instance_id"] == fresh["instance_id"]
+        torch.testing.assert_close(cached["keypoints"], fresh["keypoints"])
+        # the crop is the same picture up to JPEG loss
+        assert (cached["image"].float() - fresh["image"].float()).abs().mean() < 4.0
+
+
+def test_dataset_pickles_into_dataloader_workers(coco_proxy):
+    dataset = ProxyDataset(coco_proxy)
+    dataset[0]  # loaded in this process ...
+    assert len(pickle.dumps(dataset)) < 10_000  # ... but the columns do not travel
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5, num_workers=2)
+    batches = list(loader)
+    assert [b["image"].shape[0] for b in batches] == [5, 5, 2]
+    assert batches[0]["keypoints"].shape == (5, 17, 2)
+    streamed = list(dataset.iter_batches(batch_size=5))
+    torch.testing.assert_close(
+        torch.cat([b["keypoints"] for b in streamed]), torch.cat([b["keypoints"] for b in batches])
+    )
+    torch.testing.assert_close(
+        torch.cat([b["image"] for b in streamed]), torch.cat([b["image"] for b in batches])
+    )
+
+
+def test_rerun_reuses_and_changed_inputs_rebuild(coco_proxy, coco_ann, coco_images):
+    before = coco_proxy.stat().st_mtime_ns
+    report = build_proxy(coco_ann, coco_images, coco_proxy, input_size=INPUT, progress=False)
+    assert report.reused and report.rows == 12
+    assert coco_proxy.stat().st_mtime_ns == before
+    smaller = coco_proxy.with_name("two.parquet")
+    report = build_proxy(
+        coco_ann, coco_images, smaller, input_size=INPUT, max_images=2, seed=3, progress=False
+    )
+    assert not report.reused and report.images_used == 2
+    again = build_proxy(
+        coco_ann, coco_images, smaller, input_size=INPUT, max_images=2, seed=3, progress=False
+    )
+    assert again.reused and again.content_hash == report.content_hash
+    other = build_proxy(
+        coco_ann, coco_images, smaller, input_size=INPUT, max_images=2, seed=4, progress=False
+    )
+    assert not other.reused and read_proxy_metadata(smaller).seed == 4
+
+
+def test_content_hash_mismatch_is_refused(coco_proxy, tmp_path):
+    table = pq.read_table(coco_proxy)
+    key_values = pq.read_metadata(coco_proxy).metadata
+    area = table.column("area").to_numpy().copy()
+    area[3] += 1.0
+    tampered = table.set_column(table.schema.get_field_index("area"), "area", [area])
+    path = tmp_path / "tampered.parquet"
+    pq.write_table(tampered.replace_schema_metadata(None), path)
+    # carry the original metadata (with its content hash) over to the changed rows
+    with pq.ParquetWriter(path, tampered.schema) as writer:
+        writer.write_table(tampered)
+        writer.add_key_value_metadata({b"autopose": key_values[b"autopose"]})
+    with pytest.raises(AutoposeError) as caught:
+        verify_proxy(path)
+    assert caught.value.field == "content_hash" and caught.value.path == str(path)
+    with pytest.raises(AutoposeError, match="content hash"):
+        ProxyDataset(path)
+
+
+def test_missing_and_corrupt_images_are_skipped_and_recorded(tmp_path, coco_ann, coco_images):
+    images = tmp_path / "images"
+    shutil.copytree(coco_images, images)
+    (images / "000000000785.jpg").unlink()  # 1 person
+    corrupt = images / "000000040083.jpg"
+    corrupt.write_bytes(corrupt.read_bytes()[:20_000])  # truncated JPEG
+    out = tmp_path / "proxy.parquet"
+    report = build_proxy(coco_ann, images, out, input_size=INPUT, progress=False)
+    persons = load_coco(coco_ann, images)
+    expected_rows = sum(1 for p in persons if p.image_id not in (785, 40083))
+    assert report.rows == expected_rows == len(ProxyDataset(out))
+    assert report.images_used == 2
+    reasons = {entry.file: entry.reason for entry in report.skipped}
+    assert reasons.keys() == {"000000000785.jpg", "000000040083.jpg"}
+    assert reasons["000000000785.jpg"] == "missing file"
+    assert reasons["000000040083.jpg"].startswith("cannot decode")
+    assert set(read_proxy_metadata(out).skipped) == set(report.skipped)
+
+
+def test_missing_output_folder_writes_nothing(tmp_path, coco_ann, coco_images):
+    out = tmp_path / "absent" / "proxy.parquet"
+    with pytest.raises(AutoposeError) as caught:
+        build_proxy(coco_ann, coco_images, out, progress=False)
+    assert caught.value.field == "out"
+    assert not out.parent.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mpii_json_builds_a_proxy(tmp_path, mpii_ann, mpii_images):
+    out = tmp_path / "mpii.parquet"
+    report = build_proxy(mpii_ann, mpii_images, out, input_size=INPUT, progress=False)
+    dataset = ProxyDataset(out)
+    assert report.rows == len(dataset) == 5
+    assert dataset.metadata.dataset == "mpii"
+    assert dataset.metadata.keypoint_names == MPII_KEYPOINTS
+    expected = load_mpii(mpii_ann, mpii_images)
+    for i in range(len(dataset)):
+        item = dataset[i]
+        inst = expected[item["instance_id"]]
+        labelled = inst.keypoints[:, 2] > 0
+        to_image = invert_affine(crop_matrix(inst.center, inst.scale, INPUT))
+        back = transform_points(item["keypoints"].numpy()[labelled], to_image)
+        assert np.abs(back - inst.keypoints[labelled, :2]).max() <= 0.5
