@@ -1,0 +1,119 @@
+"""One policy step on a batch: every sample mixes the space's ops with its own weights.
+
+The same kernel runs the discrete :class:`~autopose.augment.policy.Policy`
+(weights 0 or 1, one op per sample), RandAugment / TrivialAugment (one-hot), and
+the differentiable :class:`~autopose.augment.policy.RelaxedPolicy` (soft weights).
+
+How a step mixes ops (the paper's Eq. 6, ``Σ_o w_o · o(x)``, adapted so that
+keypoints stay true):
+
+* photometric ops mix in pixel space: ``x' = x + Σ_o s_o (o(x) - x)``;
+* geometric ops mix their matrices: ``M = I + Σ_o s_o (M_o - I)``, and ``x'`` is
+  warped once by ``M``; the keypoints move by the same ``M``.
+
+``s_o`` is the op's strength for that sample (mixing weight × Bernoulli gate).
+Blending differently warped copies of an image in pixel space, as Eq. 6 read
+literally does, gives ghost images whose keypoints are nowhere in particular;
+blending the matrices gives one image with exact keypoints, is differentiable
+in every weight and magnitude, and equals the literal mixture whenever one op
+carries all the weight (the discrete policy, and the relaxed one as it
+converges).
+
+Speed: an op is only run on the samples whose strength exceeds ``min_strength``,
+and the warp only on samples with some geometric strength. With
+``min_strength = 0`` (discrete policies) this is exact; a small positive value
+drops terms smaller than it from the output and from the gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from autopose.augment.ops import OpSpec, identity_matrix, warp
+
+Tensor = torch.Tensor
+
+
+def cutout_centers(uniform: Tensor, height: int, width: int) -> Tensor:
+    """``B×2`` uniform draws in [0, 1) → rectangle centers ``(x, y)`` anywhere on the image."""
+    extent = torch.tensor([width, height], dtype=uniform.dtype, device=uniform.device)
+    return uniform * extent - 0.5
+
+
+def apply_step(
+    images: Tensor,
+    keypoints: Tensor,
+    visibility: Tensor,
+    specs: Sequence[OpSpec],
+    strengths: Tensor,
+    values: Tensor,
+    cutout_uniform: Tensor | None = None,
+    min_strength: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Apply one mixed step.
+
+    Args:
+        images: ``B×3×H×W`` float.
+        keypoints: ``B×K×2``; visibility: ``B×K``.
+        specs: the ``O`` candidate ops (a search space's order).
+        strengths: ``B×O`` how much of each op each sample gets (0…1, summing to ≤ 1).
+        values: ``B×O`` each op's real magnitude for each sample.
+        cutout_uniform: ``B×2`` uniform draws for Cutout's center (fresh ones if ``None``).
+        min_strength: ops at or below this strength are skipped for that sample.
+
+    Returns:
+        ``images, keypoints, visibility`` after the step.
+    """
+    batch, _, height, width = images.shape
+    delta = None
+    matrix = None
+    warp_needed = torch.zeros(batch, dtype=torch.bool, device=images.device)
+    for o, spec in enumerate(specs):
+        strength = strengths[:, o]
+        active = strength > min_strength
+        if spec.geometric:
+            if not bool(active.any()):
+                continue
+            warp_needed |= active
+            op_matrix = spec.matrix(values[:, o].to(images.dtype), height, width)
+            term = strength.to(images.dtype)[:, None, None] * (
+                op_matrix - identity_matrix(batch, images.device)
+            )
+            matrix = term if matrix is None else matrix + term
+            continue
+        index = active.nonzero().squeeze(1)
+        if index.numel() == 0:
+            continue
+        everyone = index.numel() == batch
+        subset = images if everyone else images.index_select(0, index)
+        value = values[:, o] if everyone else values[:, o].index_select(0, index)
+        if spec.name == "Cutout":
+            uniform = cutout_uniform if cutout_uniform is not None else torch.rand(batch, 2)
+            uniform = uniform.to(images.device, images.dtype)
+            centers = cutout_centers(uniform if everyone else uniform.index_select(0, index), height, width)
+            changed = spec.image_fn(subset, value, center=centers)
+        else:
+            changed = spec.image_fn(subset, value)
+        weight = (strength if everyone else strength.index_select(0, index)).to(images.dtype)
+        contribution = weight.view(-1, 1, 1, 1) * (changed - subset)
+        if everyone:
+            delta = contribution if delta is None else delta + contribution
+        else:
+            base = torch.zeros_like(images) if delta is None else delta
+            delta = base.index_add(0, index, contribution)
+    if delta is not None:
+        images = images + delta
+    if matrix is None:
+        return images, keypoints, visibility
+    matrix = matrix + identity_matrix(batch, images.device)
+    if bool(warp_needed.all()):
+        return warp(images, keypoints, visibility, matrix)
+    index = warp_needed.nonzero().squeeze(1)
+    moved = warp(images[index], keypoints[index], visibility[index], matrix[index])
+    return (
+        images.index_copy(0, index, moved[0]),
+        keypoints.index_copy(0, index, moved[1]),
+        visibility.index_copy(0, index, moved[2]),
+    )
