@@ -34,7 +34,45 @@ def _detect(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    raise NotImplementedError("evaluate")
+    from autopose.engine.inference import evaluate_checkpoint, evaluate_results_file
+
+    if args.results is not None:
+        extra = [
+            flag
+            for flag, value in (
+                ("--checkpoint", args.checkpoint),
+                ("--images", args.images),
+                ("--dets", args.dets),
+                ("--out", args.out),
+            )
+            if value is not None
+        ]
+        extra += ["--no-flip"] if args.no_flip else []
+        if extra:
+            raise AutoposeError(
+                f"--results scores an existing results file; leave out {', '.join(extra)}", field="--results"
+            )
+        report = evaluate_results_file(args.results, args.ann)
+    else:
+        if args.checkpoint is None:
+            raise AutoposeError(
+                "give --checkpoint C --images DIR to run a model, or --results R.json to score a file",
+                field="--checkpoint",
+            )
+        if args.images is None:
+            raise AutoposeError("--checkpoint needs --images DIR (the images of --ann)", field="--images")
+        report = evaluate_checkpoint(
+            args.checkpoint,
+            args.ann,
+            args.images,
+            dets_path=args.dets,
+            flip=not args.no_flip,
+            batch_size=args.batch_size,
+            results_out=args.out,
+            progress=sys.stderr.isatty(),
+        )
+    print(report.table())
+    return 0
 
 
 # -- platform -----------------------------------------------------------------------
@@ -111,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dets", type=Path, help="person detections json (default: ground-truth boxes)")
     evaluate.add_argument("--results", type=Path, help="score an existing COCO results json instead")
     evaluate.add_argument("--no-flip", action="store_true", help="turn the flip test off")
+    evaluate.add_argument(
+        "--out", type=Path, help="also write the COCO results json here (with --checkpoint)"
+    )
+    evaluate.add_argument("--batch-size", type=int, default=32, help="crops per forward pass")
     evaluate.set_defaults(handler=_evaluate)
 
     search = verbs.add_parser("search", help="Ray Tune experiment: policy search beside baselines")
