@@ -1,0 +1,559 @@
+"""A procedural COCO-format keypoint dataset for demos and tests.
+
+Figures stand on a 2-D kinematic skeleton (torso lean, head tilt, shoulder and
+hip abduction, elbow and knee bends, a whole-body rotation) and are drawn as
+thick strokes over textured backgrounds (smooth noise, stripes or blobs),
+several per image. Every figure faces the camera, so its left side is on the
+image's right, as in COCO; limbs carry a side colour (left warm, right cool) and
+the ears too, which gives a model the cues to tell left from right. Objects
+drawn over parts of figures, and figures over each other, occlude keypoints:
+a keypoint whose pixel shows something other than its own figure gets ``v = 1``;
+a keypoint outside the image is ``(0, 0, 0)`` like an unlabelled COCO keypoint.
+
+``area`` is the figure's own silhouette in pixels (occluders ignored), the
+quantity COCO's segmentation area measures and OKS divides by; ``bbox`` is the
+silhouette's extent within the image.
+
+The val split can carry a :class:`SynthShift` against train (rotation, scale,
+brightness, contrast, occlusion): train figures stand nearly upright in full
+light, so a shifted val split is what a good augmentation policy prepares for.
+
+Every image is drawn from its own generator seeded by ``(seed, split, index)``
+and saved with fixed JPEG settings, so the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from autopose.data.coco import COCO_KEYPOINTS, COCO_SKELETON
+from autopose.errors import AutoposeError
+
+SYNTH_IMAGE_SIZE = (240, 320)  # (height, width)
+JPEG_QUALITY = 92
+BASE_ROTATION = 5.0  # degrees: train figures stand nearly upright
+BASE_OCCLUSION = 0.25  # chance that an object covers part of a figure
+OCCLUDER_LABEL = 255
+VAL_ID_OFFSET = 1_000_000  # val image ids differ from train ids
+
+LEFT_COLOUR = np.array([225, 70, 40])
+RIGHT_COLOUR = np.array([40, 110, 230])
+
+K = {name: i for i, name in enumerate(COCO_KEYPOINTS)}
+
+
+# -- the shift ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SynthShift:
+    """How the val split differs from train.
+
+    Attributes:
+        rotation: val figures turn uniformly within ±``rotation`` degrees (train: ±5°).
+        scale: ``(low, high)`` factor on figure height.
+        brightness: factor on pixel values (0.6 = darker).
+        contrast: factor on the deviation from the image mean.
+        occlusion: added to the per-figure chance of an occluding object (train 0.25).
+    """
+
+    rotation: float = 0.0
+    scale: tuple[float, float] = (1.0, 1.0)
+    brightness: float = 1.0
+    contrast: float = 1.0
+    occlusion: float = 0.0
+
+    @property
+    def is_identity(self) -> bool:
+        return self == SynthShift()
+
+    def to_text(self) -> str:
+        """The CLI text form; :func:`parse_shift` reads it back."""
+        if self.is_identity:
+            return "none"
+        return (
+            f"rotate={self.rotation:g},scale={self.scale[0]:g}:{self.scale[1]:g},"
+            f"brightness={self.brightness:g},contrast={self.contrast:g},occlusion={self.occlusion:g}"
+        )
+
+
+# A shift the default pipeline's augmentations can answer: turned and darker val figures.
+DEMO_SHIFT = SynthShift(rotation=45.0, brightness=0.6)
+
+_SHIFT_KEYS = {"rotate": "rotation", "rotation": "rotation", "scale": "scale", "brightness": "brightness"}
+_SHIFT_KEYS |= {"contrast": "contrast", "occlusion": "occlusion"}
+
+
+def parse_shift(text: str | SynthShift | None) -> SynthShift:
+    """``"rotate=45,brightness=0.6"`` → :class:`SynthShift`; ``"none"`` or ``""`` → no shift.
+
+    Keys: ``rotate`` (or ``rotation``, degrees 0–180), ``scale`` (``0.7:1.2`` or one
+    factor), ``brightness`` (> 0), ``contrast`` (> 0), ``occlusion`` (0–1).
+
+    Raises:
+        AutoposeError: unknown key or bad value (field ``shift.KEY``).
+    """
+    if isinstance(text, SynthShift):
+        return text
+    if text is None or text.strip().lower() in ("", "none"):
+        return SynthShift()
+    values: dict[str, object] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition("=")
+        key = key.strip().lower()
+        if key not in _SHIFT_KEYS or not sep:
+            raise AutoposeError(
+                f"unknown shift entry {part.strip()!r}; known keys: "
+                "rotate, scale, brightness, contrast, occlusion",
+                field="shift",
+            )
+        name = _SHIFT_KEYS[key]
+        try:
+            if name == "scale":
+                low, _, high = value.partition(":")
+                pair = (float(low), float(high or low))
+                if not 0 < pair[0] <= pair[1]:
+                    raise ValueError
+                values[name] = pair
+            else:
+                number = float(value)
+                bounds = {"rotation": (0.0, 180.0), "occlusion": (0.0, 1.0)}.get(name, (1e-6, 100.0))
+                if not bounds[0] <= number <= bounds[1]:
+                    raise ValueError
+                values[name] = number
+        except ValueError:
+            raise AutoposeError(f"bad value {value!r}", field=f"shift.{key}") from None
+    return SynthShift(**values)
+
+
+# -- geometry of one figure -------------------------------------------------------------------
+@dataclass
+class _Figure:
+    """A posed figure: keypoints in image pixels and what to draw."""
+
+    keypoints: np.ndarray  # 17×2
+    height: float
+    up: np.ndarray  # unit vector from pelvis toward the head
+    head_center: np.ndarray
+    head_radius: float
+    head_up: np.ndarray
+    skin: np.ndarray
+    shirt: np.ndarray
+    pants: np.ndarray
+    hair: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+
+
+def _rotate(vector: np.ndarray, degrees: float) -> np.ndarray:
+    """Turn a 2-D vector by ``degrees``, clockwise on screen (y points down)."""
+    theta = math.radians(degrees)
+    c, s = math.cos(theta), math.sin(theta)
+    return np.array([c * vector[0] - s * vector[1], s * vector[0] + c * vector[1]])
+
+
+def _colour(rng: np.random.Generator, base: np.ndarray | None = None, jitter: float = 25.0) -> np.ndarray:
+    if base is None:
+        return rng.integers(30, 226, size=3).astype(np.float64)
+    return np.clip(base + rng.uniform(-jitter, jitter, size=3), 0, 255)
+
+
+def _pose_figure(rng: np.random.Generator, pelvis: np.ndarray, height: float, rotation: float) -> _Figure:
+    """Keypoints of a random plausible pose, facing the camera."""
+    up = _rotate(np.array([0.0, -1.0]), rotation)
+    torso_up = _rotate(up, rng.uniform(-12, 12))
+    torso_right = -_rotate(torso_up, -90.0)  # image right when upright: the figure's left
+    neck = pelvis + 0.30 * height * torso_up
+    head_up = _rotate(torso_up, rng.uniform(-20, 20))
+    head_right = -_rotate(head_up, -90.0)
+    head_radius = 0.065 * height
+    head_center = neck + 0.10 * height * head_up
+
+    kp = np.zeros((17, 2))
+    kp[K["nose"]] = head_center - 0.012 * height * head_up
+    kp[K["left_eye"]] = head_center + 0.018 * height * head_up + 0.025 * height * head_right
+    kp[K["right_eye"]] = head_center + 0.018 * height * head_up - 0.025 * height * head_right
+    kp[K["left_ear"]] = head_center + 0.052 * height * head_right
+    kp[K["right_ear"]] = head_center - 0.052 * height * head_right
+
+    down = -torso_up
+    for side, sign in (("left", 1.0), ("right", -1.0)):
+        shoulder = neck + sign * 0.11 * height * torso_right - 0.01 * height * torso_up
+        hip = pelvis + sign * 0.07 * height * torso_right
+        # angles from straight down, positive away from the body's midline
+        abduction = rng.uniform(-15, 160)
+        upper_arm = _rotate(down, -sign * abduction)
+        elbow = shoulder + 0.17 * height * upper_arm
+        forearm = _rotate(upper_arm, rng.choice([-1.0, 1.0]) * rng.uniform(0, 140))
+        wrist = elbow + 0.15 * height * forearm
+        thigh = _rotate(down, -sign * rng.uniform(-12, 40))
+        knee = hip + 0.23 * height * thigh
+        shin = _rotate(thigh, rng.choice([-1.0, 1.0]) * rng.uniform(0, 90))
+        ankle = knee + 0.22 * height * shin
+        for joint, point in (
+            ("shoulder", shoulder),
+            ("elbow", elbow),
+            ("wrist", wrist),
+            ("hip", hip),
+            ("knee", knee),
+            ("ankle", ankle),
+        ):
+            kp[K[f"{side}_{joint}"]] = point
+
+    skin = _colour(rng, np.array([200.0, 160.0, 130.0]), 50)
+    return _Figure(
+        keypoints=kp,
+        height=height,
+        up=up,
+        head_center=head_center,
+        head_radius=head_radius,
+        head_up=head_up,
+        skin=skin,
+        shirt=_colour(rng),
+        pants=_colour(rng),
+        hair=_colour(rng, np.array([60.0, 45.0, 35.0]), 35),
+        left=_colour(rng, LEFT_COLOUR, 20),
+        right=_colour(rng, RIGHT_COLOUR, 20),
+    )
+
+
+# -- drawing --------------------------------------------------------------------------------
+class _Painter:
+    """Draws each shape on the picture, on the label map (who is on top at each pixel)
+    and on the current figure's own silhouette."""
+
+    def __init__(self, picture: Image.Image):
+        self.picture = ImageDraw.Draw(picture)
+        self.labels_image = Image.new("L", picture.size, 0)
+        self.labels = ImageDraw.Draw(self.labels_image)
+        self.silhouette: ImageDraw.ImageDraw | None = None
+        self.label = 0
+
+    def _targets(self, colour: np.ndarray):
+        yield self.picture, tuple(int(c) for c in colour)
+        yield self.labels, self.label
+        if self.silhouette is not None:
+            yield self.silhouette, 255
+
+    def disc(self, center: np.ndarray, radius: float, colour: np.ndarray) -> None:
+        x, y = center
+        box = [x - radius, y - radius, x + radius, y + radius]
+        for draw, fill in self._targets(colour):
+            draw.ellipse(box, fill=fill)
+
+    def stroke(self, start: np.ndarray, end: np.ndarray, width: float, colour: np.ndarray) -> None:
+        """A thick segment with round caps."""
+        for draw, fill in self._targets(colour):
+            draw.line([tuple(start), tuple(end)], fill=fill, width=max(1, round(width)))
+        self.disc(start, width / 2, colour)
+        self.disc(end, width / 2, colour)
+
+    def polygon(self, points: np.ndarray, colour: np.ndarray) -> None:
+        for draw, fill in self._targets(colour):
+            draw.polygon([tuple(p) for p in points], fill=fill)
+
+    def detail_line(self, start: np.ndarray, end: np.ndarray, width: float, colour: np.ndarray) -> None:
+        """Picture only (inside a shape already drawn): stripes, side marks."""
+        self.picture.line(
+            [tuple(start), tuple(end)], fill=tuple(int(c) for c in colour), width=max(1, round(width))
+        )
+
+    def detail_disc(self, center: np.ndarray, radius: float, colour: np.ndarray) -> None:
+        x, y = center
+        fill = tuple(int(c) for c in colour)
+        self.picture.ellipse([x - radius, y - radius, x + radius, y + radius], fill=fill)
+
+
+def _draw_figure(painter: _Painter, figure: _Figure) -> None:
+    kp, h = figure.keypoints, figure.height
+    arm_width, leg_width = 0.05 * h, 0.065 * h
+    mark = max(1.0, 0.018 * h)
+    # legs, then torso, then arms and head: the figure faces the camera
+    for side, colour in (("left", figure.left), ("right", figure.right)):
+        hip, knee, ankle = kp[K[f"{side}_hip"]], kp[K[f"{side}_knee"]], kp[K[f"{side}_ankle"]]
+        painter.stroke(hip, knee, leg_width, figure.pants)
+        painter.stroke(knee, ankle, leg_width * 0.9, figure.pants)
+        painter.detail_line(hip, knee, mark, colour)
+        painter.detail_line(knee, ankle, mark, colour)
+        painter.detail_disc(ankle, leg_width * 0.45, colour * 0.6)
+    shoulders = [kp[K["left_shoulder"]], kp[K["right_shoulder"]]]
+    hips = [kp[K["left_hip"]], kp[K["right_hip"]]]
+    torso = np.array([shoulders[0], shoulders[1], hips[1], hips[0]])
+    torso_grown = torso.mean(0) + (torso - torso.mean(0)) * 1.12
+    painter.polygon(torso_grown, figure.shirt)
+    neck = (shoulders[0] + shoulders[1]) / 2
+    painter.stroke(neck, figure.head_center, 0.05 * h, figure.skin)
+    for side, colour in (("left", figure.left), ("right", figure.right)):
+        shoulder, elbow, wrist = kp[K[f"{side}_shoulder"]], kp[K[f"{side}_elbow"]], kp[K[f"{side}_wrist"]]
+        painter.stroke(shoulder, elbow, arm_width, figure.shirt)
+        painter.stroke(elbow, wrist, arm_width * 0.85, figure.skin)
+        painter.detail_line(shoulder, elbow, mark, colour)
+        painter.detail_disc(wrist, arm_width * 0.45, colour)
+    painter.disc(figure.head_center, figure.head_radius, figure.skin)
+    painter.detail_disc(
+        figure.head_center + 0.045 * h * figure.head_up, figure.head_radius * 0.55, figure.hair
+    )
+    painter.detail_disc(kp[K["left_ear"]], 0.016 * h, figure.left)
+    painter.detail_disc(kp[K["right_ear"]], 0.016 * h, figure.right)
+    for eye in ("left_eye", "right_eye"):
+        painter.detail_disc(kp[K[eye]], max(0.8, 0.009 * h), np.array([20.0, 20.0, 30.0]))
+    painter.detail_disc(kp[K["nose"]], max(0.8, 0.008 * h), figure.skin * 0.7)
+
+
+def _background(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """Smooth noise, stripes, or blobs."""
+    height, width = size
+    kind = rng.integers(3)
+    if kind == 0:
+        coarse = rng.uniform(0, 255, size=(int(rng.integers(3, 9)), int(rng.integers(3, 9)), 3))
+        image = Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
+        grain = rng.normal(0, 8, size=(height, width, 3))
+        return Image.fromarray(np.clip(np.asarray(image) + grain, 0, 255).astype(np.uint8))
+    if kind == 1:
+        angle = rng.uniform(0, math.pi)
+        period = rng.uniform(8, 40)
+        ys, xs = np.mgrid[0:height, 0:width]
+        wave = 0.5 + 0.5 * np.sin(2 * math.pi * (xs * math.cos(angle) + ys * math.sin(angle)) / period)
+        a, b = _colour(rng), _colour(rng)
+        pixels = a * wave[..., None] + b * (1 - wave[..., None])
+        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    image = Image.new("RGB", (width, height), tuple(int(c) for c in _colour(rng)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(8, 25))):
+        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        rx, ry = rng.uniform(5, width / 5), rng.uniform(5, height / 5)
+        shape = draw.ellipse if rng.random() < 0.6 else draw.rectangle
+        shape([cx - rx, cy - ry, cx + rx, cy + ry], fill=tuple(int(c) for c in _colour(rng)))
+    return image
+
+
+def _draw_occluder(painter: _Painter, rng: np.random.Generator, figure: _Figure) -> None:
+    """An object over a random part of the figure (a box or an ellipse, maybe striped)."""
+    target = figure.keypoints[rng.integers(17)] + rng.normal(0, 0.05 * figure.height, size=2)
+    rx, ry = rng.uniform(0.08, 0.18, size=2) * figure.height
+    box = [target[0] - rx, target[1] - ry, target[0] + rx, target[1] + ry]
+    colour = _colour(rng)
+    painter.label = OCCLUDER_LABEL
+    shape = "ellipse" if rng.random() < 0.5 else "rectangle"
+    for draw, fill in painter._targets(colour):
+        getattr(draw, shape)(box, fill=fill)
+    if rng.random() < 0.5:
+        stripe = _colour(rng)
+        for offset in np.arange(-rx, rx, max(3.0, rx / 3)):
+            painter.detail_line(
+                np.array([target[0] + offset, target[1] - ry]),
+                np.array([target[0] + offset, target[1] + ry]),
+                max(1.0, rx / 8),
+                stripe,
+            )
+
+
+# -- one image --------------------------------------------------------------------------------
+def _render_image(
+    rng: np.random.Generator, size: tuple[int, int], shift: SynthShift, max_persons: int
+) -> tuple[Image.Image, list[dict]]:
+    """One picture and its persons (keypoints 17×3, bbox, area)."""
+    height, width = size
+    picture = _background(rng, size)
+    painter = _Painter(picture)
+    persons = int(rng.integers(1, max_persons + 1))
+    rotation_range = shift.rotation if shift.rotation > 0 else BASE_ROTATION
+    figures, silhouettes = [], []
+    for index in range(persons):
+        figure_height = rng.uniform(0.45, 0.9) * height * rng.uniform(*shift.scale)
+        # keep head (about 0.5 figure heights above the pelvis) and feet (0.45 below) in view
+        low, high = 0.5 * figure_height, height - 0.45 * figure_height
+        pelvis_y = rng.uniform(low, high) if low < high else height / 2
+        pelvis = np.array([rng.uniform(0.15, 0.85) * width, pelvis_y])
+        figure = _pose_figure(rng, pelvis, figure_height, rng.uniform(-rotation_range, rotation_range))
+        silhouette_image = Image.new("L", (width, height), 0)
+        painter.silhouette = ImageDraw.Draw(silhouette_image)
+        painter.label = index + 1
+        _draw_figure(painter, figure)
+        figures.append(figure)
+        silhouettes.append(np.asarray(silhouette_image) > 0)
+    painter.silhouette = None
+    occlusion = min(1.0, BASE_OCCLUSION + shift.occlusion)
+    for figure in figures:
+        if rng.random() < occlusion:
+            _draw_occluder(painter, rng, figure)
+
+    labels = np.asarray(painter.labels_image)
+    people = []
+    for index, (figure, silhouette) in enumerate(zip(figures, silhouettes, strict=True)):
+        rows, cols = np.nonzero(silhouette)
+        if rows.size < 20:
+            continue  # (almost) entirely outside the picture
+        keypoints = np.zeros((17, 3))
+        for k, (x, y) in enumerate(figure.keypoints):
+            col, row = round(x), round(y)
+            if 0 <= col < width and 0 <= row < height:
+                seen = labels[row, col] == index + 1
+                keypoints[k] = (x, y, 2.0 if seen else 1.0)
+        if not keypoints[:, 2].any():
+            continue
+        x0, y0 = cols.min(), rows.min()
+        people.append(
+            {
+                "keypoints": keypoints,
+                "bbox": [float(x0), float(y0), float(cols.max() + 1 - x0), float(rows.max() + 1 - y0)],
+                "area": float(rows.size),
+            }
+        )
+    if shift.brightness != 1.0 or shift.contrast != 1.0:
+        pixels = np.asarray(picture).astype(np.float64)
+        mean = pixels.mean()
+        pixels = ((pixels - mean) * shift.contrast + mean) * shift.brightness
+        picture = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
+    return picture, people
+
+
+# -- the dataset ----------------------------------------------------------------------------
+@dataclass
+class SynthReport:
+    """What :func:`generate_synth` wrote."""
+
+    out: Path
+    train_images: int
+    val_images: int
+    train_persons: int
+    val_persons: int
+    shift: SynthShift = field(default_factory=SynthShift)
+
+    def summary(self) -> str:
+        return (
+            f"synth written: {self.out} (train {self.train_images} images / {self.train_persons} persons, "
+            f"val {self.val_images} images / {self.val_persons} persons, shift {self.shift.to_text()})"
+        )
+
+
+def _category() -> dict:
+    return {
+        "supercategory": "person",
+        "id": 1,
+        "name": "person",
+        "keypoints": list(COCO_KEYPOINTS),
+        "skeleton": [[a + 1, b + 1] for a, b in COCO_SKELETON],
+    }
+
+
+def _write_split(
+    folder: Path,
+    split: str,
+    count: int,
+    seed: int,
+    shift: SynthShift,
+    size: tuple[int, int],
+    max_persons: int,
+    progress: bool,
+) -> int:
+    images_dir = folder / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for stale in images_dir.glob("[0-9]" * 12 + ".jpg"):  # from an earlier, larger run
+        stale.unlink()
+    split_code = {"train": 0, "val": 1}[split]
+    id_offset = VAL_ID_OFFSET if split == "val" else 0
+    images, annotations = [], []
+    for index in tqdm(range(count), desc=f"synth {split}", unit="img", disable=not progress):
+        rng = np.random.default_rng([seed, split_code, index])
+        picture, people = _render_image(rng, size, shift, max_persons)
+        image_id = id_offset + index + 1
+        file_name = f"{image_id:012d}.jpg"
+        tmp = images_dir / f".{file_name}.tmp"
+        # fixed encoder settings: the same pixels give the same bytes
+        picture.save(tmp, format="JPEG", quality=JPEG_QUALITY, subsampling=0, optimize=False)
+        os.replace(tmp, images_dir / file_name)
+        images.append({"id": image_id, "file_name": file_name, "width": size[1], "height": size[0]})
+        for person in people:
+            keypoints = person["keypoints"]
+            x, y, w, h = person["bbox"]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1 + id_offset,
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "bbox": [round(v, 2) for v in person["bbox"]],
+                    "area": person["area"],
+                    "num_keypoints": int((keypoints[:, 2] > 0).sum()),
+                    "keypoints": [round(float(v), 2) for v in keypoints.ravel()],
+                    "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
+                }
+            )
+    dataset = {
+        "info": {
+            "description": "autopose synthetic keypoint dataset",
+            "version": "1",
+            "autopose_synth": {
+                "seed": seed,
+                "split": split,
+                "shift": shift.to_text(),
+                "image_size": list(size),
+            },
+        },
+        "licenses": [],
+        "categories": [_category()],
+        "images": images,
+        "annotations": annotations,
+    }
+    target = folder / "annotations.json"
+    tmp = folder / ".annotations.json.tmp"
+    tmp.write_text(json.dumps(dataset))
+    os.replace(tmp, target)
+    return len(annotations)
+
+
+def generate_synth(
+    out: Path,
+    *,
+    images: int,
+    val_images: int | None = None,
+    seed: int = 0,
+    shift: SynthShift | str | None = None,
+    image_size: tuple[int, int] = SYNTH_IMAGE_SIZE,
+    max_persons: int = 3,
+    progress: bool = True,
+) -> SynthReport:
+    """Write ``OUT/{train,val}/images/*.jpg`` and ``OUT/{train,val}/annotations.json``.
+
+    Args:
+        out: output folder (created, with its parents).
+        images: train images.
+        val_images: val images (default ``max(1, images // 4)``; 0 writes an empty val split).
+        seed: same seed → same files, byte for byte.
+        shift: val shift (:class:`SynthShift` or its text form, see :func:`parse_shift`).
+        image_size: ``(height, width)`` of every image.
+        max_persons: figures per image are drawn from 1…``max_persons``.
+        progress: tqdm bars on stderr.
+
+    Raises:
+        AutoposeError: bad counts, size or shift text.
+    """
+    out = Path(out)
+    shift = parse_shift(shift)
+    if images <= 0:
+        raise AutoposeError(f"must be positive, got {images}", field="images")
+    val_images = max(1, images // 4) if val_images is None else val_images
+    if val_images < 0:
+        raise AutoposeError(f"must not be negative, got {val_images}", field="val_images")
+    if min(image_size) < 32:
+        raise AutoposeError(f"image size too small: {image_size}", field="image_size")
+    if max_persons < 1:
+        raise AutoposeError(f"must be at least 1, got {max_persons}", field="max_persons")
+    if out.exists() and not out.is_dir():
+        raise AutoposeError("exists and is not a folder", path=out, field="out")
+    out.mkdir(parents=True, exist_ok=True)
+    size = (int(image_size[0]), int(image_size[1]))
+    train_persons = _write_split(
+        out / "train", "train", images, seed, SynthShift(), size, max_persons, progress
+    )
+    val_persons = _write_split(out / "val", "val", val_images, seed, shift, size, max_persons, progress)
+    return SynthReport(out, images, val_images, train_persons, val_persons, shift)
