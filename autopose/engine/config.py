@@ -1,0 +1,398 @@
+"""Typed training configuration, loaded from YAML mappings with strict checks.
+
+The sections here describe one training run (data, model, optimisation, the
+bi-level search's hyperparameters); :mod:`autopose.platform.config` adds the
+experiment-level sections (tracking, trials, Tune) on top. Nothing here knows
+Ray or MLflow.
+
+Every value is checked against its dataclass field's type when the file is
+read, so that a typo fails at once, in one line naming the file and the dotted
+field (``train.epochs``), long before any worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from autopose.errors import AutoposeError
+
+
+# -- the generic loader ----------------------------------------------------------------
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise AutoposeError("config file not found", path=path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else None
+        raise AutoposeError(
+            f"not valid YAML ({getattr(error, 'problem', error)})", path=path, field=where
+        ) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise AutoposeError(f"expected a mapping at the top level, got {type(data).__name__}", path=path)
+    return data
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " | ".join(repr(choice) for choice in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in typing.get_args(annotation))
+    if origin in (list, tuple):
+        return str(annotation).replace("typing.", "")
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _convert(value: Any, annotation: Any, *, path: str | Path | None, where: str) -> Any:
+    """``value`` checked (and gently converted) against ``annotation``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+
+    def fail() -> typing.NoReturn:
+        raise AutoposeError(
+            f"expected {_type_name(annotation)}, got {value!r} ({type(value).__name__})",
+            path=path,
+            field=where,
+        )
+
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path=path, where=where)
+            except AutoposeError as error:
+                errors.append(error)
+        # a single non-null option gives the more precise message
+        if len([arg for arg in args if arg is not type(None)]) == 1:
+            raise errors[0]
+        fail()
+    if origin is Literal:
+        if value in args:
+            return value
+        raise AutoposeError(
+            f"expected one of {', '.join(repr(a) for a in args)}, got {value!r}", path=path, field=where
+        )
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            fail()
+        return build_dataclass(annotation, value, path=path, field=where)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            fail()
+        (item,) = args
+        return [_convert(v, item, path=path, where=f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            fail()
+        return tuple(
+            _convert(v, a, path=path, where=f"{where}[{i}]")
+            for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
+    if origin is dict:
+        if not isinstance(value, dict):
+            fail()
+        return dict(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            fail()
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail()
+        return value
+    if annotation is float:
+        # YAML reads "1e-3" as a string (it wants "1.0e-3"): accept numeric strings for floats.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                fail()
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            fail()
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            fail()
+        return value
+    raise TypeError(f"config field {where}: unsupported annotation {annotation!r}")
+
+
+def build_dataclass(cls: type, data: dict[str, Any], *, path: str | Path | None = None, field: str = ""):
+    """An instance of dataclass ``cls`` from a mapping, every key and value checked.
+
+    Unknown keys, wrong types and values outside a ``Literal`` raise
+    :class:`AutoposeError` naming ``path`` and the dotted field. A dataclass may
+    define ``_check(self, path, field)`` for checks across fields.
+    """
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    prefix = f"{field}." if field else ""
+    for key in data:
+        if key not in known:
+            close = _closest(str(key), known)
+            hint = f" (did you mean {close!r}?)" if close else ""
+            raise AutoposeError(
+                f"unknown key{hint}; expected one of: {', '.join(known)}", path=path, field=f"{prefix}{key}"
+            )
+    values = {
+        key: _convert(value, hints[key], path=path, where=f"{prefix}{key}") for key, value in data.items()
+    }
+    instance = cls(**values)
+    check = getattr(instance, "_check", None)
+    if check is not None:
+        check(path, field)
+    return instance
+
+
+def _closest(key: str, candidates: typing.Iterable[str]) -> str | None:
+    import difflib
+
+    matches = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def to_plain(value: Any) -> Any:
+    """A dataclass tree as plain dicts/lists (for YAML, MLflow params and Ray configs)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+    if isinstance(value, list | tuple):
+        return [to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    return value
+
+
+def absolute_path(value: str | None) -> str | None:
+    """Relative paths in configs are taken from the working directory, made absolute at load
+    time so that Ray workers (which change directory) still find them."""
+    if value is None:
+        return None
+    return str(Path(os.path.expanduser(value)).absolute())
+
+
+def _positive(value: float | int | None, name: str, path, field_: str, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = "≥ 0" if allow_zero else "> 0"
+        raise AutoposeError(f"must be {bound}, got {value}", path=path, field=f"{field_}.{name}".lstrip("."))
+
+
+# -- the sections ----------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """Where the crops come from.
+
+    Either Parquet proxies (``train`` / ``val``, from ``autopose data
+    build-proxy``) or, for full training, a COCO annotation file with its image
+    folder (``train_ann`` + ``train_images``: crops made on the fly by the
+    DataLoader workers). Validation always reads a proxy (``val``).
+    """
+
+    train: str | None = None
+    val: str | None = None
+    train_ann: str | None = None
+    train_images: str | None = None
+    max_val_samples: int | None = None
+
+    def _check(self, path, field_: str) -> None:
+        for name in ("train", "val", "train_ann", "train_images"):
+            setattr(self, name, absolute_path(getattr(self, name)))
+        if (self.train_ann is None) != (self.train_images is None):
+            raise AutoposeError(
+                "train_ann and train_images go together", path=path, field=f"{field_}.train_ann".lstrip(".")
+            )
+        if self.train is None and self.train_ann is None:
+            raise AutoposeError(
+                "no training data: give a proxy (train) or train_ann + train_images",
+                path=path,
+                field=f"{field_}.train".lstrip("."),
+            )
+        if self.val is None:
+            raise AutoposeError("the val proxy is required", path=path, field=f"{field_}.val".lstrip("."))
+        for name in ("train", "val", "train_ann"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                hint = " (build it with `autopose data build-proxy`)" if name != "train_ann" else ""
+                raise AutoposeError(
+                    f"file not found: {value}{hint}", path=path, field=f"{field_}.{name}".lstrip(".")
+                )
+        if self.train_images is not None and not Path(self.train_images).is_dir():
+            raise AutoposeError(
+                f"folder not found: {self.train_images}",
+                path=path,
+                field=f"{field_}.train_images".lstrip("."),
+            )
+        _positive(self.max_val_samples, "max_val_samples", path, field_)
+
+
+@dataclass
+class ModelConfig:
+    """The network: ``build_model(arch, num_joints, input_size, **options)``.
+
+    ``options`` are P2Net's switches (``use_apm: false``, ``pyramid_channels: 32``
+    for tiny test models …); lists become tuples.
+    """
+
+    arch: str = "p2net_r50"
+    input_size: tuple[int, int] = (256, 192)
+    num_joints: int = 17
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def build_kwargs(self) -> dict[str, Any]:
+        return {key: tuple(v) if isinstance(v, list) else v for key, v in self.options.items()}
+
+    def _check(self, path, field_: str) -> None:
+        from autopose.models import ARCHITECTURES
+
+        if self.arch not in ARCHITECTURES:
+            raise AutoposeError(
+                f"unknown architecture {self.arch!r}; valid: {', '.join(ARCHITECTURES)}",
+                path=path,
+                field=f"{field_}.arch".lstrip("."),
+            )
+        height, width = self.input_size
+        if height <= 0 or width <= 0 or height % 4 or width % 4:
+            raise AutoposeError(
+                f"input_size must be positive multiples of 4, got {list(self.input_size)}",
+                path=path,
+                field=f"{field_}.input_size".lstrip("."),
+            )
+        _positive(self.num_joints, "num_joints", path, field_)
+
+
+@dataclass
+class TrainConfig:
+    """One training run's budget and its place on the cluster.
+
+    ``num_workers`` is the number of Ray Train workers (DDP); 0 runs the loop in
+    the trial's own process (the fast path for tiny CPU trials).
+    ``steps_per_epoch`` caps an epoch (null: one pass over the data).
+    """
+
+    epochs: int = 10
+    steps_per_epoch: int | None = None
+    batch_size: int = 32
+    lr: float = 1.0e-3
+    weight_decay: float = 0.0
+    ohkm_topk: int = 8
+    seed: int = 0
+    loader_workers: int = 0
+    val_batch_size: int = 64
+    num_workers: int = 0
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int | None = None
+    max_failures: int = 1
+    checkpoint_every: int = 1
+
+    def _check(self, path, field_: str) -> None:
+        for name in ("epochs", "batch_size", "val_batch_size", "checkpoint_every"):
+            _positive(getattr(self, name), name, path, field_)
+        _positive(self.steps_per_epoch, "steps_per_epoch", path, field_)
+        _positive(self.lr, "lr", path, field_)
+        _positive(self.threads_per_worker, "threads_per_worker", path, field_)
+        for name in ("weight_decay", "ohkm_topk", "loader_workers", "num_workers", "gpus_per_worker"):
+            _positive(getattr(self, name), name, path, field_, allow_zero=True)
+        _positive(self.cpus_per_worker, "cpus_per_worker", path, field_)
+        if self.max_failures < -1:
+            raise AutoposeError(
+                "must be ≥ -1 (-1: retry forever)", path=path, field=f"{field_}.max_failures".lstrip(".")
+            )
+
+
+@dataclass
+class BilevelConfig:
+    """The differentiable search's hyperparameters (the paper's Eq. 6–8).
+
+    ``tau1`` is the Gumbel-softmax temperature over sub-policies, ``tau2`` the
+    relaxed-Bernoulli temperature of each op's probability; with ``*_final``
+    given they anneal geometrically from the start value to it over the run. ``unroll_lr`` is
+    ζ of Eq. 8 (null: the weights' learning rate). ``hessian`` picks the
+    second-order term: DARTS' finite difference or the exact product.
+    ``num_sub_policies`` (K) and ``ops_per_sub_policy`` (N) override the space's.
+
+    With ``tune.search_alg: optuna`` any of ``tau1``, ``tau2``, ``policy_lr``
+    may be a ``[low, high]`` range that Optuna samples (log-uniform).
+    """
+
+    trials: int = 2
+    tau1: float | tuple[float, float] = 1.0
+    tau2: float | tuple[float, float] = 0.5
+    tau1_final: float | None = None
+    tau2_final: float | None = None
+    policy_lr: float | tuple[float, float] = 3.0e-3
+    unroll_lr: float | None = None
+    hessian: Literal["finite_difference", "exact"] = "finite_difference"
+    num_sub_policies: int | None = None
+    ops_per_sub_policy: int | None = None
+    val_batch_size: int | None = None
+
+    def _check(self, path, field_: str) -> None:
+        _positive(self.trials, "trials", path, field_, allow_zero=True)
+        for name in ("tau1", "tau2", "policy_lr"):
+            value = getattr(self, name)
+            bounds = value if isinstance(value, tuple) else (value,)
+            for bound in bounds:
+                _positive(bound, name, path, field_)
+            if isinstance(value, tuple) and value[0] > value[1]:
+                raise AutoposeError(
+                    f"range must be [low, high], got {list(value)}",
+                    path=path,
+                    field=f"{field_}.{name}".lstrip("."),
+                )
+        for name in ("tau1_final", "tau2_final", "unroll_lr", "num_sub_policies", "ops_per_sub_policy"):
+            _positive(getattr(self, name), name, path, field_)
+        _positive(self.val_batch_size, "val_batch_size", path, field_)
+
+    def is_range(self, name: str) -> bool:
+        return isinstance(getattr(self, name), tuple)
+
+    def resolved(self, **overrides: float) -> BilevelConfig:
+        """A copy with ranges replaced by the sampled values in ``overrides``
+        (the range's geometric middle where none is given)."""
+        values = {}
+        for name in ("tau1", "tau2", "policy_lr"):
+            value = overrides.get(name, getattr(self, name))
+            if isinstance(value, tuple):
+                value = (value[0] * value[1]) ** 0.5
+            values[name] = float(value)
+        return dataclasses.replace(self, **values)
+
+
+@dataclass
+class AugmentSpec:
+    """What one trial trains with.
+
+    ``kind`` is ``search`` (a RelaxedPolicy learned by the bi-level step),
+    ``random`` (a random policy from the space, drawn with ``seed``),
+    ``handcrafted``, ``none``, ``randaugment``, ``trivialaugment``, or
+    ``policy`` (a discrete policy given as its JSON mapping in ``policy``).
+    """
+
+    kind: Literal["search", "random", "handcrafted", "none", "randaugment", "trivialaugment", "policy"]
+    seed: int = 0
+    policy: dict[str, Any] | None = field(default=None)
+    bilevel: BilevelConfig | None = None

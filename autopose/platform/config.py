@@ -1,0 +1,290 @@
+"""The experiment config: one YAML file describes a whole search and its full training.
+
+Loaded and checked completely before Ray starts: an unknown key, a wrong type
+or an unknown augmentation op fails in one line naming the file and field.
+This module imports neither Ray nor MLflow, so that checking a config is
+instant.
+
+Layout (every section optional except ``data``; see search_spaces/smoke.yaml)::
+
+    experiment: smoke            # MLflow experiment and Ray Tune run name
+    tracking_uri: null           # null: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    storage_path: null           # null: <cwd>/runs (checkpoints, Tune state)
+    data:       {train, val, train_ann, train_images, max_val_samples}
+    model:      {arch, input_size, num_joints}
+    train:      {epochs, steps_per_epoch, batch_size, lr, ..., num_workers, cpus_per_worker, ...}
+    space:      search_spaces/p2net.yaml   # or the space inline
+    search:     {trials, tau1, tau2, policy_lr, unroll_lr, hessian, num_sub_policies, ...}
+    baselines:  {random_seeds, handcrafted, none, randaugment, trivialaugment}
+    tune:       {max_concurrent, search_alg, scheduler, max_failures, ...}
+    full_train: {epochs, num_workers, backend, registered_model, alias, ...}
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from autopose.engine.config import (
+    AugmentSpec,
+    BilevelConfig,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    absolute_path,
+    build_dataclass,
+    load_yaml,
+    to_plain,
+)
+from autopose.errors import AutoposeError
+
+BASELINE_KINDS = ("random", "handcrafted", "none", "randaugment", "trivialaugment")
+TRIAL_KINDS = ("search", *BASELINE_KINDS)
+
+
+@dataclass
+class BaselinesConfig:
+    """Baseline trials trained under the same budget as the search trials."""
+
+    random_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    handcrafted: bool = True
+    none: bool = True
+    randaugment: bool = False
+    trivialaugment: bool = False
+
+
+@dataclass
+class TuneSettings:
+    """How Ray Tune runs the trials.
+
+    ``max_concurrent`` caps trials running at once (null: as many as the
+    cluster's resources allow). ``search_alg: optuna`` samples the search
+    trials' ranged hyperparameters; ``scheduler: asha`` stops weak trials early
+    (by ``val_ap`` per epoch). ``max_failures``: retries of a failed trial, which
+    resumes from its latest checkpoint.
+    """
+
+    max_concurrent: int | None = None
+    search_alg: Literal["optuna"] | None = None
+    scheduler: Literal["asha"] | None = None
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_failures: int = 1
+
+    def _check(self, path, field_: str) -> None:
+        if self.max_concurrent is not None and self.max_concurrent <= 0:
+            raise AutoposeError("must be > 0", path=path, field=f"{field_}.max_concurrent")
+        if self.grace_period <= 0:
+            raise AutoposeError("must be > 0", path=path, field=f"{field_}.grace_period")
+        if self.reduction_factor < 2:
+            raise AutoposeError("must be ≥ 2", path=path, field=f"{field_}.reduction_factor")
+
+
+@dataclass
+class FullTrainConfig:
+    """The full training of a promoted (or given) policy on Ray Train.
+
+    Fields left null take the value from ``train``. ``train_ann`` +
+    ``train_images`` train on a COCO file with crops made on the fly (the
+    whole train2017 needs no cache); null trains on ``data.train``.
+    ``backend``: ``auto`` is NCCL with GPUs, gloo without.
+    """
+
+    epochs: int = 20
+    steps_per_epoch: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int | None = None
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    max_failures: int = 2
+    train_ann: str | None = None
+    train_images: str | None = None
+    registered_model: str = "autopose-pose"
+    alias: str = "promoted"
+
+    def _check(self, path, field_: str) -> None:
+        self.train_ann = absolute_path(self.train_ann)
+        self.train_images = absolute_path(self.train_images)
+        if (self.train_ann is None) != (self.train_images is None):
+            raise AutoposeError(
+                "train_ann and train_images go together", path=path, field=f"{field_}.train_ann"
+            )
+        for name in ("epochs",):
+            if getattr(self, name) <= 0:
+                raise AutoposeError("must be > 0", path=path, field=f"{field_}.{name}")
+        if self.num_workers < 0:
+            raise AutoposeError("must be ≥ 0", path=path, field=f"{field_}.num_workers")
+
+
+@dataclass
+class ExperimentConfig:
+    """The whole experiment (see the module docstring for the YAML layout)."""
+
+    data: DataConfig
+    experiment: str = "autopose"
+    tracking_uri: str | None = None
+    storage_path: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    space: str | dict[str, Any] = "search_spaces/p2net.yaml"
+    search: BilevelConfig = field(default_factory=BilevelConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    tune: TuneSettings = field(default_factory=TuneSettings)
+    full_train: FullTrainConfig = field(default_factory=FullTrainConfig)
+    examples: int = 8
+    # filled by load_experiment: where the config came from, the space as a plain mapping
+    source: str | None = field(default=None, init=False)
+    space_dict: dict[str, Any] = field(default_factory=dict, init=False)
+
+    # -- derived -------------------------------------------------------------------------
+    def trial_plan(self) -> list[AugmentSpec]:
+        """The fixed trials of a search: ``search.trials`` differentiable searches, then
+        the baselines. Seeds of search trials count up from ``train.seed``."""
+        plan = [
+            AugmentSpec(kind="search", seed=self.train.seed + i, bilevel=self.search)
+            for i in range(self.search.trials)
+        ]
+        plan += [AugmentSpec(kind="random", seed=seed) for seed in self.baselines.random_seeds]
+        for kind in ("handcrafted", "none", "randaugment", "trivialaugment"):
+            if getattr(self.baselines, kind):
+                plan.append(AugmentSpec(kind=kind, seed=self.train.seed))
+        return plan
+
+    def full_train_config(self) -> TrainConfig:
+        """``train`` with the ``full_train`` overrides applied."""
+        full = self.full_train
+        return dataclasses.replace(
+            self.train,
+            epochs=full.epochs,
+            steps_per_epoch=full.steps_per_epoch,
+            batch_size=full.batch_size if full.batch_size is not None else self.train.batch_size,
+            lr=full.lr if full.lr is not None else self.train.lr,
+            num_workers=full.num_workers,
+            cpus_per_worker=full.cpus_per_worker,
+            gpus_per_worker=full.gpus_per_worker,
+            threads_per_worker=full.threads_per_worker,
+            max_failures=full.max_failures,
+        )
+
+    def full_train_data(self) -> DataConfig:
+        if self.full_train.train_ann is None:
+            return self.data
+        return dataclasses.replace(
+            self.data,
+            train=None,
+            train_ann=self.full_train.train_ann,
+            train_images=self.full_train.train_images,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain data (resolved paths, the space inline): what is logged to
+        MLflow and what a promoted run is trained with."""
+        plain = to_plain(self)
+        plain["space"] = copy.deepcopy(self.space_dict)
+        return plain
+
+
+# -- loading ------------------------------------------------------------------------------
+def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "space":
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """The tracking URI every process uses: the config's, else ``$MLFLOW_TRACKING_URI``,
+    else a SQLite file in the working directory. A relative SQLite path is made
+    absolute: Ray trials run in their own folders and would each open their own."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///") :]
+        if db and db != ":memory:" and not db.startswith("/"):
+            uri = f"sqlite:///{Path(db).absolute()}"
+        return uri
+    if "://" not in uri:
+        raise AutoposeError(
+            f"tracking URI {uri!r} has no scheme: use sqlite:///path/to/mlflow.db or http://host:port",
+            field="tracking_uri",
+        )
+    return uri
+
+
+def load_space_mapping(space: str | dict[str, Any], *, path: str | Path | None) -> dict[str, Any]:
+    """The search space as a plain mapping, checked by the augment layer's own loader
+    (unknown ops and keys are named with the file and field)."""
+    from autopose.augment.space import SearchSpace, load_search_space
+
+    if isinstance(space, dict):
+        return SearchSpace.from_dict(space, path=path, field_prefix="space").to_dict()
+    space_path = Path(space)
+    if not space_path.is_absolute() and not space_path.exists() and path is not None:
+        # also look beside the experiment file (search_spaces/smoke.yaml names p2net.yaml)
+        beside = Path(path).parent / space_path
+        if beside.exists():
+            space_path = beside
+    if not space_path.is_file():
+        raise AutoposeError(f"search space file not found: {space}", path=path, field="space")
+    return load_search_space(space_path).to_dict()
+
+
+def load_experiment(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> ExperimentConfig:
+    """Read and check an experiment config; nothing is started.
+
+    Args:
+        path: the YAML file (None: ``overrides`` alone describe the experiment).
+        overrides: a nested mapping merged over the file's content (for tests and
+            CLI flags), checked the same way.
+
+    Raises:
+        AutoposeError: one line naming the file and the field at fault.
+    """
+    data = load_yaml(path) if path is not None else {}
+    if overrides:
+        data = _deep_merge(data, overrides)
+    if "data" not in data:
+        raise AutoposeError("missing section", path=path, field="data")
+    config = build_dataclass(ExperimentConfig, data, path=path)
+    config.source = str(Path(path).absolute()) if path is not None else None
+    config.tracking_uri = resolve_tracking_uri(config.tracking_uri)
+    config.storage_path = absolute_path(config.storage_path or "runs")
+    if not config.experiment.strip():
+        raise AutoposeError("must not be empty", path=path, field="experiment")
+    if config.examples < 0:
+        raise AutoposeError("must be ≥ 0", path=path, field="examples")
+    config.space_dict = load_space_mapping(config.space, path=path)
+    _check_search_alg(config, path)
+    return config
+
+
+def experiment_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Rebuild a config from :meth:`ExperimentConfig.to_dict` (a promoted run's own config)."""
+    data = dict(data)
+    space = data.get("space")
+    config = build_dataclass(
+        ExperimentConfig, {k: v for k, v in data.items() if k not in ("source", "space_dict")}, path=None
+    )
+    config.tracking_uri = resolve_tracking_uri(config.tracking_uri)
+    config.storage_path = absolute_path(config.storage_path or "runs")
+    config.space_dict = load_space_mapping(space, path=None) if space is not None else {}
+    return config
+
+
+def _check_search_alg(config: ExperimentConfig, path) -> None:
+    ranged = [name for name in ("tau1", "tau2", "policy_lr") if config.search.is_range(name)]
+    if ranged and config.tune.search_alg is None:
+        raise AutoposeError(
+            "a [low, high] range needs tune.search_alg: optuna", path=path, field=f"search.{ranged[0]}"
+        )

@@ -1,0 +1,426 @@
+"""MLflow tracking: one run per trial, the names and tags every tool reads back.
+
+Runs (see DESIGN.md): one MLflow experiment per search; one run per Ray Tune
+trial, tagged ``autopose.kind`` (search | random | handcrafted | none |
+randaugment | trivialaugment | full-train), ``autopose.seed``,
+``autopose.trial`` (the Tune trial id, so that a retried trial reopens its own
+run instead of adding one); full training adds ``autopose.parent_run`` (and
+MLflow's own ``mlflow.parentRunId`` so that the UI nests it); promotion sets
+``autopose.promoted=true``. Artifacts: ``policy/policy.json``,
+``policy/examples.png``, ``config/experiment.yaml``.
+
+Every process (the CLI, Ray trials, Ray Train workers) talks to MLflow through
+:class:`MlflowClient` with an explicit, absolute tracking URI: nothing relies on
+MLflow's process-global state, which Ray workers would not share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+
+from autopose.errors import AutoposeError
+
+TAG_KIND = "autopose.kind"
+TAG_SEED = "autopose.seed"
+TAG_TRIAL = "autopose.trial"
+TAG_PARENT = "autopose.parent_run"
+TAG_PROMOTED = "autopose.promoted"
+TAG_SEARCH = "autopose.search"  # the Tune experiment (search) a run belongs to
+MLFLOW_PARENT = "mlflow.parentRunId"
+POLICY_ARTIFACT = "policy/policy.json"
+EXAMPLES_ARTIFACT = "policy/examples.png"
+CONFIG_ARTIFACT = "config/experiment.yaml"
+SEARCH_KINDS = ("search", "random", "handcrafted", "none", "randaugment", "trivialaugment")
+FULL_TRAIN_KIND = "full-train"
+
+# MLflow's own limits (mlflow.utils.validation): keep logged values inside them.
+_MAX_PARAM_VALUE = 6000
+_MAX_BATCH_METRICS = 1000
+
+
+# -- the tracking server -------------------------------------------------------------------------
+def client(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+@contextlib.contextmanager
+def _quick_http() -> Iterator[None]:
+    """No long retry loop while probing: MLflow retries an unreachable server for minutes."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def check_tracking(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Fail early, in one line, when the tracking store cannot be used.
+
+    Called by the CLI and the platform before Ray starts any trial.
+
+    Raises:
+        AutoposeError: the SQLite file's folder is missing or read-only, or an
+            ``http(s)://`` server does not answer within ``timeout_s``.
+    """
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///") :])
+        if not db.parent.is_dir():
+            raise AutoposeError(
+                f"folder of the MLflow database does not exist: {db.parent}", field="tracking_uri"
+            )
+        if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+            raise AutoposeError(f"MLflow database is not writable: {db}", field="tracking_uri")
+    elif tracking_uri.startswith(("http://", "https://")):
+        url = tracking_uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                if response.status != 200:
+                    raise AutoposeError(
+                        f"MLflow server at {tracking_uri} answered {response.status} on /health",
+                        field="tracking_uri",
+                    )
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise AutoposeError(
+                f"MLflow tracking server unreachable at {tracking_uri} ({reason}); start it "
+                "(`mlflow server --host 127.0.0.1 --port 5000`) or fix tracking_uri / MLFLOW_TRACKING_URI",
+                field="tracking_uri",
+            ) from None
+    try:
+        with _quick_http():
+            client(tracking_uri).search_experiments(max_results=1)
+    except (MlflowException, OSError) as error:
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise AutoposeError(
+            f"MLflow tracking store {tracking_uri} is not usable ({first})", field="tracking_uri"
+        ) from None
+
+
+def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database (not in whatever folder a Ray
+    trial runs in); a tracking server decides for itself (None)."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///") :])
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
+        return (db.parent / "mlartifacts" / safe).as_uri()
+    return None
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """The id of MLflow experiment ``name``, created when missing."""
+    mlflow_client = client(tracking_uri)
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            mlflow_client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    try:
+        return mlflow_client.create_experiment(
+            name, artifact_location=default_artifact_location(tracking_uri, name)
+        )
+    except MlflowException:
+        # another process created it in between
+        experiment = mlflow_client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+# -- values for MLflow ---------------------------------------------------------------------------
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mapping → ``{"train.lr": "0.001", ...}`` (MLflow params are flat strings)."""
+    flat: dict[str, str] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            text = str(list(value) if isinstance(value, tuple) else value)
+            flat[name] = text[:_MAX_PARAM_VALUE]
+    return flat
+
+
+def metric_name(name: str) -> str:
+    """MLflow accepts letters, digits, ``_ - . / space``; anything else becomes ``_``."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
+
+
+# -- one run ---------------------------------------------------------------------------------------
+class TrackedRun:
+    """One MLflow run, written through an explicit client (usable in any process).
+
+    Build with :meth:`open` (find or create) or :meth:`attach` (a known run id).
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.client = client(tracking_uri)
+
+    @classmethod
+    def attach(cls, tracking_uri: str, run_id: str) -> TrackedRun:
+        return cls(tracking_uri, run_id)
+
+    @classmethod
+    def open(
+        cls,
+        tracking_uri: str,
+        experiment_id: str,
+        *,
+        run_name: str,
+        tags: Mapping[str, str],
+        key_tag: str = TAG_TRIAL,
+    ) -> TrackedRun:
+        """The run whose ``key_tag`` equals ``tags[key_tag]``, reopened (a retried or resumed
+        trial), else a new one. Either way it ends up RUNNING with ``tags`` set."""
+        mlflow_client = client(tracking_uri)
+        key = tags[key_tag]
+        found = mlflow_client.search_runs(
+            [experiment_id], filter_string=f"tags.`{key_tag}` = '{key}'", max_results=1
+        )
+        if found:
+            run_id = found[0].info.run_id
+            mlflow_client.update_run(run_id, status="RUNNING")
+        else:
+            run_id = mlflow_client.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
+        run = cls(tracking_uri, run_id)
+        run.set_tags(tags)
+        return run
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params once; a retried trial logs the same values again, which MLflow
+        accepts; keys already logged are skipped so that a resumed run never conflicts."""
+        existing = self.client.get_run(self.run_id).data.params
+        fresh = [Param(k, str(v)[:_MAX_PARAM_VALUE]) for k, v in params.items() if k not in existing]
+        for start in range(0, len(fresh), 100):
+            self.client.log_batch(self.run_id, params=fresh[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        entries = [
+            Metric(metric_name(k), float(v), now, int(step))
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+        ]
+        for start in range(0, len(entries), _MAX_BATCH_METRICS):
+            self.client.log_batch(self.run_id, metrics=entries[start : start + _MAX_BATCH_METRICS])
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_yaml(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        self.log_text(yaml.safe_dump(dict(data), sort_keys=False), artifact_file)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
+
+
+def get_run(tracking_uri: str, run_id: str):
+    """The MLflow run ``run_id``.
+
+    Raises:
+        AutoposeError: no such run in this tracking store.
+    """
+    try:
+        return client(tracking_uri).get_run(run_id)
+    except MlflowException:
+        raise AutoposeError(f"no MLflow run {run_id!r} in {tracking_uri}", field="RUN_ID") from None
+
+
+def download_artifact(tracking_uri: str, run_id: str, artifact: str, dst: str | Path) -> Path:
+    """Download one artifact of a run into folder ``dst``.
+
+    Raises:
+        AutoposeError: the run has no such artifact.
+    """
+    try:
+        local = client(tracking_uri).download_artifacts(run_id, artifact, str(dst))
+    except (MlflowException, OSError) as error:
+        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise AutoposeError(f"run {run_id} has no artifact {artifact} ({first})", field="RUN_ID") from None
+    return Path(local)
+
+
+def log_model(
+    tracking_uri: str,
+    run_id: str,
+    model: torch.nn.Module,
+    *,
+    registered_model: str,
+    alias: str | None,
+) -> tuple[str, str]:
+    """Log ``model`` as an MLflow PyTorch model of run ``run_id``, register it under
+    ``registered_model`` and point ``alias`` at the new version.
+
+    Returns:
+        ``(model_uri, version)``.
+    """
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        info = mlflow.pytorch.log_model(
+            model.cpu().eval(),
+            name="model",
+            registered_model_name=registered_model,
+            # Plain pickle: the safe 'pt2' format needs torch.export of the whole model.
+            serialization_format="pickle",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "autopose"],
+        )
+    version = str(info.registered_model_version)
+    if alias:
+        client(tracking_uri).set_registered_model_alias(registered_model, alias, version)
+    return info.model_uri, version
+
+
+# -- the picture of a policy -----------------------------------------------------------------------
+AugmentFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+]
+
+
+def render_policy_examples(
+    augment: AugmentFn,
+    rows: Sequence[Mapping[str, Any]],
+    out: str | Path,
+    *,
+    title: str,
+    skeleton: Sequence[Sequence[int]] = (),
+    draws: int = 2,
+    seed: int = 0,
+) -> Path:
+    """A PNG of a policy applied to real crops, keypoints drawn.
+
+    The first row shows the crops as they are; each further row one random draw
+    of the policy on the same crops. Visible keypoints are filled dots, occluded
+    ones hollow; keypoints the policy pushed out of the crop are not drawn.
+
+    Args:
+        augment: ``(images B×3×H×W float, keypoints B×K×2, visibility B×K)`` →
+            the same, augmented.
+        rows: proxy items (``image`` uint8 3×H×W, ``keypoints``, ``visibility``).
+        out: the PNG file (written atomically).
+        title: the figure's title.
+        skeleton: joint index pairs to draw as limbs.
+        draws: augmented rows below the originals.
+        seed: seeds torch's generator around the draws (restored afterwards).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = torch.stack([torch.as_tensor(np.asarray(r["image"])) for r in rows]).float() / 255.0
+    keypoints = torch.stack([torch.as_tensor(np.asarray(r["keypoints"]), dtype=torch.float32) for r in rows])
+    visibility = torch.stack(
+        [torch.as_tensor(np.asarray(r["visibility"]), dtype=torch.float32) for r in rows]
+    )
+    panels = [(images, keypoints, visibility)]
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for _ in range(draws):
+            panels.append(
+                tuple(t.detach() for t in augment(images.clone(), keypoints.clone(), visibility.clone()))
+            )
+
+    count = images.shape[0]
+    height, width = images.shape[-2:]
+    scale = 1.6 / max(height, width) * 100
+    figure, axes = plt.subplots(
+        len(panels),
+        count,
+        figsize=(max(count * width * scale / 100, 4), len(panels) * height * scale / 100 + 0.5),
+        squeeze=False,
+    )
+    for row, (batch_images, batch_keypoints, batch_visibility) in enumerate(panels):
+        for column in range(count):
+            axis = axes[row][column]
+            axis.imshow(batch_images[column].clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
+            points = batch_keypoints[column].numpy()
+            seen = batch_visibility[column].numpy()
+            for a, b in skeleton:
+                if seen[a] > 0 and seen[b] > 0:
+                    axis.plot(points[[a, b], 0], points[[a, b], 1], color="yellow", linewidth=0.8)
+            for value, style in ((2, {"c": "red"}), (1, {"facecolors": "none", "edgecolors": "red"})):
+                picked = seen == value
+                axis.scatter(points[picked, 0], points[picked, 1], s=6, linewidths=0.6, **style)
+            axis.set_xlim(-0.5, width - 0.5)
+            axis.set_ylim(height - 0.5, -0.5)
+            axis.set_xticks([])
+            axis.set_yticks([])
+        axes[row][0].set_ylabel("original" if row == 0 else f"draw {row}", fontsize=7)
+    figure.suptitle(title, fontsize=8)
+    figure.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
+    os.close(handle)
+    try:
+        figure.savefig(temporary, dpi=150)
+        os.replace(temporary, out)
+    finally:
+        plt.close(figure)
+        Path(temporary).unlink(missing_ok=True)
+    return out
+
+
+def run_status_counts(tracking_uri: str, experiment_id: str) -> dict[str, int]:
+    """How many runs of an experiment are in each status (for reports and tests)."""
+    counts: dict[str, int] = {}
+    for run in client(tracking_uri).search_runs([experiment_id], max_results=5000):
+        counts[run.info.status] = counts.get(run.info.status, 0) + 1
+    return counts
+
+
+__all__ = [
+    "CONFIG_ARTIFACT",
+    "EXAMPLES_ARTIFACT",
+    "FULL_TRAIN_KIND",
+    "POLICY_ARTIFACT",
+    "SEARCH_KINDS",
+    "TAG_KIND",
+    "TAG_PARENT",
+    "TAG_PROMOTED",
+    "TAG_SEED",
+    "TAG_TRIAL",
+    "RunStatus",
+    "TrackedRun",
+    "check_tracking",
+    "download_artifact",
+    "ensure_experiment",
+    "flatten",
+    "get_run",
+    "log_model",
+    "render_policy_examples",
+]
