@@ -17,11 +17,38 @@ from autopose.errors import AutoposeError
 
 # -- data --------------------------------------------------------------------------
 def _data_synth(args: argparse.Namespace) -> int:
-    raise NotImplementedError("data synth")
+    from autopose.data.synth import generate_synth
+
+    try:
+        height, width = (int(part) for part in args.size.lower().split("x"))
+    except ValueError:
+        raise AutoposeError(f"expected HxW such as 240x320, got {args.size!r}", field="--size") from None
+    report = generate_synth(
+        args.out,
+        images=args.images,
+        val_images=args.val_images,
+        seed=args.seed,
+        shift=args.shift,
+        image_size=(height, width),
+        max_persons=args.max_persons,
+    )
+    print(report.summary())
+    return 0
 
 
 def _data_build_proxy(args: argparse.Namespace) -> int:
-    raise NotImplementedError("data build-proxy")
+    from autopose.data.proxy import build_proxy
+    from autopose.data.transforms import parse_size
+
+    try:
+        input_size = parse_size(args.input)
+    except ValueError as error:
+        raise AutoposeError(str(error), field="--input") from None
+    report = build_proxy(
+        args.ann, args.images, args.out, max_images=args.max_images, seed=args.seed, input_size=input_size
+    )
+    print(report.summary())
+    return 0
 
 
 # -- models and inference -------------------------------------------------------------
@@ -118,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--shift", default="none", help="val shift: none, or e.g. rotate=45,brightness=0.5")
+    synth.add_argument("--size", default="240x320", help="image size HxW")
+    synth.add_argument("--max-persons", type=int, default=3, help="figures per image: 1 to this many")
     synth.set_defaults(handler=_data_synth)
 
     proxy = data_verbs.add_parser("build-proxy", help="cache person crops as a Parquet proxy")
