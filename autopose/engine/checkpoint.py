@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -152,7 +153,9 @@ def load_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
     if not path.is_file():
         raise AutoposeError("checkpoint is not a file", path=path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # torch's message is a paragraph; keep the line that says what was refused.
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
