@@ -53,11 +53,44 @@ def _data_build_proxy(args: argparse.Namespace) -> int:
 
 # -- models and inference -------------------------------------------------------------
 def _model_info(args: argparse.Namespace) -> int:
-    raise NotImplementedError("model-info")
+    from autopose.data.transforms import parse_size
+    from autopose.models.complexity import model_info
+    from autopose.models.p2net import PAPER_R101_384x288
+
+    try:
+        input_size = parse_size(args.input)
+    except ValueError as error:
+        raise AutoposeError(str(error), field="--input") from None
+    info = model_info(args.arch, input_size=input_size, num_joints=args.joints)
+    height, width = input_size
+    print(f"arch         {info['arch']}  (input {height}x{width}, {info['num_joints']} joints)")
+    print(f"parameters   {info['params']:,}  ({info['params'] / 1e6:.2f} M)")
+    print(f"multiply-add {info['macs']:,}")
+    print(f"GFLOPs       {info['gflops_hrnet']:.2f}  (MACs / 2^30, as HRNet's reference code)")
+    print(f"GFLOPs       {info['gflops_1e9']:.2f}  (MACs / 1e9)")
+    if info["arch"] == "p2net_r101":
+        paper_params, paper_gflops = PAPER_R101_384x288["params"], PAPER_R101_384x288["gflops"]
+        print(f"paper        P2Net-R101, 384x288: {paper_params / 1e6:.1f} M params, {paper_gflops} GFLOPs")
+        print(
+            f"vs paper     parameters {info['params'] / paper_params - 1:+.1%}, "
+            f"GFLOPs {info['gflops_hrnet'] / paper_gflops - 1:+.1%} (2^30) "
+            f"{info['gflops_1e9'] / paper_gflops - 1:+.1%} (1e9)"
+            + ("" if input_size == (384, 288) else "  (the paper's figures are for 384x288)")
+        )
+    return 0
 
 
 def _detect(args: argparse.Namespace) -> int:
-    raise NotImplementedError("detect")
+    from autopose.models.detector import build_person_detector, detect_persons, list_images, write_detections
+
+    images = list_images(args.images)
+    if not args.weights.is_file():
+        raise AutoposeError("detector weights file not found", path=args.weights, field="--weights")
+    detector = build_person_detector(args.weights)
+    detections = detect_persons(detector, images, score_thr=args.score_thr)
+    write_detections(detections, args.out)
+    print(f"{len(detections)} person boxes in {len(images)} images → {args.out}")
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -1,1 +1,103 @@
-"""autopose.models"""
+"""autopose.models: the networks (P2Net, SimpleBaseline), losses, complexity counts, person detector.
+
+``build_model(name)`` is the one entry point for pose networks::
+
+    model = build_model("p2net_r50", num_joints=17, input_size=(256, 192))
+    outputs = model(images)  # images B×3×H×W in 0…1 (normalized inside)
+    # training: list of B×K×H/4×W/4 (intermediate heads…, final); eval: the final tensor
+
+Names are ``p2net_r{depth}`` (Parallel Fusion), ``p2net_r{depth}_prog`` (Progressive
+Fusion) and ``simplebaseline_r{depth}`` with depth 18, 34, 50, 101 or 152.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from torch import nn
+
+from autopose.errors import AutoposeError
+from autopose.models.backbone import RESNET_DEPTHS, ResNetBackbone, load_pretrained
+from autopose.models.p2net import P2Net, P2NetConfig
+from autopose.models.simple_baseline import SimpleBaseline
+
+ARCHITECTURES: tuple[str, ...] = (
+    *(f"p2net_r{depth}" for depth in RESNET_DEPTHS),
+    *(f"p2net_r{depth}_prog" for depth in RESNET_DEPTHS),
+    *(f"simplebaseline_r{depth}" for depth in RESNET_DEPTHS),
+)
+
+_P2NET_SWITCHES = tuple(
+    f.name for f in dataclasses.fields(P2NetConfig) if f.name not in ("depth", "num_joints")
+)
+
+
+def build_model(
+    name: str,
+    num_joints: int = 17,
+    input_size: tuple[int, int] = (256, 192),
+    pretrained: Path | str | None = None,
+    **switches: object,
+) -> nn.Module:
+    """A pose network by name.
+
+    Args:
+        name: one of :data:`ARCHITECTURES`.
+        num_joints: heatmap channels ``K``.
+        input_size: ``(height, width)`` the model will see; must be multiples of 4
+            (heatmaps are 1/4 of it). The networks themselves take any such size.
+        pretrained: local ImageNet ResNet checkpoint for the backbone
+            (see :func:`autopose.models.backbone.load_pretrained`).
+        **switches: P2Net only, any field of :class:`P2NetConfig`. The ablations:
+            ``use_apm=False`` drops the Attention Partial Modules;
+            ``use_parallel=False`` drops the fusion stage (ParallelNet, or Progressive
+            Fusion for ``_prog``): heads and RefineNet read PyramidNet directly.
+            Widths (``pyramid_channels=32`` …) make tiny models for tests.
+
+    Raises:
+        AutoposeError: unknown name or switch, bad input size, bad pretrained file.
+    """
+    model_name = name.strip().lower()
+    if model_name not in ARCHITECTURES:
+        raise AutoposeError(f"unknown architecture {name!r}; valid: {', '.join(ARCHITECTURES)}", field="arch")
+    height, width = input_size
+    if height <= 0 or width <= 0 or height % 4 or width % 4:
+        raise AutoposeError(
+            f"input size must be positive multiples of 4, got {height}x{width}", field="input"
+        )
+
+    family, _, rest = model_name.partition("_r")
+    depth_text, _, variant = rest.partition("_")
+    depth = int(depth_text)
+    model: nn.Module
+    if family == "simplebaseline":
+        if switches:
+            raise AutoposeError(f"{name} takes no switches, got {', '.join(switches)}", field="switches")
+        model = SimpleBaseline(depth, num_joints=num_joints)
+    else:
+        unknown = sorted(set(switches) - set(_P2NET_SWITCHES))
+        if unknown:
+            raise AutoposeError(
+                f"unknown P2Net switch {', '.join(unknown)}; valid: {', '.join(_P2NET_SWITCHES)}",
+                field="switches",
+            )
+        fusion = "progressive" if variant == "prog" else "parallel"
+        config = dataclasses.replace(
+            P2NetConfig(depth=depth, num_joints=num_joints, fusion=fusion), **switches
+        )
+        model = P2Net(config)
+    if pretrained is not None:
+        load_pretrained(model.backbone, pretrained)
+    return model
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "P2Net",
+    "P2NetConfig",
+    "ResNetBackbone",
+    "SimpleBaseline",
+    "build_model",
+    "load_pretrained",
+]
