@@ -507,8 +507,12 @@ def decode_crop(data: bytes | pa.Buffer) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())
 
 
-def decode_batch(batch: pa.RecordBatch | pa.Table) -> dict[str, Any]:
-    """A batch of proxy rows → batched tensors (for streaming and Ray Data ``map_batches``).
+def decode_batch(batch: pa.RecordBatch | pa.Table, *, as_numpy: bool = False) -> dict[str, Any]:
+    """A batch of proxy rows → batched arrays (for streaming and Ray Data ``map_batches``).
+
+    Args:
+        batch: proxy rows (``batch_format="pyarrow"`` in Ray Data gives a ``pa.Table``).
+        as_numpy: return numpy arrays (what Ray Data wants back) instead of tensors.
 
     Returns:
         ``image B×3×H×W`` uint8, ``keypoints B×K×2`` float32 (crop px),
@@ -519,9 +523,10 @@ def decode_batch(batch: pa.RecordBatch | pa.Table) -> dict[str, Any]:
     crops = batch.column("crop")
     chunks = crops.chunks if isinstance(crops, pa.ChunkedArray) else [crops]
     images = [decode_crop(value.as_buffer()) for chunk in chunks for value in chunk]
-    out = {name: torch.from_numpy(array) for name, array in columns.items()}
-    out["image"] = torch.stack(images) if images else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
-    return out
+    image = torch.stack(images) if images else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    if as_numpy:
+        return {**columns, "image": image.numpy()}
+    return {**{name: torch.from_numpy(array) for name, array in columns.items()}, "image": image}
 
 
 def _fixed_list_numpy(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...]) -> np.ndarray:

@@ -19,6 +19,7 @@ from autopose.data import (
     ProxyDataset,
     build_proxy,
     crop_matrix,
+    decode_batch,
     invert_affine,
     load_coco,
     load_mpii,
@@ -97,6 +98,10 @@ def test_dataset_pickles_into_dataloader_workers(coco_proxy):
     torch.testing.assert_close(
         torch.cat([b["image"] for b in streamed]), torch.cat([b["image"] for b in batches])
     )
+    table = next(dataset.iter_record_batches(batch_size=12))
+    as_numpy = decode_batch(table, as_numpy=True)
+    assert isinstance(as_numpy["image"], np.ndarray) and as_numpy["image"].shape == (12, 3, *INPUT)
+    np.testing.assert_array_equal(as_numpy["keypoints"], torch.cat([b["keypoints"] for b in batches]).numpy())
 
 
 def test_rerun_reuses_and_changed_inputs_rebuild(coco_proxy, coco_ann, coco_images):
