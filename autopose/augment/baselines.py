@@ -193,6 +193,8 @@ class Handcrafted:
             flip_matrix,
         )
         images, keypoints, visibility = warp(images, keypoints, visibility, matrix)
+        if any(max(pair) >= keypoints.shape[1] for pair in self.flip_pairs):
+            raise ValueError(f"flip_pairs {self.flip_pairs} do not fit {keypoints.shape[1]} keypoints")
         # The warp already mirrored the coordinates; what remains is the left/right swap.
         permutation = list(range(keypoints.shape[1]))
         for left, right in self.flip_pairs:
