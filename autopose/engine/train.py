@@ -1,0 +1,617 @@
+"""The training loop: one trial's (or one full training's) work, without Ray.
+
+:class:`Trainer` builds the model, loss and optimizer, the data loaders (the
+Parquet proxy, or on-the-fly COCO crops), and the trial's augmentation; each
+step augments the batch on tensors, rebuilds the heatmap targets from the moved
+keypoints with the codec, and takes an optimizer step (for a search trial, the
+bi-level step of :class:`autopose.engine.search.BilevelSearch`, which also moves
+the policy). After every epoch it scores OKS AP on the val proxy (pycocotools)
+and calls the hooks, which is where the platform reports to Ray and MLflow and
+saves checkpoints.
+
+Distributed: when a ``torch.distributed`` process group exists (Ray Train, or
+torchrun) the model is wrapped in DDP and the training data sharded with a
+``DistributedSampler``; rank 0 evaluates and shares the metrics, so every rank
+reports the same numbers equally often. Nothing here imports Ray.
+
+Resuming: :meth:`Trainer.state_dict` holds everything a continued run needs
+(weights, optimizers, the policy and its optimizer, epoch, optimizer-step
+count, every random generator); :meth:`Trainer.save` writes it as an autopose
+checkpoint that ``autopose evaluate`` can also read. A run resumed from the
+checkpoint of epoch ``e`` continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
+
+from autopose.augment import (
+    Handcrafted,
+    Policy,
+    RandAugment,
+    RelaxedPolicy,
+    SearchSpace,
+    TemperatureSchedule,
+    TrivialAugment,
+    no_policy,
+    random_policy,
+)
+from autopose.data import CocoCropDataset, HeatmapCodec, ProxyDataset, load_coco
+from autopose.engine.checkpoint import load_checkpoint, save_checkpoint
+from autopose.engine.config import AugmentSpec, BilevelConfig, DataConfig, ModelConfig, TrainConfig
+from autopose.engine.inference import evaluate_proxy
+from autopose.errors import AutoposeError
+
+Tensor = torch.Tensor
+Augment = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+BASELINE_FORMAT = "autopose.baseline/1"
+MPII_UPPER_BODY = tuple(range(7, 16))  # thorax … wrists in MPII's joint order
+
+
+# -- what the loop hands to its hooks -----------------------------------------------------------------
+@dataclass
+class EpochReport:
+    """The outcome of one epoch, given to :meth:`TrainHooks.on_epoch_end`.
+
+    Attributes:
+        epoch: the epoch just finished, counted from 0.
+        step: optimizer steps taken so far (the weights' optimizer).
+        metrics: ``train_loss``, ``val_ap`` … (the same on every rank).
+        is_last: the run's final epoch.
+    """
+
+    epoch: int
+    step: int
+    metrics: dict[str, float]
+    is_last: bool
+
+
+class TrainHooks:
+    """Callbacks of :meth:`Trainer.run`; the platform subclasses this (the defaults do nothing).
+
+    ``on_epoch_end`` runs on every rank after every epoch (Ray's ``report`` is a
+    barrier: each rank must call it equally often); use ``trainer.is_main`` for
+    what only one rank should do.
+    """
+
+    def on_epoch_end(self, report: EpochReport, trainer: Trainer) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.run` returns."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+    epochs: int = 0
+    wall_s: float = 0.0
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+def distributed() -> tuple[int, int]:
+    """``(rank, world_size)`` of the current process group, ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _generator_state(augment: Any) -> Tensor | None:
+    generator = getattr(augment, "generator", None)
+    return generator.get_state() if isinstance(generator, torch.Generator) else None
+
+
+def _python_rng_state() -> list:
+    version, state, gauss = random.getstate()
+    return [version, list(state), gauss]
+
+
+def _set_python_rng_state(saved: list) -> None:
+    version, state, gauss = saved
+    random.setstate((version, tuple(state), gauss))
+
+
+def _numpy_rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}  # fmt: skip
+
+
+def _set_numpy_rng_state(saved: dict) -> None:
+    keys = saved["keys"].numpy().astype(np.uint32)
+    np.random.set_state((saved["name"], keys, saved["pos"], saved["has_gauss"], saved["cached"]))
+
+
+def search_space_from(
+    space: SearchSpace | dict[str, Any], bilevel: BilevelConfig | None = None
+) -> SearchSpace:
+    """The space as a :class:`SearchSpace`, with the search config's K and N applied."""
+    if isinstance(space, dict):
+        space = SearchSpace.from_dict(space)
+    if bilevel is not None and (bilevel.num_sub_policies or bilevel.ops_per_sub_policy):
+        space = dataclasses.replace(
+            space,
+            num_sub_policies=bilevel.num_sub_policies or space.num_sub_policies,
+            ops_per_sub_policy=bilevel.ops_per_sub_policy or space.ops_per_sub_policy,
+        )
+    return space
+
+
+def build_augment(
+    spec: AugmentSpec,
+    space: SearchSpace,
+    *,
+    flip_pairs: tuple[tuple[int, int], ...],
+    dataset: str,
+    total_steps: int,
+) -> Augment:
+    """The augmentation a trial trains with (see :class:`~autopose.engine.config.AugmentSpec`)."""
+    if spec.kind == "search":
+        bilevel = spec.bilevel or BilevelConfig()
+        bilevel = bilevel.resolved()
+        anneal = bilevel.tau1_final is not None or bilevel.tau2_final is not None
+        schedule = TemperatureSchedule(
+            sub_policy=bilevel.tau1,
+            bernoulli=bilevel.tau2,
+            sub_policy_final=bilevel.tau1_final,
+            bernoulli_final=bilevel.tau2_final,
+            anneal_steps=total_steps if anneal else 0,
+        )
+        return RelaxedPolicy(search_space_from(space, bilevel), schedule, seed=spec.seed)
+    if spec.kind == "random":
+        return random_policy(space, spec.seed)
+    if spec.kind == "handcrafted":
+        upper = MPII_UPPER_BODY if dataset == "mpii" else None
+        kwargs = {"upper_body": upper} if upper is not None else {}
+        return Handcrafted(flip_pairs=flip_pairs, seed=spec.seed, **kwargs)
+    if spec.kind == "none":
+        return no_policy()
+    if spec.kind == "randaugment":
+        return RandAugment(space, seed=spec.seed)
+    if spec.kind == "trivialaugment":
+        return TrivialAugment(space, seed=spec.seed)
+    if spec.kind == "policy":
+        if spec.policy is None:
+            raise AutoposeError("a 'policy' trial needs the policy's JSON", field="policy")
+        if spec.policy.get("format") == BASELINE_FORMAT:
+            baseline = dataclasses.replace(spec, kind=spec.policy.get("kind", "none"), policy=None)
+            return build_augment(
+                baseline, space, flip_pairs=flip_pairs, dataset=dataset, total_steps=total_steps
+            )
+        return Policy.from_dict(spec.policy, space=space, seed=spec.seed)
+    raise AutoposeError(f"unknown trial kind {spec.kind!r}", field="kind")
+
+
+def policy_document(augment: Any, kind: str, seed: int) -> dict[str, Any]:
+    """What ``policy/policy.json`` holds: the policy's JSON (the searched one exported),
+    or for baselines that are not a :class:`Policy` a small description of them."""
+    if isinstance(augment, RelaxedPolicy):
+        return augment.export().to_dict()
+    if isinstance(augment, Policy):
+        return augment.to_dict()
+    return {"format": BASELINE_FORMAT, "kind": kind, "seed": seed, "description": repr(augment)}
+
+
+def discrete_augment(augment: Any) -> Augment:
+    """A callable for pictures and final policies: the exported policy of a search."""
+    if isinstance(augment, RelaxedPolicy):
+        return augment.export(seed=0)
+    return augment
+
+
+# -- the trainer -----------------------------------------------------------------------------------------
+class Trainer:
+    """One training run, without Ray (see the module docstring).
+
+    Args:
+        data: where the crops come from (proxy, or COCO json + images).
+        model: architecture, input size, joints.
+        train: the budget and optimisation settings.
+        augment: the trial's augmentation (``search`` trains a RelaxedPolicy).
+        space: the search space (a :class:`SearchSpace` or its mapping).
+        device: where to train (default: ``cuda:LOCAL_RANK`` when CUDA is there, else CPU).
+    """
+
+    def __init__(
+        self,
+        data: DataConfig,
+        model: ModelConfig,
+        train: TrainConfig,
+        augment: AugmentSpec,
+        space: SearchSpace | dict[str, Any],
+        *,
+        device: torch.device | str | None = None,
+    ):
+        self.data_config, self.model_config, self.train_config, self.spec = data, model, train, augment
+        self.rank, self.world_size = distributed()
+        self.is_main = self.rank == 0
+        if train.threads_per_worker:
+            torch.set_num_threads(train.threads_per_worker)
+        self.device = torch.device(device) if device is not None else self._default_device()
+        seed_everything(train.seed + self.rank)
+
+        self.val_set = ProxyDataset(Path(data.val))
+        meta = self.val_set.metadata
+        self.keypoint_names, self.flip_pairs = tuple(meta.keypoint_names), tuple(meta.flip_pairs)
+        self.dataset_name = meta.dataset
+        if tuple(meta.input_size) != tuple(model.input_size):
+            raise AutoposeError(
+                f"the val proxy holds {meta.input_size[0]}x{meta.input_size[1]} crops, the model takes "
+                f"{model.input_size[0]}x{model.input_size[1]}: rebuild it with --input "
+                f"{model.input_size[0]}x{model.input_size[1]}",
+                path=data.val,
+                field="model.input_size",
+            )
+        if meta.num_keypoints != model.num_joints:
+            raise AutoposeError(
+                f"the val proxy has {meta.num_keypoints} keypoints, model.num_joints is {model.num_joints}",
+                path=data.val,
+                field="model.num_joints",
+            )
+        self.train_set = self._train_dataset()
+        self.codec = HeatmapCodec(tuple(model.input_size))
+        self.space = search_space_from(space)
+
+        from autopose.models import build_model
+        from autopose.models.losses import PoseLoss
+
+        self.net = build_model(
+            model.arch,
+            num_joints=model.num_joints,
+            input_size=tuple(model.input_size),
+            **model.build_kwargs(),
+        ).to(self.device)
+        self.loss_fn = PoseLoss(ohkm_topk=train.ohkm_topk)
+        self.model: nn.Module = self.net
+        if self.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.net, device_ids=device_ids)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+
+        self.sampler, self.loader = self._train_loader()
+        self.steps_per_epoch = len(self.loader)
+        if train.steps_per_epoch is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, train.steps_per_epoch)
+        if self.steps_per_epoch == 0:
+            raise AutoposeError(
+                f"{len(self.train_set)} training crops make no batch of {train.batch_size}"
+                + (f" per each of {self.world_size} workers" if self.world_size > 1 else ""),
+                field="train.batch_size",
+            )
+        total_steps = self.steps_per_epoch * train.epochs
+        self.augment = build_augment(
+            augment,
+            self.space,
+            flip_pairs=self.flip_pairs,
+            dataset=self.dataset_name,
+            total_steps=total_steps,
+        )
+        self.search = None
+        self.policy_optimizer = None
+        if isinstance(self.augment, RelaxedPolicy):
+            self._build_search(augment.bilevel or BilevelConfig())
+
+        self.epoch = 0  # the next epoch to run
+        self.step = 0  # optimizer steps taken
+        self.wall_s = 0.0  # training time so far, across resumptions
+        self.history: list[dict[str, float]] = []
+
+    # -- construction ---------------------------------------------------------------------------------
+    def _default_device(self) -> torch.device:
+        if torch.cuda.is_available():
+            import os
+
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+
+    def _train_dataset(self) -> Dataset:
+        data = self.data_config
+        if data.train_ann is not None:
+            instances = load_coco(Path(data.train_ann), Path(data.train_images), training=True)
+            return CocoCropDataset(instances, tuple(self.model_config.input_size))
+        dataset = ProxyDataset(Path(data.train))
+        if tuple(dataset.metadata.input_size) != tuple(self.model_config.input_size):
+            raise AutoposeError(
+                f"the proxy holds {dataset.metadata.input_size[0]}x{dataset.metadata.input_size[1]} crops, "
+                f"the model takes {self.model_config.input_size[0]}x{self.model_config.input_size[1]}",
+                path=data.train,
+                field="model.input_size",
+            )
+        return dataset
+
+    def _train_loader(self) -> tuple[DistributedSampler | None, DataLoader]:
+        train = self.train_config
+        sampler = None
+        if self.world_size > 1:
+            sampler = DistributedSampler(self.train_set, shuffle=True, seed=train.seed, drop_last=True)
+        loader = DataLoader(
+            self.train_set,
+            batch_size=train.batch_size,
+            shuffle=False,  # the order comes from _epoch_order / the sampler (reproducible on resume)
+            sampler=sampler if sampler is not None else _EpochPermutation(len(self.train_set), train.seed),
+            num_workers=train.loader_workers,
+            drop_last=True,
+            persistent_workers=False,
+        )
+        return sampler, loader
+
+    def _build_search(self, bilevel: BilevelConfig) -> None:
+        from autopose.engine.search import BilevelSearch
+
+        bilevel = bilevel.resolved()
+        self.policy_optimizer = torch.optim.Adam(
+            self.augment.parameters(), lr=bilevel.policy_lr, betas=(0.5, 0.999)
+        )
+        self.search = BilevelSearch(
+            model=self.model,
+            policy=self.augment,
+            loss_fn=self.loss_fn,
+            codec=self.codec,
+            weight_optimizer=self.optimizer,
+            policy_optimizer=self.policy_optimizer,
+            unroll_lr=bilevel.unroll_lr if bilevel.unroll_lr is not None else self.train_config.lr,
+            hessian=bilevel.hessian,
+        )
+        # The α step's un-augmented batches come from the val proxy: the policy is searched
+        # for the distribution it is scored on (see BilevelSearch).
+        self.search_val_set = ProxyDataset(Path(self.data_config.val), verify=False)
+        self.search_val_batch = min(
+            bilevel.val_batch_size or self.train_config.batch_size, len(self.search_val_set)
+        )
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs (tensors and plain values only)."""
+        state: dict[str, Any] = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "wall_s": self.wall_s,
+            "history": [dict(h) for h in self.history],
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": _numpy_rng_state(),
+                "python": _python_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            "augment_generator": _generator_state(self.augment),
+            "kind": self.spec.kind,
+        }
+        if isinstance(self.augment, RelaxedPolicy):
+            state["policy"] = {k: v.detach().cpu() for k, v in self.augment.state_dict().items()}
+            state["policy_optimizer"] = self.policy_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], model_state: dict[str, Tensor] | None = None) -> None:
+        if state.get("kind") != self.spec.kind:
+            raise AutoposeError(
+                f"checkpoint is of a {state.get('kind')!r} run, not {self.spec.kind!r}", field="resume"
+            )
+        if model_state is not None:
+            self.net.load_state_dict(model_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.wall_s = float(state.get("wall_s", 0.0))
+        self.history = [dict(h) for h in state.get("history", [])]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        _set_numpy_rng_state(rng["numpy"])
+        _set_python_rng_state(rng["python"])
+        if torch.cuda.is_available() and rng.get("cuda"):
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        generator = getattr(self.augment, "generator", None)
+        if isinstance(generator, torch.Generator) and state.get("augment_generator") is not None:
+            generator.set_state(state["augment_generator"])
+        if isinstance(self.augment, RelaxedPolicy):
+            self.augment.load_state_dict(state["policy"])
+            self.policy_optimizer.load_state_dict(state["policy_optimizer"])
+            self.augment.set_step(self.step)
+
+    def save(self, path: str | Path) -> Path:
+        """Write an autopose checkpoint (weights + meta) whose ``extra`` is the training state."""
+        return save_checkpoint(
+            path,
+            self.net,
+            arch=self.model_config.arch,
+            num_joints=self.model_config.num_joints,
+            input_size=self.model_config.input_size,
+            keypoint_names=self.keypoint_names,
+            flip_pairs=self.flip_pairs,
+            dataset=self.dataset_name,
+            model_kwargs=self.model_config.build_kwargs(),
+            extra={"training_state": self.state_dict()},
+        )
+
+    def load(self, path: str | Path) -> None:
+        """Resume from a checkpoint written by :meth:`save`."""
+        model_state, meta = load_checkpoint(path)
+        state = meta["extra"].get("training_state")
+        if state is None:
+            raise AutoposeError("checkpoint holds no training state to resume from", path=path)
+        self.load_state_dict(state, model_state)
+
+    # -- the policy, for tracking ------------------------------------------------------------------
+    def policy_document(self) -> dict[str, Any]:
+        return policy_document(self.augment, self.spec.kind, self.spec.seed)
+
+    def policy_metrics(self) -> dict[str, float]:
+        """The learned op probabilities, application probabilities and magnitudes (search only)."""
+        if not isinstance(self.augment, RelaxedPolicy):
+            return {}
+        metrics = {"tau1": self.augment.tau_sub_policy, "tau2": self.augment.tau_bernoulli}
+        for prefix, values in (
+            ("op_prob", self.augment.op_probabilities()),
+            ("op_p", self.augment.application_probabilities()),
+            ("op_m", self.augment.magnitudes()),
+        ):
+            metrics.update({f"{prefix}/{name}": float(v) for name, v in values.items()})
+        return metrics
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _targets(self, keypoints: Tensor, visibility: Tensor) -> tuple[Tensor, Tensor]:
+        # Targets follow the moved keypoints but carry no gradient to the magnitudes.
+        return self.codec.encode(keypoints.detach(), visibility.detach())
+
+    def _batch(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        images = batch["image"].to(self.device, non_blocking=True).float().div_(255.0)
+        keypoints = batch["keypoints"].to(self.device, non_blocking=True).float()
+        visibility = batch["visibility"].to(self.device, non_blocking=True).float()
+        return images, keypoints, visibility
+
+    def _search_val_batch(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The val batch of the current step: a function of the step alone, so that a resumed
+        search sees the batches the uninterrupted one would have seen."""
+        size = self.search_val_batch
+        per_pass = len(self.search_val_set) // size
+        rounds, within = divmod(self.step + self.rank * 7919, per_pass)
+        generator = torch.Generator().manual_seed(self.train_config.seed * 100_003 + 17 + rounds)
+        order = torch.randperm(len(self.search_val_set), generator=generator)[
+            within * size : (within + 1) * size
+        ]
+        batch = default_collate([self.search_val_set[int(i)] for i in order])
+        return self._batch(batch)
+
+    def _plain_step(self, images: Tensor, keypoints: Tensor, visibility: Tensor) -> dict[str, float]:
+        with torch.no_grad():
+            images, keypoints, visibility = self.augment(images, keypoints, visibility)
+        heatmaps, weight = self._targets(keypoints, visibility)
+        outputs = self.model(images)
+        loss = self.loss_fn(outputs, heatmaps, weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"train_loss": float(loss.detach())}
+
+    def _search_step(self, images: Tensor, keypoints: Tensor, visibility: Tensor) -> dict[str, float]:
+        self.augment.set_step(self.step)
+        val_images, val_keypoints, val_visibility = self._search_val_batch()
+        losses = self.search.step(
+            (images, keypoints, visibility), (val_images, val_keypoints, val_visibility)
+        )
+        return {key: float(value) for key, value in losses.items()}
+
+    def train_epoch(self) -> dict[str, float]:
+        """One epoch (at most ``steps_per_epoch`` optimizer steps); returns mean losses."""
+        self.model.train()
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch)
+        else:
+            self.loader.sampler.set_epoch(self.epoch)
+        totals: dict[str, float] = {}
+        count = 0
+        for batch in self.loader:
+            if count >= self.steps_per_epoch:
+                break
+            images, keypoints, visibility = self._batch(batch)
+            if self.search is not None:
+                losses = self._search_step(images, keypoints, visibility)
+            else:
+                losses = self._plain_step(images, keypoints, visibility)
+            if not all(math.isfinite(v) for v in losses.values()):
+                raise FloatingPointError(f"loss is not finite at step {self.step}: {losses}")
+            self.step += 1
+            count += 1
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0.0) + value
+        return {key: value / max(count, 1) for key, value in totals.items()}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """OKS AP of the current weights on the val proxy (rank 0 computes, all ranks get it)."""
+        metrics: dict[str, float] = {}
+        if self.is_main:
+            rows: Dataset = self.val_set
+            if self.data_config.max_val_samples is not None and self.data_config.max_val_samples < len(rows):
+                rows = Subset(rows, range(self.data_config.max_val_samples))
+            loader = DataLoader(rows, batch_size=self.train_config.val_batch_size, shuffle=False)
+            scores = evaluate_proxy(
+                self.net,
+                loader,
+                self.codec,
+                flip_pairs=self.flip_pairs,
+                batch_size=self.train_config.val_batch_size,
+                keypoint_names=self.keypoint_names,
+            )
+            metrics = {
+                "val_ap": scores["AP"],
+                "val_ap50": scores["AP50"],
+                "val_ap75": scores["AP75"],
+                "val_ar": scores["AR"],
+            }
+            metrics = {k: (0.0 if math.isnan(v) else float(v)) for k, v in metrics.items()}
+        if self.world_size > 1:
+            shared = [metrics]
+            dist.broadcast_object_list(shared, src=0)
+            metrics = shared[0]
+        return metrics
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self, hooks: TrainHooks | None = None, *, epochs: int | None = None) -> TrainResult:
+        """Train from the current epoch to ``train.epochs`` (or ``epochs`` more only).
+
+        Every epoch: train, evaluate, then ``hooks.on_epoch_end`` on every rank.
+        """
+        hooks = hooks or TrainHooks()
+        last = (
+            self.train_config.epochs if epochs is None else min(self.epoch + epochs, self.train_config.epochs)
+        )
+        while self.epoch < last:
+            started = time.perf_counter()
+            losses = self.train_epoch()
+            train_s = time.perf_counter() - started
+            metrics = {**losses, **self.evaluate(), **self.policy_metrics()}
+            epoch_s = time.perf_counter() - started
+            self.wall_s += epoch_s
+            samples = self.steps_per_epoch * self.train_config.batch_size * self.world_size
+            metrics.update(
+                {
+                    "epoch": float(self.epoch),
+                    "step": float(self.step),
+                    "epoch_s": epoch_s,
+                    "train_samples_per_s": samples / max(train_s, 1e-9),
+                    "lr": float(self.optimizer.param_groups[0]["lr"]),
+                }
+            )
+            self.history.append(metrics)
+            self.epoch += 1
+            report = EpochReport(self.epoch - 1, self.step, metrics, self.epoch >= self.train_config.epochs)
+            hooks.on_epoch_end(report, self)
+        return TrainResult(history=list(self.history), steps=self.step, epochs=self.epoch, wall_s=self.wall_s)
+
+
+class _EpochPermutation(torch.utils.data.Sampler[int]):
+    """A fresh shuffle every epoch, fixed by ``(seed, epoch)``: the order of a resumed run
+    matches the uninterrupted run's (a DataLoader's own shuffle would depend on the
+    global generator's state)."""
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length

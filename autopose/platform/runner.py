@@ -1,0 +1,282 @@
+"""Running the engine's training loop on Ray Train, with reporting, checkpoints and tracking.
+
+Both a search trial and a full training end up here: :func:`fit` builds a
+``TorchTrainer`` (DDP over ``num_workers`` workers, gloo on CPUs and NCCL on
+GPUs; ``num_workers: 0`` runs the loop in the calling process) whose workers run
+:func:`train_loop_per_worker`. That function drives
+:class:`autopose.engine.train.Trainer` and, after each epoch:
+
+* rank 0 logs the epoch's metrics to the MLflow run;
+* every rank reports them to Ray (a barrier), with a checkpoint of the full
+  training state from rank 0;
+* at the end rank 0 logs ``policy/policy.json`` and ``policy/examples.png``.
+
+Where checkpoints go, and how a restarted run finds them:
+
+* under Ray Train workers: Ray Train's own storage
+  (``RunConfig(name, storage_path)``); a restarted run with the same name
+  resumes from its latest checkpoint, and ``TuneReportCallback`` forwards the
+  metrics to Tune when the run is a Tune trial;
+* in-process inside a Tune trial (``num_workers: 0``): the Tune trial's
+  checkpoints (``ray.tune.report``), so that a retried or restored trial resumes;
+* in-process outside Tune: a checkpoint file under ``storage_path/name``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.tune
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from autopose.engine.config import AugmentSpec, DataConfig, ModelConfig, TrainConfig
+from autopose.engine.train import EpochReport, Trainer, TrainHooks, discrete_augment
+from autopose.errors import AutoposeError
+
+CHECKPOINT_FILE = "checkpoint.pt"
+POLICY_FILE = "policy.json"
+
+
+@dataclass
+class TrainingJob:
+    """Everything a training process needs; travels to the workers as the loop's config.
+
+    Attributes:
+        data, model, train: the engine's configs.
+        augment: the trial's augmentation.
+        space: the search space mapping.
+        tracking_uri: absolute MLflow URI (Ray workers run in other folders).
+        run_id: the MLflow run rank 0 logs to (None: no tracking).
+        examples: crops in ``policy/examples.png`` (0: no picture).
+        title: the picture's title.
+        in_tune: the loop runs inside a Tune trial (in-process mode reports to Tune).
+        checkpoint_dir: in-process outside Tune: where the resumable checkpoint lives.
+        inject_failure_after_epoch: fault injection (tests, drills): fail once, right
+            after this epoch's report and checkpoint.
+    """
+
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    augment: AugmentSpec
+    space: dict[str, Any]
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    examples: int = 8
+    title: str = ""
+    in_tune: bool = False
+    checkpoint_dir: str | None = None
+    inject_failure_after_epoch: int | None = None
+
+
+# -- inside the workers --------------------------------------------------------------------------
+class _Session:
+    """Ray's reporting API for the three ways the loop runs (see the module docstring)."""
+
+    def __init__(self, job: TrainingJob):
+        self.job = job
+        self.workers = job.train.num_workers > 0
+        self.tune_local = not self.workers and job.in_tune
+        self.file_dir = (
+            Path(job.checkpoint_dir)
+            if (not self.workers and not job.in_tune and job.checkpoint_dir)
+            else None
+        )
+
+    def resume(self, trainer: Trainer) -> bool:
+        """Load the latest checkpoint into ``trainer``; False when there is none yet."""
+        if self.file_dir is not None:
+            path = self.file_dir / CHECKPOINT_FILE
+            if not path.exists():
+                return False
+            trainer.load(path)
+            return True
+        checkpoint = ray.tune.get_checkpoint() if self.tune_local else ray.train.get_checkpoint()
+        if checkpoint is None:
+            return False
+        with checkpoint.as_directory() as folder:
+            trainer.load(Path(folder) / CHECKPOINT_FILE)
+        return True
+
+    def report(self, metrics: dict[str, float], folder: Path | None) -> None:
+        if self.file_dir is not None:
+            if folder is not None:
+                self.file_dir.mkdir(parents=True, exist_ok=True)
+                os.replace(folder / CHECKPOINT_FILE, self.file_dir / CHECKPOINT_FILE)
+            ray.train.report(metrics)
+        elif self.tune_local:
+            checkpoint = ray.tune.Checkpoint.from_directory(str(folder)) if folder is not None else None
+            ray.tune.report(metrics, checkpoint=checkpoint)
+        else:
+            checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder is not None else None
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class _ReportingHooks(TrainHooks):
+    def __init__(self, job: TrainingJob, session: _Session):
+        self.job, self.session = job, session
+        self.cpu_start = time.process_time()
+        self._run = None
+
+    def run(self):
+        if self._run is None and self.job.run_id is not None:
+            from autopose.platform.tracking import TrackedRun
+
+            self._run = TrackedRun.attach(self.job.tracking_uri, self.job.run_id)
+        return self._run
+
+    def _cpu_seconds(self, trainer: Trainer) -> float:
+        used = torch.tensor([time.process_time() - self.cpu_start], dtype=torch.float64)
+        if trainer.world_size > 1:
+            dist.all_reduce(used)
+        return float(used.item())
+
+    def on_epoch_end(self, report: EpochReport, trainer: Trainer) -> None:
+        metrics = {
+            **report.metrics,
+            "train_cpu_s": self._cpu_seconds(trainer),
+            "train_wall_s": trainer.wall_s,
+        }
+        every = self.job.train.checkpoint_every
+        with tempfile.TemporaryDirectory(prefix="autopose-ckpt-") as folder:
+            saved = None
+            if (report.is_last or (report.epoch + 1) % every == 0) and trainer.is_main:
+                trainer.save(Path(folder) / CHECKPOINT_FILE)
+                (Path(folder) / POLICY_FILE).write_text(json.dumps(trainer.policy_document(), indent=2))
+                saved = Path(folder)
+            if trainer.is_main and self.run() is not None:
+                self.run().log_metrics(metrics, step=report.epoch)
+                if report.is_last:
+                    self._log_policy(trainer)
+            # Every rank reports, equally often (Ray's report is a barrier); rank 0 brings the checkpoint.
+            self.session.report(metrics, saved)
+        if report.epoch == self.job.inject_failure_after_epoch:
+            raise RuntimeError(f"injected failure after epoch {report.epoch} ({self.job.title})")
+
+    def _log_policy(self, trainer: Trainer) -> None:
+        from autopose.platform.tracking import POLICY_ARTIFACT, render_policy_examples
+
+        run = self.run()
+        with tempfile.TemporaryDirectory(prefix="autopose-policy-") as folder:
+            policy_path = Path(folder) / Path(POLICY_ARTIFACT).name
+            policy_path.write_text(json.dumps(trainer.policy_document(), indent=2) + "\n")
+            run.log_artifact(policy_path, "policy")
+            count = min(self.job.examples, len(trainer.val_set))
+            if count > 0:
+                rows = [trainer.val_set[i] for i in range(count)]
+                meta = trainer.val_set.metadata
+                picture = render_policy_examples(
+                    discrete_augment(trainer.augment),
+                    rows,
+                    Path(folder) / "examples.png",
+                    title=self.job.title,
+                    skeleton=meta.skeleton,
+                    seed=self.job.augment.seed,
+                )
+                run.log_artifact(picture, "policy")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """The function every Ray Train worker runs (also in-process with ``num_workers: 0``)."""
+    job: TrainingJob = config["job"]
+    session = _Session(job)
+    device = None
+    if session.workers:
+        device = ray.train.torch.get_device()
+        if device.type == "cuda" and job.train.gpus_per_worker <= 0:
+            device = torch.device("cpu")
+    trainer = Trainer(job.data, job.model, job.train, job.augment, job.space, device=device)
+    session.resume(trainer)
+    result = trainer.run(_ReportingHooks(job, session))
+    return {"steps": result.steps, "epochs": result.epochs, "wall_s": result.wall_s}
+
+
+# -- on the driver -----------------------------------------------------------------------------------
+def backend_for(train: TrainConfig, backend: str = "auto") -> str:
+    if backend != "auto":
+        return backend
+    return "nccl" if train.gpus_per_worker > 0 else "gloo"
+
+
+def fit(
+    job: TrainingJob,
+    *,
+    name: str,
+    storage_path: str,
+    backend: str = "auto",
+    tune_callback: bool = False,
+) -> ray.train.Result:
+    """Run ``job`` on a ``TorchTrainer`` and wait for it.
+
+    Args:
+        job: what to train and where to track it.
+        name: the Ray Train run's name; the same name resumes the same run.
+        storage_path: where Ray Train keeps checkpoints (shared storage on a cluster).
+        backend: ``auto`` (NCCL with GPUs, else gloo), ``gloo`` or ``nccl``.
+        tune_callback: forward the reports to the enclosing Tune trial.
+
+    Raises:
+        AutoposeError: the run failed (with the worker's error, in one line).
+    """
+    train = job.train
+    if train.num_workers == 0:
+        scaling = ScalingConfig(num_workers=0)
+        callbacks = []
+    else:
+        resources = {"CPU": train.cpus_per_worker}
+        if train.gpus_per_worker > 0:
+            resources["GPU"] = train.gpus_per_worker
+        scaling = ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.gpus_per_worker > 0, resources_per_worker=resources
+        )
+        if tune_callback:
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            callbacks = [TuneReportCallback()]
+        else:
+            callbacks = []
+    if train.num_workers == 0 and not job.in_tune and job.checkpoint_dir is None:
+        job.checkpoint_dir = str(Path(storage_path) / name)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        torch_config=TorchConfig(backend=backend_for(train, backend)),
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+    )
+    try:
+        return trainer.fit()
+    except AutoposeError:
+        raise
+    except ray.train.TrainingFailedError as error:
+        raise AutoposeError(f"training run {name} failed: {_first_line(error)}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    for line in str(error).splitlines():
+        if line.strip() and not line.startswith("Traceback"):
+            return line.strip()[:300]
+    return type(error).__name__
+
+
+def resources_of(train: TrainConfig) -> tuple[float, float]:
+    """``(CPUs, GPUs)`` a run of ``train`` holds: what its cost is counted in."""
+    workers = max(train.num_workers, 1)
+    return train.cpus_per_worker * workers, train.gpus_per_worker * workers

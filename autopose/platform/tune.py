@@ -1,0 +1,387 @@
+"""``autopose search``: one Ray Tune experiment of policy-search trials beside baselines.
+
+Every trial trains the same model under the same budget (the config's
+``train`` section) and differs only in its augmentation: ``search`` trials
+learn a RelaxedPolicy with the bi-level step, baselines use random policies
+(one per seed), the hand-crafted recipe, none, and optionally RandAugment and
+TrivialAugment. Each trial is a small driver function that opens its MLflow run
+and builds a Ray Train ``TorchTrainer`` (:func:`autopose.platform.runner.fit`);
+Tune runs as many trials at once as the cluster's resources allow (or
+``tune.max_concurrent``) and ranks them by ``val_ap``.
+
+Resources: a trial with Ray Train workers holds almost nothing itself
+(0.01 CPU: Tune refuses 0) and its workers hold ``cpus_per_worker`` /
+``gpus_per_worker`` each; a trial with ``num_workers: 0`` trains in its own
+process and holds one worker's resources.
+
+Failures: a failed trial is retried ``tune.max_failures`` times and resumes from
+its latest checkpoint; ``--resume`` (:func:`run_search` with ``resume=True``)
+finishes an interrupted experiment with ``Tuner.restore(resume_errored=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.tune
+from ray.tune.search import ConcurrencyLimiter, Searcher
+
+from autopose.engine.config import AugmentSpec, to_plain
+from autopose.errors import AutoposeError
+from autopose.platform.cluster import ray_session
+from autopose.platform.config import ExperimentConfig
+from autopose.platform.runner import TrainingJob, fit, resources_of
+from autopose.platform.tracking import (
+    CONFIG_ARTIFACT,
+    TAG_KIND,
+    TAG_SEARCH,
+    TAG_SEED,
+    TAG_TRIAL,
+    TrackedRun,
+    check_tracking,
+    client,
+    ensure_experiment,
+    flatten,
+)
+
+METRIC, MODE = "val_ap", "max"
+RANGED = ("tau1", "tau2", "policy_lr")
+# Fault injection for tests and drills: "N" makes every trial fail once, right after the
+# checkpoint of epoch N (0-based), to show that the retry resumes instead of restarting.
+FAILURE_ENV = "AUTOPOSE_INJECT_FAILURE"
+
+
+@dataclass
+class TrialSetup:
+    """What every trial of one search shares (sent once through the object store)."""
+
+    experiment: ExperimentConfig
+    search_name: str
+    experiment_id: str
+    inject_failure_after_epoch: int | None = None
+
+
+@dataclass
+class TrialOutcome:
+    """One row of a finished search."""
+
+    trial_id: str
+    kind: str
+    seed: int
+    val_ap: float | None
+    status: str
+    run_id: str | None
+    error: str | None = None
+
+
+# -- the trial --------------------------------------------------------------------------------------------
+def trial_spec(config: dict[str, Any], experiment: ExperimentConfig) -> AugmentSpec:
+    """The augmentation of a trial from its Tune config (``{"trial": {kind, seed}, tau1…}``)."""
+    planned = config["trial"]
+    bilevel = None
+    if planned["kind"] == "search":
+        bilevel = experiment.search.resolved(**{name: config[name] for name in RANGED if name in config})
+    return AugmentSpec(kind=planned["kind"], seed=int(planned["seed"]), bilevel=bilevel)
+
+
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """The Tune trainable: open the trial's MLflow run, train on Ray Train, record the cost."""
+    experiment = setup.experiment
+    spec = trial_spec(config, experiment)
+    context = ray.tune.get_context()
+    trial_id = context.get_trial_id()
+    tags = {
+        TAG_TRIAL: f"{setup.search_name}/{trial_id}",
+        TAG_KIND: spec.kind,
+        TAG_SEED: str(spec.seed),
+        TAG_SEARCH: setup.search_name,
+    }
+    run = TrackedRun.open(
+        experiment.tracking_uri, setup.experiment_id, run_name=f"{spec.kind}-{spec.seed}", tags=tags
+    )
+    params = {
+        "kind": spec.kind,
+        "seed": spec.seed,
+        **flatten(to_plain(spec.bilevel) if spec.bilevel else {}, "search."),
+        **flatten(to_plain(experiment.model), "model."),
+        **flatten(to_plain(experiment.train), "train."),
+        **flatten(to_plain(experiment.data), "data."),
+        "space": experiment.space_dict.get("name", ""),
+    }
+    run.log_params(params)
+    run.log_yaml(experiment.to_dict(), CONFIG_ARTIFACT)
+    job = TrainingJob(
+        data=experiment.data,
+        model=experiment.model,
+        train=experiment.train,
+        augment=spec,
+        space=experiment.space_dict,
+        tracking_uri=experiment.tracking_uri,
+        run_id=run.run_id,
+        examples=experiment.examples,
+        title=f"{setup.search_name}: {spec.kind} (seed {spec.seed})",
+        in_tune=True,
+        inject_failure_after_epoch=setup.inject_failure_after_epoch,
+    )
+    started = time.perf_counter()
+    attempt = len(run.client.get_metric_history(run.run_id, "attempt_wall_s"))
+    try:
+        fit(
+            job,
+            name=f"{setup.search_name}-{trial_id}",
+            storage_path=str(Path(experiment.storage_path) / "train"),
+            tune_callback=True,
+        )
+    except BaseException:
+        run.log_metrics({"attempt_wall_s": time.perf_counter() - started}, step=attempt)
+        run.finish("FAILED")
+        raise
+    wall = time.perf_counter() - started
+    run.log_metrics({"attempt_wall_s": wall}, step=attempt)
+    total_wall = sum(m.value for m in run.client.get_metric_history(run.run_id, "attempt_wall_s"))
+    cpus, gpus = resources_of(experiment.train)
+    run.log_metrics(
+        {"trial_wall_s": total_wall, "cost_cpu_s": total_wall * cpus, "cost_gpu_s": total_wall * gpus},
+        step=experiment.train.epochs,
+    )
+    run.finish("FINISHED")
+
+
+# -- the trials' plan ---------------------------------------------------------------------------------------
+def planned_trials(experiment: ExperimentConfig) -> list[dict[str, Any]]:
+    return [{"kind": spec.kind, "seed": spec.seed} for spec in experiment.trial_plan()]
+
+
+class PlannedTrials(Searcher):
+    """The fixed trials first (baselines, and search trials without ranged values), then
+    ``count`` search trials whose ranged hyperparameters ``inner`` (Optuna) proposes.
+
+    Tune's searchers explore one space; a search here mixes fixed baselines with
+    tuned search trials, so this searcher hands out the fixed ones itself and asks
+    ``inner`` only for the rest (and tells it only of those).
+    """
+
+    def __init__(self, fixed: list[dict[str, Any]], inner: Searcher, count: int, seed_base: int):
+        super().__init__(metric=METRIC, mode=MODE)
+        self.fixed = list(fixed)
+        self.inner = inner
+        self.count = count
+        self.seed_base = seed_base
+        self.handed_out = 0
+        self.tuned = 0
+        self.inner_trials: set[str] = set()
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.handed_out < len(self.fixed):
+            self.handed_out += 1
+            return {"trial": self.fixed[self.handed_out - 1]}
+        if self.tuned >= self.count:
+            return Searcher.FINISHED
+        suggestion = self.inner.suggest(trial_id)
+        if suggestion is None or suggestion == Searcher.FINISHED:
+            return suggestion
+        self.inner_trials.add(trial_id)
+        self.tuned += 1
+        return {"trial": {"kind": "search", "seed": self.seed_base + self.tuned - 1}, **suggestion}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.inner_trials:
+            self.inner.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.inner_trials:
+            self.inner.on_trial_complete(trial_id, result=result, error=error)
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "fixed": self.fixed,
+            "count": self.count,
+            "seed_base": self.seed_base,
+            "handed_out": self.handed_out,
+            "tuned": self.tuned,
+            "inner_trials": sorted(self.inner_trials),
+            "inner": self.inner.get_state() if hasattr(self.inner, "get_state") else None,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.fixed, self.count, self.seed_base = state["fixed"], state["count"], state["seed_base"]
+        self.handed_out, self.tuned = state["handed_out"], state["tuned"]
+        self.inner_trials = set(state["inner_trials"])
+        if state.get("inner") is not None:
+            self.inner.set_state(state["inner"])
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as stream:
+            pickle.dump(self.get_state(), stream)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as stream:
+            self.set_state(pickle.load(stream))
+
+
+def _optuna_searcher(experiment: ExperimentConfig) -> Searcher:
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = {
+        name: ray.tune.loguniform(*getattr(experiment.search, name))
+        for name in RANGED
+        if experiment.search.is_range(name)
+    }
+    if not space:
+        raise AutoposeError(
+            "search_alg: optuna needs a [low, high] range in search.tau1, search.tau2 or search.policy_lr",
+            path=experiment.source,
+            field="tune.search_alg",
+        )
+    optuna = OptunaSearch(space=space, metric=METRIC, mode=MODE, seed=experiment.train.seed)
+    fixed = [p for p in planned_trials(experiment) if p["kind"] != "search"]
+    return PlannedTrials(fixed, optuna, experiment.search.trials, experiment.train.seed)
+
+
+def _trial_name(trial) -> str:
+    planned = trial.config.get("trial", {})
+    return f"{planned.get('kind', 'trial')}-{planned.get('seed', 0)}-{trial.trial_id}"
+
+
+def _trainable(setup: TrialSetup):
+    train = setup.experiment.train
+    if train.num_workers == 0:
+        resources = {"cpu": train.cpus_per_worker, "gpu": train.gpus_per_worker}
+    else:
+        resources = {"cpu": 0.01}  # the driver only waits; its Ray Train workers hold the resources
+    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), resources)
+
+
+def _tuner(setup: TrialSetup, path: str, *, resume: bool, verbose: int) -> ray.tune.Tuner:
+    experiment = setup.experiment
+    trainable = _trainable(setup)
+    if resume:
+        return ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    settings = experiment.tune
+    scheduler = None
+    if settings.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=experiment.train.epochs,
+            grace_period=min(settings.grace_period, experiment.train.epochs),
+            reduction_factor=settings.reduction_factor,
+        )
+    plan = planned_trials(experiment)
+    if settings.search_alg == "optuna":
+        search_alg = _optuna_searcher(experiment)
+        if settings.max_concurrent:
+            search_alg = ConcurrencyLimiter(search_alg, max_concurrent=settings.max_concurrent)
+        param_space: dict[str, Any] = {}
+        num_samples = len(plan)
+    else:
+        search_alg = None
+        param_space = {"trial": ray.tune.grid_search(plan)}
+        num_samples = 1
+    return ray.tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=ray.tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            search_alg=search_alg,
+            scheduler=scheduler,
+            num_samples=num_samples,
+            max_concurrent_trials=settings.max_concurrent,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+        ),
+        run_config=ray.tune.RunConfig(
+            name=setup.search_name,
+            storage_path=str(Path(experiment.storage_path) / "tune"),
+            failure_config=ray.tune.FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
+            verbose=verbose,
+        ),
+    )
+
+
+def run_search(
+    experiment: ExperimentConfig,
+    *,
+    name: str | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    verbose: int = 1,
+) -> list[TrialOutcome]:
+    """Run (or with ``resume`` finish) the search the config describes.
+
+    Args:
+        experiment: the loaded config (checked already: nothing below fails on it).
+        name: the MLflow experiment and Tune run name (default: the config's).
+        address: Ray address (default: the running Ray, ``$RAY_ADDRESS``, or a new local one).
+        resume: finish an interrupted search of the same name.
+        verbose: Tune's console output (0 silent, 1 the trial table).
+
+    Returns:
+        One :class:`TrialOutcome` per trial.
+
+    Raises:
+        AutoposeError: the tracking store is unreachable (before Ray starts), a
+            search of this name exists already (without ``resume``) or none does
+            (with it).
+    """
+    search_name = name or experiment.experiment
+    check_tracking(experiment.tracking_uri)
+    experiment_id = ensure_experiment(experiment.tracking_uri, search_name)
+    path = str(Path(experiment.storage_path) / "tune" / search_name)
+    failure = os.environ.get(FAILURE_ENV)
+    setup = TrialSetup(
+        experiment=experiment,
+        search_name=search_name,
+        experiment_id=experiment_id,
+        inject_failure_after_epoch=int(failure) if failure not in (None, "") else None,
+    )
+    with ray_session(address):
+        exists = ray.tune.Tuner.can_restore(path)
+        if resume and not exists:
+            raise AutoposeError(f"no search named {search_name!r} to resume in {path}", field="--resume")
+        if exists and not resume:
+            raise AutoposeError(
+                f"a search named {search_name!r} exists already in {path}: add --resume to finish it, "
+                "or choose another --experiment name",
+                field="--experiment",
+            )
+        results = _tuner(setup, path, resume=resume, verbose=verbose).fit()
+    return _outcomes(results, experiment, search_name, experiment_id)
+
+
+def _outcomes(
+    results, experiment: ExperimentConfig, search_name: str, experiment_id: str
+) -> list[TrialOutcome]:
+    runs = {
+        run.data.tags.get(TAG_TRIAL): run
+        for run in client(experiment.tracking_uri).search_runs(
+            [experiment_id], filter_string=f"tags.`{TAG_SEARCH}` = '{search_name}'", max_results=5000
+        )
+    }
+    outcomes = []
+    for result in results:
+        planned = result.config.get("trial", {})
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name.rsplit("-", 1)[-1]
+        run = runs.get(f"{search_name}/{trial_id}")
+        outcomes.append(
+            TrialOutcome(
+                trial_id=str(trial_id),
+                kind=planned.get("kind", "?"),
+                seed=int(planned.get("seed", 0)),
+                val_ap=metrics.get(METRIC),
+                status="ERROR" if result.error else "TERMINATED",
+                run_id=run.info.run_id if run is not None else None,
+                error=str(result.error).splitlines()[0][:200] if result.error else None,
+            )
+        )
+    return outcomes
