@@ -26,7 +26,7 @@ def keypoints_inside(draw):
     return (height, width), xy
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(case=keypoints_inside())
 def test_encode_then_decode_within_one_pixel(case):
     size, xy = case
