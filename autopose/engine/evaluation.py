@@ -73,6 +73,7 @@ def _is_number(value: Any) -> bool:
 
 
 def read_json(path: Path) -> Any:
+    """Parse a json file; a missing file or bad json is an :class:`AutoposeError` naming it."""
     if not path.is_file():
         raise AutoposeError("file not found", path=path)
     try:

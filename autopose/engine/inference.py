@@ -54,12 +54,15 @@ KEYPOINT_SCORE_THRESHOLD = 0.2
 OKS_NMS_THRESHOLD = 0.9
 
 # The flip test shifts the flipped-back heatmaps one heatmap pixel to the right, as
-# HRNet's reference code does. Why: the strided layers of a ResNet (and the nearest
-# upsampling after them) align heatmap pixel j with input pixel stride·j, the left
-# edge of its cell, not the cell's center that the codec assumes. The model learns
-# that offset for upright crops, but in a mirrored crop it is measured from the other
-# edge, so after flipping back the peaks sit (stride − 1) / stride = 0.75 heatmap
-# pixels too far left. One whole pixel is the nearest shift that does not resample.
+# HRNet's reference code does. Why: the strided layers of a ResNet (7×7/2 conv, 3×3/2
+# max pool, both padded to keep "same" size; nearest upsampling after them keeps it)
+# read heatmap pixel j at input pixel stride·j, the first pixel of its 4-pixel cell,
+# not at the cell's center. For upright crops the model learns that offset. In a
+# mirrored crop the grid starts from the other edge, so after flipping back pixel j
+# reads input pixel stride·j + (stride − 1): the peaks land (stride − 1) / stride =
+# 0.75 heatmap pixels too far left. One whole pixel is the nearest shift that needs
+# no resampling (it overshoots by 0.25, which the average with the upright pass
+# halves). tests/engine/test_inference.py checks the 0.75 on a ResNet stem.
 FLIP_SHIFT = 1
 
 
@@ -135,7 +138,8 @@ def predict_heatmaps(
     """The model's heatmaps for a batch of crops, with the flip test.
 
     Args:
-        model: returns ``B×K×h×w`` heatmaps (or a list whose last entry is).
+        model: returns ``B×K×h×w`` heatmaps (or a list whose last entry is); a
+            DistributedDataParallel / DataParallel wrapper is looked through.
         images: ``B×3×H×W`` float 0…1 (uint8 is scaled); moved to the model's device.
         flip_pairs: (left, right) joint index pairs.
         flip: average with the flipped-back heatmaps of the mirrored crops.
@@ -144,6 +148,10 @@ def predict_heatmaps(
     Returns:
         ``B×K×h×w`` float32 on the CPU.
     """
+    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        # The bare module: DDP's forward broadcasts buffers to every rank, and inference
+        # typically runs on rank 0 alone, where that collective would wait forever.
+        model = model.module
     if images.dtype == torch.uint8:
         images = images.float() / 255.0
     images = images.to(_model_device(model), torch.float32)

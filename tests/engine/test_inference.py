@@ -94,6 +94,30 @@ def test_shift_right_moves_by_one_column_and_repeats_the_edge():
     assert shift_right(heatmaps, 0) is heatmaps
 
 
+def test_a_resnet_stem_misaligns_mirrored_inputs_by_three_quarters_of_a_heatmap_pixel():
+    """Why the flip test shifts by one pixel: a stride-4 stem reads heatmap pixel j at input 4j."""
+    stem_conv = nn.Conv2d(1, 1, 7, stride=2, padding=3, bias=False)  # ResNet's conv1
+    with torch.no_grad():
+        stem_conv.weight.zero_()
+        stem_conv.weight[0, 0, 3, 3] = 1.0  # passes its center pixel through
+    stem = nn.Sequential(stem_conv, nn.MaxPool2d(3, stride=2, padding=1))
+    columns = torch.arange(48.0)
+
+    def centroid(heatmap: torch.Tensor) -> float:
+        row = heatmap[0, 0, 0]
+        return float((row * torch.arange(row.numel())).sum() / row.sum())
+
+    offsets, residuals = [], []
+    for x in np.arange(12.0, 36.0, 0.5):
+        image = torch.exp(-((columns - x) ** 2) / (2 * 3.0**2)).view(1, 1, 1, 48)  # a blob at x
+        with torch.no_grad():
+            upright, mirrored = stem(image), stem(image.flip(-1)).flip(-1)
+        offsets.append(centroid(mirrored) - centroid(upright))
+        residuals.append(centroid(shift_right(mirrored, 1)) - centroid(upright))
+    assert np.mean(offsets) == pytest.approx(-0.75, abs=0.02)  # flipped back: 0.75 px to the left
+    assert np.mean(residuals) == pytest.approx(0.25, abs=0.02)  # shifted: a quarter pixel the other way
+
+
 def test_predict_heatmaps_averages_the_flipped_back_pass_and_restores_the_mode(small_model):
     images = torch.rand(2, 3, *SMALL, generator=torch.Generator().manual_seed(2))
     small_model.train()
@@ -107,6 +131,8 @@ def test_predict_heatmaps_averages_the_flipped_back_pass_and_restores_the_mode(s
     expected = 0.5 * (plain + shift_right(flip_back(mirrored, COCO_FLIP_PAIRS), 1))
     torch.testing.assert_close(flipped, expected)
     torch.testing.assert_close(predict_heatmaps(small_model, images, flip=False), plain)
+    wrapped = nn.DataParallel(small_model)  # wrappers are looked through
+    torch.testing.assert_close(predict_heatmaps(wrapped, images, flip=False), plain)
 
 
 # -- person score and OKS-NMS -----------------------------------------------------------------
