@@ -137,19 +137,61 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 # -- platform -----------------------------------------------------------------------
 def _search(args: argparse.Namespace) -> int:
-    raise NotImplementedError("search")
+    from autopose.platform.config import load_experiment
+
+    experiment = load_experiment(args.config)  # every check happens here, before Ray starts
+    from autopose.platform.compare import collect, format_table
+    from autopose.platform.tune import run_search
+
+    name = args.experiment or experiment.experiment
+    outcomes = run_search(experiment, name=args.experiment, address=args.address, resume=args.resume)
+    _, rows = collect(experiment.tracking_uri, name, search=name)
+    print(format_table(name, rows))
+    failed = [o for o in outcomes if o.status != "TERMINATED"]
+    for outcome in failed:
+        print(f"autopose: trial {outcome.kind}-{outcome.seed} failed: {outcome.error}", file=sys.stderr)
+    print(f"MLflow: mlflow ui --backend-store-uri {experiment.tracking_uri} --host 127.0.0.1")
+    print(f"promote the best: autopose promote {rows[0].run_id}")
+    return 1 if failed else 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    raise NotImplementedError("compare")
+    from autopose.platform.compare import collect, format_table, plot
+    from autopose.platform.config import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    name, rows = collect(uri, args.experiment)
+    print(format_table(name, rows))
+    if args.plot is not None:
+        print(f"plot: {plot(name, rows, args.plot)}")
+    return 0
+
+
+def _print_training(outcome) -> None:
+    ap = outcome.metrics.get("final_val_ap")
+    print(f"full training run {outcome.run_id}: val AP {ap:.4f}" if ap is not None else outcome.run_id)
+    print(f"checkpoint: {outcome.checkpoint}")
+    print(f"model: {outcome.registered_model} version {outcome.model_version} (alias {outcome.alias!r})")
 
 
 def _promote(args: argparse.Namespace) -> int:
-    raise NotImplementedError("promote")
+    from autopose.platform.config import load_experiment
+
+    config = load_experiment(args.config) if args.config is not None else None
+    from autopose.platform.promote import promote
+
+    _print_training(promote(args.run_id, config=config, tracking_uri=args.tracking_uri, address=args.address))
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    raise NotImplementedError("train")
+    from autopose.platform.config import load_experiment
+
+    experiment = load_experiment(args.config)
+    from autopose.platform.train import run_training
+
+    _print_training(run_training(experiment, args.policy, address=args.address))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -1,0 +1,171 @@
+"""``autopose compare``: the searched policies beside the baselines, read back from MLflow."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from autopose.errors import AutoposeError
+from autopose.platform.tracking import (
+    SEARCH_KINDS,
+    TAG_KIND,
+    TAG_PROMOTED,
+    TAG_SEARCH,
+    TAG_SEED,
+    check_tracking,
+    client,
+)
+
+
+@dataclass
+class PolicyRow:
+    """One trial of a search, as ``compare`` shows it."""
+
+    kind: str
+    seed: int
+    val_ap: float | None
+    cost_cpu_s: float | None
+    cost_gpu_s: float | None
+    run_id: str
+    status: str
+    search: str
+    promoted: bool
+
+
+def _latest_experiment(tracking_uri: str) -> str:
+    """The experiment whose autopose trial ran last (what ``compare`` shows by default)."""
+    mlflow_client = client(tracking_uri)
+    experiments = {e.experiment_id: e.name for e in mlflow_client.search_experiments()}
+    if not experiments:
+        raise AutoposeError(f"no MLflow experiments in {tracking_uri}", field="--experiment")
+    runs = mlflow_client.search_runs(
+        list(experiments),
+        filter_string=f"tags.`{TAG_KIND}` != ''",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        raise AutoposeError(
+            f"no autopose runs in {tracking_uri}: run `autopose search` first", field="--experiment"
+        )
+    return experiments[runs[0].info.experiment_id]
+
+
+def collect(
+    tracking_uri: str, experiment: str | None = None, *, search: str | None = None
+) -> tuple[str, list[PolicyRow]]:
+    """The trials of an MLflow experiment (default: the latest one with autopose runs).
+
+    Args:
+        tracking_uri: the MLflow tracking URI.
+        experiment: the experiment name.
+        search: keep only the trials of this Tune search (default: all in the experiment).
+
+    Returns:
+        ``(experiment name, rows)``, rows best ``val_ap`` first.
+
+    Raises:
+        AutoposeError: unreachable tracking store, unknown experiment, no trials.
+    """
+    check_tracking(tracking_uri)
+    name = experiment or _latest_experiment(tracking_uri)
+    mlflow_client = client(tracking_uri)
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is None:
+        raise AutoposeError(f"no MLflow experiment named {name!r} in {tracking_uri}", field="--experiment")
+    rows = []
+    for run in mlflow_client.search_runs([found.experiment_id], max_results=5000):
+        tags, metrics = run.data.tags, run.data.metrics
+        kind = tags.get(TAG_KIND)
+        if kind not in SEARCH_KINDS or (search is not None and tags.get(TAG_SEARCH) != search):
+            continue
+        rows.append(
+            PolicyRow(
+                kind=kind,
+                seed=int(tags.get(TAG_SEED, 0)),
+                val_ap=metrics.get("val_ap"),
+                cost_cpu_s=metrics.get("cost_cpu_s"),
+                cost_gpu_s=metrics.get("cost_gpu_s"),
+                run_id=run.info.run_id,
+                status=run.info.status,
+                search=tags.get(TAG_SEARCH, ""),
+                promoted=tags.get(TAG_PROMOTED) == "true",
+            )
+        )
+    if not rows:
+        raise AutoposeError(f"experiment {name!r} holds no search or baseline runs", field="--experiment")
+    rows.sort(key=lambda r: (-(r.val_ap if r.val_ap is not None else -math.inf), r.kind, r.seed))
+    return name, rows
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def format_table(name: str, rows: list[PolicyRow]) -> str:
+    """A plain-text table: kind, seed, val AP, cost, status, run id."""
+    header = ("kind", "seed", "val AP", "CPU-s", "GPU-s", "status", "run id")
+    lines = [
+        (
+            r.kind + (" *" if r.promoted else ""),
+            str(r.seed),
+            _number(r.val_ap, 4),
+            _number(r.cost_cpu_s, 1),
+            _number(r.cost_gpu_s, 1),
+            r.status,
+            r.run_id,
+        )
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+
+    def render(cells) -> str:
+        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+
+    body = [render(header), render(["-" * w for w in widths]), *(render(line) for line in lines)]
+    note = "  (* promoted)" if any(r.promoted for r in rows) else ""
+    return f"experiment {name}: {len(rows)} runs, best val AP first{note}\n" + "\n".join(body)
+
+
+def plot(name: str, rows: list[PolicyRow], out: str | Path) -> Path:
+    """A PNG of val AP by policy kind: every seed a dot (labelled), the mean a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [kind for kind in SEARCH_KINDS if any(r.kind == kind for r in rows)]
+    figure, axis = plt.subplots(figsize=(1.3 * len(kinds) + 2.5, 3.6))
+    for x, kind in enumerate(kinds):
+        scores = [(r.seed, r.val_ap) for r in rows if r.kind == kind and r.val_ap is not None]
+        if not scores:
+            continue
+        values = [v for _, v in scores]
+        axis.bar(x, sum(values) / len(values), width=0.6, color="#c6dbef", edgecolor="#6baed6", zorder=1)
+        spread = 0.25
+        for i, (seed, value) in enumerate(sorted(scores)):
+            offset = 0.0 if len(scores) == 1 else -spread + 2 * spread * i / (len(scores) - 1)
+            axis.scatter(x + offset, value, color="#08519c", s=18, zorder=2)
+            axis.annotate(
+                f"s{seed}", (x + offset, value), fontsize=6, xytext=(2, 2), textcoords="offset points"
+            )
+    axis.set_xticks(range(len(kinds)), kinds)
+    axis.set_ylabel("val OKS AP")
+    axis.set_title(f"{name}: val AP by policy kind (dots: seeds, bars: mean)", fontsize=9)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise AutoposeError("folder does not exist", path=out.parent, field="--plot")
+    handle, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
+    os.close(handle)
+    try:
+        figure.savefig(temporary, dpi=150)
+        os.replace(temporary, out)
+    finally:
+        plt.close(figure)
+        Path(temporary).unlink(missing_ok=True)
+    return out
