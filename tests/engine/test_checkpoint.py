@@ -15,13 +15,20 @@ from autopose.errors import AutoposeError
 from autopose.models import build_model
 
 INPUT_SIZE = (64, 48)
+# A narrow P2Net-R18 without APM: quick, and its parameter names differ from the default's, so a
+# round trip that dropped model_kwargs would fail to load.
+MODEL_KWARGS = {
+    "use_apm": False,
+    "pyramid_channels": 32,
+    "parallel_channels": (16, 16, 16, 16),
+    "refine_channels": 16,
+}
 
 
 @pytest.fixture(scope="module")
 def small_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    # use_apm=False changes the parameter names: a round trip that dropped model_kwargs would fail.
-    return build_model("p2net_r18", num_joints=17, input_size=INPUT_SIZE, use_apm=False).eval()
+    return build_model("p2net_r18", num_joints=17, input_size=INPUT_SIZE, **MODEL_KWARGS).eval()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +50,7 @@ def saved(small_model, tmp_path_factory):
         keypoint_names=COCO_KEYPOINTS,
         flip_pairs=COCO_FLIP_PAIRS,
         dataset="coco",
-        model_kwargs={"use_apm": False},
+        model_kwargs=MODEL_KWARGS,
         extra={"epoch": 3, "optimizer": optimizer.state_dict(), "best_ap": 0.25},
     )
     return path, optimizer
@@ -55,7 +62,7 @@ def test_round_trip_rebuilds_the_same_model(small_model, saved):
     assert meta["arch"] == "p2net_r18" and meta["num_joints"] == 17 and meta["input_size"] == INPUT_SIZE
     assert meta["keypoint_names"] == list(COCO_KEYPOINTS)
     assert meta["flip_pairs"] == [list(p) for p in COCO_FLIP_PAIRS]
-    assert meta["dataset"] == "coco" and meta["model_kwargs"] == {"use_apm": False}
+    assert meta["dataset"] == "coco" and meta["model_kwargs"] == MODEL_KWARGS
     assert not model.training
     images = torch.rand(2, 3, *INPUT_SIZE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -173,6 +180,24 @@ def test_weights_of_another_architecture_list_the_mismatched_keys(saved, tmp_pat
         load_model(other)
     assert caught.value.path == str(other) and caught.value.field == "state_dict"
     assert "98 missing (refine." in caught.value.message  # the Attention Partial Modules' weights
+
+    # Same names, other shapes: the heads of a 17-joint model in a checkpoint that says 16.
+    torch.save(
+        {
+            "format": "autopose.checkpoint/1",
+            "state_dict": state_dict,
+            "meta": {
+                "arch": "p2net_r18",
+                "num_joints": 16,
+                "input_size": [64, 48],
+                "model_kwargs": MODEL_KWARGS,
+            },
+        },
+        other,
+    )
+    with pytest.raises(AutoposeError, match="size mismatch") as caught:
+        load_model(other)
+    assert caught.value.path == str(other) and caught.value.field == "state_dict"
 
 
 def test_bad_checkpoint_through_the_cli_exits_2(saved, tmp_path, coco_ann, coco_images, capsys):

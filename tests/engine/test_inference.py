@@ -48,12 +48,14 @@ from autopose.engine.inference import (
 from autopose.models import build_model
 
 SMALL = (64, 48)
+# A narrow P2Net-R18 (a third of the default's compute): random weights, tests only need it to run.
+NARROW = {"pyramid_channels": 32, "parallel_channels": (16, 16, 16, 16), "refine_channels": 16}
 
 
 @pytest.fixture(scope="module")
 def small_model() -> nn.Module:
     torch.manual_seed(0)
-    return build_model("p2net_r18", num_joints=17, input_size=SMALL)
+    return build_model("p2net_r18", num_joints=17, input_size=SMALL, **NARROW)
 
 
 # -- flip test ------------------------------------------------------------------------------
@@ -337,6 +339,7 @@ def test_evaluate_cli_runs_a_checkpoint_on_detections_and_on_mpii(
         num_joints=17,
         input_size=SMALL,
         flip_pairs=COCO_FLIP_PAIRS,
+        model_kwargs=NARROW,
     )
     out = tmp_path / "results.json"
     dets = tmp_path / "dets.json"  # a few detections per image keep the test quick
@@ -366,9 +369,14 @@ def test_evaluate_cli_runs_a_checkpoint_on_detections_and_on_mpii(
     )
     assert "16" in capsys.readouterr().err
     torch.manual_seed(0)
-    mpii_model = build_model("p2net_r18", num_joints=16, input_size=SMALL)
+    mpii_model = build_model("p2net_r18", num_joints=16, input_size=SMALL, **NARROW)
     mpii_checkpoint = save_checkpoint(
-        tmp_path / "mpii.pth", mpii_model, arch="p2net_r18", num_joints=16, input_size=SMALL
+        tmp_path / "mpii.pth",
+        mpii_model,
+        arch="p2net_r18",
+        num_joints=16,
+        input_size=SMALL,
+        model_kwargs=NARROW,
     )
     argv = [
         "evaluate",
