@@ -39,3 +39,44 @@ def mpii_ann() -> Path:
 @pytest.fixture(scope="session")
 def mpii_images() -> Path:
     return MPII_SAMPLES
+
+
+# -- the platform's shared fixtures: a tiny synthetic dataset and one Ray instance -------------
+SMOKE_INPUT = (64, 48)
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory) -> dict[str, Path]:
+    """A small synthetic train/val split (val rotated and darker) as 64×48 Parquet proxies."""
+    from autopose.data import build_proxy
+    from autopose.data.synth import generate_synth
+
+    root = tmp_path_factory.mktemp("smoke-data")
+    generate_synth(root, images=16, val_images=6, seed=0, shift="rotate=45,brightness=0.5", progress=False)
+    paths = {}
+    for split in ("train", "val"):
+        out = root / f"{split}.parquet"
+        build_proxy(
+            root / split / "annotations.json",
+            root / split / "images",
+            out,
+            input_size=SMOKE_INPUT,
+            progress=False,
+        )
+        paths[split] = out
+    return paths
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session (starting Ray costs 10–25 s here).
+
+    Two CPUs, the dashboard on 127.0.0.1 (Ray Train V2 leaks placement groups
+    without it). Tests that need a Ray of their own (``ray start``, a multi-node
+    ``Cluster``) run it in a subprocess with its own ports and folder.
+    """
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -526,7 +526,7 @@ class Trainer:
                 losses = self._search_step(images, keypoints, visibility)
             else:
                 losses = self._plain_step(images, keypoints, visibility)
-            if not all(math.isfinite(v) for v in losses.values()):
+            if not all(math.isfinite(v) for k, v in losses.items() if k.endswith("_loss")):
                 raise FloatingPointError(f"loss is not finite at step {self.step}: {losses}")
             self.step += 1
             count += 1

@@ -1,0 +1,158 @@
+"""The training loop without Ray: steps, metrics, hooks, resume, DDP on gloo."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from autopose.engine.checkpoint import load_model
+from autopose.engine.config import AugmentSpec, BilevelConfig, DataConfig, ModelConfig, TrainConfig
+from autopose.engine.train import EpochReport, Trainer, TrainHooks
+from autopose.errors import AutoposeError
+
+TINY = {
+    "pyramid_channels": 16,
+    "parallel_channels": (16, 16, 16, 16),
+    "parallel_stages": 1,
+    "refine_channels": 16,
+    "refine_blocks": (1, 1, 1, 1),
+}
+SPACE = {
+    "name": "tiny",
+    "num_sub_policies": 2,
+    "ops_per_sub_policy": 1,
+    "ops": {"Rotate": [-45.0, 45.0], "Brightness": [0.1, 1.9], "Cutout": [0.0, 0.5]},
+}
+
+
+def configs(data: dict[str, Path], **train) -> tuple[DataConfig, ModelConfig, TrainConfig]:
+    settings = {"epochs": 2, "steps_per_epoch": 2, "batch_size": 4, "threads_per_worker": 1, "ohkm_topk": 4}
+    settings.update(train)
+    return (
+        DataConfig(train=str(data["train"]), val=str(data["val"])),
+        ModelConfig(arch="p2net_r18", input_size=(64, 48), options=dict(TINY)),
+        TrainConfig(**settings),
+    )
+
+
+class Recorder(TrainHooks):
+    def __init__(self):
+        self.reports: list[EpochReport] = []
+
+    def on_epoch_end(self, report: EpochReport, trainer: Trainer) -> None:
+        self.reports.append(report)
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.net.state_dict().items()}
+
+
+def test_counts_steps_reports_every_epoch_and_scores_ap(smoke_data):
+    data, model, train = configs(smoke_data, epochs=3)
+    trainer = Trainer(data, model, train, AugmentSpec(kind="handcrafted", seed=0), SPACE)
+    hooks = Recorder()
+    result = trainer.run(hooks)
+    assert result.steps == 3 * 2 == trainer.step
+    assert [r.epoch for r in hooks.reports] == [0, 1, 2]
+    assert [r.is_last for r in hooks.reports] == [False, False, True]
+    assert [r.step for r in hooks.reports] == [2, 4, 6]
+    for report in hooks.reports:
+        assert 0.0 <= report.metrics["val_ap"] <= 1.0
+        assert math.isfinite(report.metrics["train_loss"]) and report.metrics["train_loss"] > 0
+    assert trainer.policy_document()["kind"] == "handcrafted"
+
+
+@pytest.mark.parametrize("kind", ["random", "search"])
+def test_resumed_run_matches_the_uninterrupted_one(smoke_data, tmp_path, kind):
+    """Epoch 1 from the checkpoint of epoch 0 = epoch 1 of a run that never stopped:
+    same optimizer-step count, same weights, same policy, same metrics."""
+    bilevel = BilevelConfig(policy_lr=0.05)
+    spec = AugmentSpec(kind=kind, seed=3, bilevel=bilevel if kind == "search" else None)
+    steps = 1 if kind == "search" else 2  # the bi-level step costs about five plain ones
+    data, model, train = configs(smoke_data, steps_per_epoch=steps)
+
+    straight = Trainer(data, model, train, spec, SPACE)
+    straight.run()
+
+    first = Trainer(data, model, train, spec, SPACE)
+    first.run(epochs=1)
+    assert first.step == steps and first.epoch == 1
+    first.save(tmp_path / "checkpoint.pt")
+    resumed = Trainer(data, model, train, spec, SPACE)
+    resumed.load(tmp_path / "checkpoint.pt")
+    assert (resumed.step, resumed.epoch) == (steps, 1)
+    resumed.run()
+
+    assert resumed.step == straight.step == 2 * steps
+    for name, value in weights(straight).items():
+        torch.testing.assert_close(weights(resumed)[name], value, msg=name)
+    assert resumed.policy_document() == straight.policy_document()
+    assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"])
+    if kind == "search":
+        probabilities = [v for k, v in resumed.policy_metrics().items() if k.startswith("op_prob/")]
+        assert sum(probabilities) == pytest.approx(1.0)
+        assert resumed.history[-1]["val_loss"] > 0
+
+
+def test_checkpoint_is_an_ordinary_model_checkpoint(smoke_data, tmp_path):
+    data, model, train = configs(smoke_data, epochs=1, steps_per_epoch=1)
+    trainer = Trainer(data, model, train, AugmentSpec(kind="none"), SPACE)
+    trainer.run()
+    path = trainer.save(tmp_path / "c.pt")
+    net, meta = load_model(path)
+    assert meta["arch"] == "p2net_r18" and meta["input_size"] == (64, 48)
+    assert meta["extra"]["training_state"]["step"] == 1
+    assert net(torch.rand(1, 3, 64, 48)).shape == (1, 17, 16, 12)
+
+
+def test_model_input_must_match_the_proxy(smoke_data):
+    data, model, train = configs(smoke_data)
+    model.input_size = (128, 96)
+    with pytest.raises(AutoposeError, match="64x48") as error:
+        Trainer(data, model, train, AugmentSpec(kind="none"), SPACE)
+    assert error.value.field == "model.input_size"
+
+
+def _ddp_worker(rank: int, world: int, store: str, data: dict, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        data_config, model, train = configs(data, epochs=1, steps_per_epoch=2)
+        trainer = Trainer(data_config, model, train, AugmentSpec(kind="random", seed=0), SPACE)
+        trainer.sampler.set_epoch(0)
+        shard = list(iter(trainer.sampler))
+        result = trainer.run()
+        # parameters only: BatchNorm's running statistics follow each rank's own batches
+        checksum = float(sum(p.detach().double().sum() for p in trainer.net.parameters()))
+        Path(out, f"rank{rank}.json").write_text(
+            json.dumps(
+                {
+                    "ddp": isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel),
+                    "shard": shard,
+                    "steps": result.steps,
+                    "val_ap": result.history[-1]["val_ap"],
+                    "checksum": checksum,
+                }
+            )
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_on_gloo_shards_the_data_and_keeps_the_ranks_in_step(smoke_data, tmp_path):
+    data = {k: str(v) for k, v in smoke_data.items()}
+    # fork: the test module is not importable by name in a spawned child (importlib import mode)
+    args = (2, str(tmp_path / "store"), data, str(tmp_path))
+    mp.start_processes(_ddp_worker, args=args, nprocs=2, join=True, start_method="fork")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["ddp"] for r in ranks)
+    assert not set(ranks[0]["shard"]) & set(ranks[1]["shard"])
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 2
+    assert ranks[0]["val_ap"] == ranks[1]["val_ap"]  # rank 0 scores, every rank reports it
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6)  # DDP kept them equal
