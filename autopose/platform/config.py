@@ -220,6 +220,19 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri
 
 
+def storage_location(value: str | None) -> str:
+    """Where checkpoints and Tune state go: a local folder (made absolute; default
+    ``./runs``) or a URI Ray's storage understands (``s3://…``, ``gs://…``) kept as is."""
+    if value and "://" in value:
+        return value.rstrip("/")
+    return absolute_path(value or "runs")
+
+
+def storage_join(base: str, *parts: str) -> str:
+    """``base/part/…`` for local folders and URIs alike (``Path`` would fold ``s3://``)."""
+    return "/".join([base.rstrip("/"), *parts])
+
+
 def load_space_mapping(space: str | dict[str, Any], *, path: str | Path | None) -> dict[str, Any]:
     """The search space as a plain mapping, checked by the augment layer's own loader
     (unknown ops and keys are named with the file and field)."""
@@ -259,7 +272,7 @@ def load_experiment(
     config = build_dataclass(ExperimentConfig, data, path=path)
     config.source = str(Path(path).absolute()) if path is not None else None
     config.tracking_uri = resolve_tracking_uri(config.tracking_uri)
-    config.storage_path = absolute_path(config.storage_path or "runs")
+    config.storage_path = storage_location(config.storage_path)
     if not config.experiment.strip():
         raise AutoposeError("must not be empty", path=path, field="experiment")
     if config.examples < 0:
@@ -277,7 +290,7 @@ def experiment_from_dict(data: dict[str, Any]) -> ExperimentConfig:
         ExperimentConfig, {k: v for k, v in data.items() if k not in ("source", "space_dict")}, path=None
     )
     config.tracking_uri = resolve_tracking_uri(config.tracking_uri)
-    config.storage_path = absolute_path(config.storage_path or "runs")
+    config.storage_path = storage_location(config.storage_path)
     config.space_dict = load_space_mapping(space, path=None) if space is not None else {}
     return config
 

@@ -43,6 +43,7 @@ TAG_TRIAL = "autopose.trial"
 TAG_PARENT = "autopose.parent_run"
 TAG_PROMOTED = "autopose.promoted"
 TAG_SEARCH = "autopose.search"  # the Tune experiment (search) a run belongs to
+TAG_NODE = "autopose.node"  # the Ray node a trial ran on
 MLFLOW_PARENT = "mlflow.parentRunId"
 POLICY_ARTIFACT = "policy/policy.json"
 EXAMPLES_ARTIFACT = "policy/examples.png"

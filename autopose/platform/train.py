@@ -11,9 +11,11 @@ under ``full_train.registered_model`` with the alias ``full_train.alias``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from typing import Any
 from autopose.engine.config import AugmentSpec, to_plain
 from autopose.errors import AutoposeError
 from autopose.platform.cluster import ray_session
-from autopose.platform.config import BASELINE_KINDS, ExperimentConfig
+from autopose.platform.config import BASELINE_KINDS, ExperimentConfig, storage_join
 from autopose.platform.runner import CHECKPOINT_FILE, TrainingJob, fit, resources_of
 from autopose.platform.tracking import (
     CONFIG_ARTIFACT,
@@ -44,7 +46,7 @@ class TrainingOutcome:
     """What a full training produced."""
 
     run_id: str
-    checkpoint: Path
+    checkpoint: str
     metrics: dict[str, float]
     model_uri: str
     model_version: str
@@ -152,20 +154,21 @@ def run_training(
         examples=experiment.examples,
         title=f"{experiment_name}: full training ({tags['autopose.policy']})",
     )
-    storage = str(Path(experiment.storage_path) / "full-train")
+    storage = storage_join(experiment.storage_path, "full-train")
     run_name = f"{experiment_name}-{key}"
     started = time.perf_counter()
     try:
         with ray_session(address):
             result = fit(job, name=run_name, storage_path=storage, backend=experiment.full_train.backend)
-        checkpoint = _final_checkpoint(result, job)
-        metrics = _evaluate(checkpoint, experiment)
+        with _local_checkpoint(result, job) as local:
+            metrics = _evaluate(local, experiment)
+            model_uri, version = _register(local, experiment, run.run_id)
+        checkpoint = _checkpoint_location(result, job)
         wall = time.perf_counter() - started
         cpus, gpus = resources_of(train)
         metrics.update({"trial_wall_s": wall, "cost_cpu_s": wall * cpus, "cost_gpu_s": wall * gpus})
         run.log_metrics(metrics, step=train.epochs)
-        run.set_tags({"autopose.checkpoint": str(checkpoint)})
-        model_uri, version = _register(checkpoint, experiment, run.run_id)
+        run.set_tags({"autopose.checkpoint": checkpoint})
     except BaseException:
         run.finish("FAILED")
         raise
@@ -181,14 +184,28 @@ def run_training(
     )
 
 
-def _final_checkpoint(result, job: TrainingJob) -> Path:
+def _checkpoint_location(result, job: TrainingJob) -> str:
+    """Where the final checkpoint lives (a local path or a storage URI)."""
     if result.checkpoint is not None:
-        path = Path(result.checkpoint.path) / CHECKPOINT_FILE
-    else:  # in-process runs keep their checkpoint file themselves
+        return f"{result.checkpoint.path.rstrip('/')}/{CHECKPOINT_FILE}"
+    return str(Path(job.checkpoint_dir or "") / CHECKPOINT_FILE)
+
+
+@contextlib.contextmanager
+def _local_checkpoint(result, job: TrainingJob) -> Iterator[Path]:
+    """The final checkpoint as a local file (downloaded for the time of the block when the
+    storage is remote). In-process runs keep their checkpoint file themselves."""
+    if result.checkpoint is None:
         path = Path(job.checkpoint_dir or "") / CHECKPOINT_FILE
-    if not path.is_file():
-        raise AutoposeError("training finished without a checkpoint", path=path)
-    return path
+        if not path.is_file():
+            raise AutoposeError("training finished without a checkpoint", path=path)
+        yield path
+        return
+    with result.checkpoint.as_directory() as folder:
+        path = Path(folder) / CHECKPOINT_FILE
+        if not path.is_file():
+            raise AutoposeError("training finished without a checkpoint", path=result.checkpoint.path)
+        yield path
 
 
 def _evaluate(checkpoint: Path, experiment: ExperimentConfig) -> dict[str, float]:

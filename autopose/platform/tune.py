@@ -35,11 +35,12 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from autopose.engine.config import AugmentSpec, to_plain
 from autopose.errors import AutoposeError
 from autopose.platform.cluster import ray_session
-from autopose.platform.config import ExperimentConfig
+from autopose.platform.config import ExperimentConfig, storage_join
 from autopose.platform.runner import TrainingJob, fit, resources_of
 from autopose.platform.tracking import (
     CONFIG_ARTIFACT,
     TAG_KIND,
+    TAG_NODE,
     TAG_SEARCH,
     TAG_SEED,
     TAG_TRIAL,
@@ -101,6 +102,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         TAG_KIND: spec.kind,
         TAG_SEED: str(spec.seed),
         TAG_SEARCH: setup.search_name,
+        TAG_NODE: ray.get_runtime_context().get_node_id(),  # where the trial's driver ran
     }
     run = TrackedRun.open(
         experiment.tracking_uri, setup.experiment_id, run_name=f"{spec.kind}-{spec.seed}", tags=tags
@@ -135,7 +137,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         fit(
             job,
             name=f"{setup.search_name}-{trial_id}",
-            storage_path=str(Path(experiment.storage_path) / "train"),
+            storage_path=storage_join(experiment.storage_path, "train"),
             tune_callback=True,
         )
     except BaseException:
@@ -300,7 +302,7 @@ def _tuner(setup: TrialSetup, path: str, *, resume: bool, verbose: int) -> ray.t
         ),
         run_config=ray.tune.RunConfig(
             name=setup.search_name,
-            storage_path=str(Path(experiment.storage_path) / "tune"),
+            storage_path=storage_join(experiment.storage_path, "tune"),
             failure_config=ray.tune.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
             verbose=verbose,
@@ -336,7 +338,7 @@ def run_search(
     search_name = name or experiment.experiment
     check_tracking(experiment.tracking_uri)
     experiment_id = ensure_experiment(experiment.tracking_uri, search_name)
-    path = str(Path(experiment.storage_path) / "tune" / search_name)
+    path = storage_join(experiment.storage_path, "tune", search_name)
     failure = os.environ.get(FAILURE_ENV)
     setup = TrialSetup(
         experiment=experiment,
