@@ -201,6 +201,7 @@ class PlannedTrials(Searcher):
             self.inner.on_trial_complete(trial_id, result=result, error=error)
 
     def get_state(self) -> dict[str, Any]:
+        """This searcher's own bookkeeping (the inner searcher saves itself beside it)."""
         return {
             "fixed": self.fixed,
             "count": self.count,
@@ -208,21 +209,20 @@ class PlannedTrials(Searcher):
             "handed_out": self.handed_out,
             "tuned": self.tuned,
             "inner_trials": sorted(self.inner_trials),
-            "inner": self.inner.get_state() if hasattr(self.inner, "get_state") else None,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.fixed, self.count, self.seed_base = state["fixed"], state["count"], state["seed_base"]
         self.handed_out, self.tuned = state["handed_out"], state["tuned"]
         self.inner_trials = set(state["inner_trials"])
-        if state.get("inner") is not None:
-            self.inner.set_state(state["inner"])
 
     def save(self, checkpoint_path: str) -> None:
+        self.inner.save(f"{checkpoint_path}.inner")
         with open(checkpoint_path, "wb") as stream:
             pickle.dump(self.get_state(), stream)
 
     def restore(self, checkpoint_path: str) -> None:
+        self.inner.restore(f"{checkpoint_path}.inner")
         with open(checkpoint_path, "rb") as stream:
             self.set_state(pickle.load(stream))
 
@@ -241,7 +241,9 @@ def _optuna_searcher(experiment: ExperimentConfig) -> Searcher:
             path=experiment.source,
             field="tune.search_alg",
         )
-    optuna = OptunaSearch(space=space, metric=METRIC, mode=MODE, seed=experiment.train.seed)
+    optuna = OptunaSearch(
+        space=OptunaSearch.convert_search_space(space), metric=METRIC, mode=MODE, seed=experiment.train.seed
+    )
     fixed = [p for p in planned_trials(experiment) if p["kind"] != "search"]
     return PlannedTrials(fixed, optuna, experiment.search.trials, experiment.train.seed)
 

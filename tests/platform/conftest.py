@@ -1,0 +1,48 @@
+"""Fixtures of the platform tests: the smoke experiment pointed at temporary data and stores."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = REPO / "search_spaces" / "smoke.yaml"
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "space":
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@pytest.fixture
+def smoke_config(smoke_data, tmp_path) -> Callable[..., Path]:
+    """Write search_spaces/smoke.yaml with its data, MLflow database and storage in ``folder``
+    (default: the test's tmp_path), plus ``overrides``; returns the file."""
+
+    def write(overrides: dict[str, Any] | None = None, folder: Path | None = None) -> Path:
+        folder = folder or tmp_path
+        folder.mkdir(parents=True, exist_ok=True)
+        config = yaml.safe_load(SMOKE.read_text())
+        config = _merge(
+            config,
+            {
+                "data": {"train": str(smoke_data["train"]), "val": str(smoke_data["val"])},
+                "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
+                "storage_path": str(folder / "runs"),
+            },
+        )
+        config = _merge(config, overrides or {})
+        path = folder / "experiment.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    return write

@@ -1,0 +1,164 @@
+"""The experiment config: strict checks before anything starts, and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from autopose.errors import AutoposeError
+from autopose.platform.config import (
+    experiment_from_dict,
+    load_experiment,
+    resolve_tracking_uri,
+    storage_join,
+)
+from autopose.platform.tracking import check_tracking
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def edit(path: Path, change) -> Path:
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_smoke_config_loads_with_every_trial_kind(smoke_config):
+    config = load_experiment(smoke_config())
+    plan = [(spec.kind, spec.seed) for spec in config.trial_plan()]
+    assert plan == [
+        ("search", 0),
+        ("search", 1),
+        ("random", 0),
+        ("random", 1),
+        ("handcrafted", 0),
+        ("none", 0),
+    ]
+    assert config.tracking_uri.startswith("sqlite:////")
+    assert Path(config.storage_path).is_absolute()
+    assert config.space_dict["name"] == "smoke"
+    assert config.model.input_size == (64, 48)
+    assert config.full_train_config().num_workers == 2
+
+
+def test_round_trip_through_the_logged_mapping(smoke_config):
+    config = load_experiment(smoke_config())
+    again = experiment_from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict())))
+    assert again.to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        (lambda c: c["train"].update(epoch=3), "train.epoch", "did you mean 'epochs'"),
+        (lambda c: c.update(tune_settings={}), "tune_settings", "unknown key"),
+        (lambda c: c["train"].update(batch_size="eight"), "train.batch_size", "expected int"),
+        (lambda c: c["train"].update(epochs=0), "train.epochs", "must be > 0"),
+        (lambda c: c["search"].update(hessian="second"), "search.hessian", "finite_difference"),
+        (lambda c: c["space"]["ops"].update(Rotat=[0, 1]), "space.ops.Rotat", "unknown op"),
+        (lambda c: c["model"].update(arch="p2net_r17"), "model.arch", "unknown architecture"),
+        (lambda c: c["model"].update(input_size=[66, 48]), "model.input_size", "multiples of 4"),
+        (lambda c: c["data"].update(val="/nonexistent/val.parquet"), "data.val", "file not found"),
+        (lambda c: c["search"].update(tau1=[0.5, 2.0]), "search.tau1", "optuna"),
+        (lambda c: c["tune"].update(scheduler="hyperband"), "tune.scheduler", "'asha'"),
+    ],
+)
+def test_bad_config_fails_naming_file_and_field(smoke_config, change, field, words):
+    path = edit(smoke_config(), change)
+    with pytest.raises(AutoposeError) as error:
+        load_experiment(path)
+    assert error.value.path == str(path)
+    assert error.value.field == field
+    assert words in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_op_in_a_space_file_names_that_file(smoke_config, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        yaml.safe_dump({"name": "s", "num_sub_policies": 1, "ops_per_sub_policy": 1, "ops": {"Twirl": None}})
+    )
+    path = edit(smoke_config(), lambda c: c.update(space=str(space)))
+    with pytest.raises(AutoposeError, match="unknown op 'Twirl'") as error:
+        load_experiment(path)
+    assert error.value.path == str(space) and error.value.field == "ops.Twirl"
+
+
+def test_the_papers_space_file_is_found_beside_the_config(smoke_config):
+    path = edit(smoke_config(), lambda c: c.update(space="p2net.yaml"))
+    # not in the working directory, not beside the temporary config: a clear error
+    with pytest.raises(AutoposeError, match="search space file not found"):
+        load_experiment(path)
+    config = load_experiment(path, {"space": str(REPO / "search_spaces" / "p2net.yaml")})
+    assert config.space_dict["num_sub_policies"] == 3 and len(config.space_dict["ops"]) == 10
+
+
+def test_tracking_uri_defaults_and_storage_uris(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert resolve_tracking_uri("sqlite:///sub/m.db") == f"sqlite:///{tmp_path / 'sub' / 'm.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri(None) == "http://127.0.0.1:5000"
+    with pytest.raises(AutoposeError, match="no scheme"):
+        resolve_tracking_uri("mlruns")
+    assert storage_join("s3://bucket/runs/", "tune", "x") == "s3://bucket/runs/tune/x"
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_unreachable_tracking_server_is_one_clear_error(tmp_path):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    with pytest.raises(AutoposeError, match="unreachable") as error:
+        check_tracking(uri)
+    assert error.value.field == "tracking_uri"
+    with pytest.raises(AutoposeError, match="does not exist"):
+        check_tracking(f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}")
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    return subprocess.run(
+        [sys.executable, "-m", "autopose.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_refuses_a_bad_config_before_ray_starts(smoke_config, tmp_path):
+    path = edit(smoke_config(), lambda c: c["space"]["ops"].update(Twist=[0, 1]))
+    result = _cli("search", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and "space.ops.Twist" in lines[0]
+    assert "Ray" not in result.stderr + result.stdout and not (tmp_path / "runs").exists()
+
+
+def test_cli_refuses_an_unreachable_tracking_server_before_ray_starts(smoke_config, tmp_path):
+    path = smoke_config({"tracking_uri": f"http://127.0.0.1:{_closed_port()}"})
+    result = _cli("search", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unreachable" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "Started a local Ray instance" not in result.stderr
+
+
+def test_cli_promote_of_an_unknown_run_is_one_clear_error(tmp_path):
+    result = _cli(
+        "promote", "0123456789abcdef", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert "no MLflow run '0123456789abcdef'" in result.stderr
