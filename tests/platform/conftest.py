@@ -23,13 +23,12 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-@pytest.fixture
-def smoke_config(smoke_data, tmp_path) -> Callable[..., Path]:
-    """Write search_spaces/smoke.yaml with its data, MLflow database and storage in ``folder``
-    (default: the test's tmp_path), plus ``overrides``; returns the file."""
+@pytest.fixture(scope="session")
+def write_smoke_config(smoke_data) -> Callable[..., Path]:
+    """``write(folder, overrides=None)``: search_spaces/smoke.yaml with its data, MLflow
+    database and storage in ``folder``, plus ``overrides``; returns the file."""
 
-    def write(overrides: dict[str, Any] | None = None, folder: Path | None = None) -> Path:
-        folder = folder or tmp_path
+    def write(folder: Path, overrides: dict[str, Any] | None = None) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         config = yaml.safe_load(SMOKE.read_text())
         config = _merge(
@@ -44,5 +43,15 @@ def smoke_config(smoke_data, tmp_path) -> Callable[..., Path]:
         path = folder / "experiment.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path
+
+    return write
+
+
+@pytest.fixture
+def smoke_config(write_smoke_config, tmp_path) -> Callable[..., Path]:
+    """``write(overrides=None)``: the smoke experiment in the test's tmp_path."""
+
+    def write(overrides: dict[str, Any] | None = None) -> Path:
+        return write_smoke_config(tmp_path, overrides)
 
     return write

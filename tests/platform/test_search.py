@@ -1,0 +1,121 @@
+"""The user's loop on a real local Ray and a real MLflow (SQLite): search → compare → promote."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from autopose.errors import AutoposeError
+from autopose.platform.compare import collect, format_table, plot
+from autopose.platform.config import load_experiment
+from autopose.platform.promote import promote
+from autopose.platform.tracking import (
+    EXAMPLES_ARTIFACT,
+    POLICY_ARTIFACT,
+    TAG_KIND,
+    TAG_PARENT,
+    TAG_PROMOTED,
+    TAG_SEED,
+    TAG_TRIAL,
+)
+from autopose.platform.tune import run_search
+
+pytestmark = [pytest.mark.platform, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def smoke_search(ray_cluster, write_smoke_config, tmp_path_factory):
+    """The smoke experiment searched once for the whole module."""
+    folder = tmp_path_factory.mktemp("smoke-search")
+    config = load_experiment(write_smoke_config(folder))
+    outcomes = run_search(config, verbose=0)
+    return config, outcomes
+
+
+def _runs(config) -> list:
+    client = MlflowClient(config.tracking_uri)
+    experiment = client.get_experiment_by_name(config.experiment)
+    return client.search_runs([experiment.experiment_id], max_results=100)
+
+
+def test_smoke_search_leaves_one_finished_run_per_trial(smoke_search):
+    config, outcomes = smoke_search
+    assert [o.status for o in outcomes] == ["TERMINATED"] * 6, [o.error for o in outcomes]
+    trials = [r for r in _runs(config) if r.data.tags.get(TAG_KIND) != "full-train"]
+    assert len(trials) == 6 and {r.data.tags[TAG_TRIAL] for r in trials} == {
+        f"smoke/{o.trial_id}" for o in outcomes
+    }
+    kinds = sorted((r.data.tags[TAG_KIND], int(r.data.tags[TAG_SEED])) for r in trials)
+    assert kinds == [("handcrafted", 0), ("none", 0), ("random", 0), ("random", 1), ("search", 0), ("search", 1)]
+    client = MlflowClient(config.tracking_uri)
+    for run in trials:
+        assert run.info.status == "FINISHED"
+        metrics = run.data.metrics
+        assert 0.0 <= metrics["val_ap"] <= 1.0
+        assert metrics["step"] == config.train.epochs * config.train.steps_per_epoch
+        assert metrics["cost_cpu_s"] > 0 and metrics["cost_gpu_s"] == 0
+        history = client.get_metric_history(run.info.run_id, "val_ap")
+        assert sorted(m.step for m in history) == list(range(config.train.epochs))  # one point per epoch
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "policy")}
+        assert artifacts == {POLICY_ARTIFACT, EXAMPLES_ARTIFACT}
+        assert run.data.params["model.arch"] == "p2net_r18"
+
+
+def test_search_runs_log_the_learned_policy(smoke_search, tmp_path):
+    config, _ = smoke_search
+    client = MlflowClient(config.tracking_uri)
+    for run in _runs(config):
+        if run.data.tags.get(TAG_KIND) != "search":
+            continue
+        probabilities = {k: v for k, v in run.data.metrics.items() if k.startswith("op_prob/")}
+        assert set(probabilities) == {f"op_prob/{op}" for op in config.space_dict["ops"]}
+        assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+        assert {f"op_m/{op}" for op in config.space_dict["ops"]} <= set(run.data.metrics)
+        assert run.data.params["search.hessian"] == "finite_difference"
+        policy = json.loads(open(client.download_artifacts(run.info.run_id, POLICY_ARTIFACT, str(tmp_path))).read())
+        assert policy["format"] == "autopose.policy/1" and policy["space"] == "smoke"
+        assert len(policy["sub_policies"]) == config.space_dict["num_sub_policies"]
+        picture = client.download_artifacts(run.info.run_id, EXAMPLES_ARTIFACT, str(tmp_path))
+        assert open(picture, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_reads_the_trials_back(smoke_search, tmp_path):
+    config, outcomes = smoke_search
+    name, rows = collect(config.tracking_uri, config.experiment)
+    assert name == "smoke" and len(rows) == 6
+    assert {r.run_id for r in rows} == {o.run_id for o in outcomes}
+    assert [r.val_ap for r in rows] == sorted((r.val_ap for r in rows), reverse=True)
+    table = format_table(name, rows)
+    assert all(r.run_id in table for r in rows) and "random" in table and "CPU-s" in table
+    assert collect(config.tracking_uri)[0] == "smoke"  # the latest experiment by default
+    png = plot(name, rows, tmp_path / "ap.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_second_search_of_the_same_name_needs_resume(smoke_search):
+    config, outcomes = smoke_search
+    with pytest.raises(AutoposeError, match="--resume"):
+        run_search(config, verbose=0)
+    again = run_search(config, resume=True, verbose=0)  # finished: nothing left to run
+    assert sorted(o.trial_id for o in again) == sorted(o.trial_id for o in outcomes)
+    assert len([r for r in _runs(config) if r.data.tags.get(TAG_KIND) != "full-train"]) == 6
+
+
+def test_promote_trains_on_two_gloo_workers_and_registers_the_model(smoke_search):
+    config, outcomes = smoke_search
+    best = next(o for o in outcomes if o.kind == "search")
+    outcome = promote(best.run_id, tracking_uri=config.tracking_uri)
+    client = MlflowClient(config.tracking_uri)
+    assert client.get_run(best.run_id).data.tags[TAG_PROMOTED] == "true"
+    child = client.get_run(outcome.run_id)
+    assert child.info.status == "FINISHED"
+    assert child.data.tags[TAG_KIND] == "full-train" and child.data.tags[TAG_PARENT] == best.run_id
+    assert child.data.params["train.num_workers"] == "2"
+    assert 0.0 <= child.data.metrics["final_val_ap"] <= 1.0
+    assert outcome.checkpoint.endswith("checkpoint.pt") and config.storage_path in outcome.checkpoint
+    version = client.get_model_version_by_alias(config.full_train.registered_model, config.full_train.alias)
+    assert version.run_id == outcome.run_id and str(version.version) == outcome.model_version
+    with pytest.raises(AutoposeError, match="no MLflow run"):
+        promote("ffffffffffffffffffffffffffffffff", tracking_uri=config.tracking_uri)
