@@ -39,23 +39,38 @@ cost about the same).
 Attention Partial Module (Eq. 4–5): ``x · sigmoid(W · GAP(x) + b)``, a channel
 reweighting with one 1×1 conv on the globally pooled features.
 
-Channel widths (defaults of :class:`P2NetConfig`) and why. The paper's table gives
-P2Net-R101 at 384×288: 42.5M parameters, 26.3 GFLOPs. ResNet-101 without its
-classifier alone has 42.50M parameters and 17.19 G multiply-adds at 384×288, so
-the neck may add at most ~4M parameters (+10%) but must add about 8–10 G
-multiply-adds: its weight must sit at the fine levels. Hence
+Channel widths (the defaults of :class:`P2NetConfig`) and why. The paper's table gives
+P2Net-R101 at 384×288: 42.5M parameters and 26.3 GFLOPs. ResNet-101 without its
+classifier alone has 42.50M parameters and 17.19 G multiply-adds (MACs) at 384×288,
+so the neck may add at most ~4M parameters (+10%) yet must add 6.5–11.7 G MACs:
+its weight has to sit at the fine levels, where a parameter is used most often.
 
-* ``pyramid_channels=128``: CPN uses 256, but the 2048→256 lateral alone is 0.5M
-  parameters; 128 keeps the laterals at 0.5M in all.
-* ``parallel_channels=(64, 96, 128, 160)``: compute concentrated at stride 4
-  (HRNet doubles widths per level, which puts the parameters at the coarse levels).
-* ``parallel_stages=3`` with ``parallel_blocks=1``: three exchange units.
-* ``refine_channels=128``, ``refine_blocks=(1, 1, 2, 2)`` dilated (d=2) bottlenecks
-  per level, more for the coarse levels as in CPN's RefineNet.
+* ``pyramid_channels=128``: CPN's pyramid is 256 wide, but there the 2048→256
+  lateral alone holds 0.5M parameters; at 128 all four laterals hold 0.49M.
+* ``parallel_channels=(64, 64, 64, 64)``: one width on every level, as in FPN and
+  CPN pyramids. HRNet's doubling widths (32, 64, 128, 256) put the parameters at the
+  coarse levels, where they add little computation, and overshoot the budget.
+* ``parallel_stages=2``, ``parallel_blocks=1``: two exchange units, each after one
+  basic block per branch (0.69M parameters, 0.96 G MACs per stage).
+* ``refine_channels=256`` (CPN's RefineNet width) and ``refine_blocks=(1, 1, 1, 1)``:
+  one dilated bottleneck per level; the 4×256-channel concatenation at stride 4
+  and its bottleneck carry most of the neck's computation (4.0 of 8.5 G MACs).
 
-Resulting figures (``autopose model-info``), P2Net-R101 at 384×288: see
-``docs``/the module-level constant :data:`PAPER_R101_384x288` and the test
-``tests/models/test_complexity.py``, which keeps them within ±10% of the paper.
+Result (``autopose model-info --arch p2net_r101 --input 384x288``; MACs counted as
+described in :mod:`autopose.models.complexity`):
+
+==================== ============== ================== ===================
+                     parameters     GFLOPs MACs/2^30   GFLOPs MACs/1e9
+==================== ============== ================== ===================
+paper                42.5M          26.3               26.3
+this P2Net-R101      45.90M (+8.0%) 23.95 (−8.9%)      25.72 (−2.2%)
+==================== ============== ================== ===================
+
+Both GFLOP conventions land within ±10%; MACs/1e9 is the closer match. (The
+paper's 42.5M equals ResNet-101 without its classifier, so any neck lands above it.)
+The same neck on ResNet-50 at 256×192: 7.26 GFLOPs (MACs/2^30; 26.9M parameters) against
+SimpleBaseline-R50's 5.05 (its deconvolutions counted exactly; HRNet's code counts
+them 4× and prints 8.9).
 """
 
 from __future__ import annotations
@@ -95,11 +110,11 @@ class P2NetConfig:
     depth: int = 50
     num_joints: int = 17
     pyramid_channels: int = 128
-    parallel_channels: tuple[int, int, int, int] = (64, 96, 128, 160)
-    parallel_stages: int = 3
+    parallel_channels: tuple[int, int, int, int] = (64, 64, 64, 64)
+    parallel_stages: int = 2
     parallel_blocks: int = 1
-    refine_channels: int = 128
-    refine_blocks: tuple[int, int, int, int] = (1, 1, 2, 2)
+    refine_channels: int = 256
+    refine_blocks: tuple[int, int, int, int] = (1, 1, 1, 1)
     fusion: Literal["parallel", "progressive"] = "parallel"
     use_apm: bool = True
     use_parallel: bool = True
