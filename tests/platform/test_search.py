@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -48,7 +49,14 @@ def test_smoke_search_leaves_one_finished_run_per_trial(smoke_search):
         f"smoke/{o.trial_id}" for o in outcomes
     }
     kinds = sorted((r.data.tags[TAG_KIND], int(r.data.tags[TAG_SEED])) for r in trials)
-    assert kinds == [("handcrafted", 0), ("none", 0), ("random", 0), ("random", 1), ("search", 0), ("search", 1)]
+    assert kinds == [
+        ("handcrafted", 0),
+        ("none", 0),
+        ("random", 0),
+        ("random", 1),
+        ("search", 0),
+        ("search", 1),
+    ]
     client = MlflowClient(config.tracking_uri)
     for run in trials:
         assert run.info.status == "FINISHED"
@@ -74,11 +82,13 @@ def test_search_runs_log_the_learned_policy(smoke_search, tmp_path):
         assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-4)
         assert {f"op_m/{op}" for op in config.space_dict["ops"]} <= set(run.data.metrics)
         assert run.data.params["search.hessian"] == "finite_difference"
-        policy = json.loads(open(client.download_artifacts(run.info.run_id, POLICY_ARTIFACT, str(tmp_path))).read())
+        policy = json.loads(
+            Path(client.download_artifacts(run.info.run_id, POLICY_ARTIFACT, str(tmp_path))).read_text()
+        )
         assert policy["format"] == "autopose.policy/1" and policy["space"] == "smoke"
         assert len(policy["sub_policies"]) == config.space_dict["num_sub_policies"]
         picture = client.download_artifacts(run.info.run_id, EXAMPLES_ARTIFACT, str(tmp_path))
-        assert open(picture, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert Path(picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_reads_the_trials_back(smoke_search, tmp_path):
