@@ -25,6 +25,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,10 +38,11 @@ from autopose.errors import AutoposeError
 
 PERSON_CATEGORY = 1  # COCO category id of "person" (also its label in torchvision's detectors)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+MAX_PERSONS_PER_IMAGE = 100
 
 
 def build_person_detector(
-    weights: Path | str | None, *, min_size: int = 800, max_size: int = 1333
+    weights: Path | str | None, *, min_size: int = 800, max_size: int = 1333, **options: Any
 ) -> nn.Module:
     """Faster R-CNN ResNet-50-FPN in eval mode, weights from a local state dict.
 
@@ -49,13 +51,15 @@ def build_person_detector(
             network randomly initialised (for tests of the plumbing).
         min_size, max_size: the detector's internal resize (torchvision defaults;
             smaller is faster and less accurate).
+        **options: more settings of torchvision's ``FasterRCNN`` (e.g.
+            ``rpn_post_nms_top_n_test=1000``, the proposals per image).
 
     Raises:
         AutoposeError: the file is missing, unreadable, or its keys do not match
             (missing keys listed).
     """
     model = fasterrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, num_classes=91, min_size=min_size, max_size=max_size
+        weights=None, weights_backbone=None, num_classes=91, min_size=min_size, max_size=max_size, **options
     )
     if weights is not None:
         path = Path(weights)
@@ -133,8 +137,8 @@ def detect_persons(
     Args:
         detector: from :func:`build_person_detector`.
         image_paths: image files.
-        score_thr: keep boxes scoring at least this (0 keeps every box the
-            detector returns, at most 100 per image).
+        score_thr: keep person boxes scoring at least this (0 keeps every one the
+            detector returns); at most the 100 best per image.
         progress: show a progress bar on stderr.
 
     Returns:
@@ -142,8 +146,25 @@ def detect_persons(
         with ``bbox`` in image pixels (COCO layout: top-left corner, width, height).
     """
     device = next(detector.parameters()).device
-    # The detector drops boxes below its own threshold (0.05 by default) before we see them.
-    detector.roi_heads.score_thresh = min(float(score_thr), detector.roi_heads.score_thresh)
+    heads = detector.roi_heads
+    saved = (heads.score_thresh, heads.detections_per_img)
+    # The detector drops boxes below its own threshold (0.05 by default) before we see them,
+    # and keeps its top 100 boxes over all 91 classes: rank persons among more, keep 100 of them.
+    heads.score_thresh = min(float(score_thr), heads.score_thresh)
+    heads.detections_per_img = max(heads.detections_per_img, 1000)
+    try:
+        return _detect_in_images(detector, image_paths, score_thr, device, progress)
+    finally:
+        heads.score_thresh, heads.detections_per_img = saved
+
+
+def _detect_in_images(
+    detector: nn.Module,
+    image_paths: Sequence[Path | str],
+    score_thr: float,
+    device: torch.device,
+    progress: bool,
+) -> list[dict]:
     results: list[dict] = []
     ids = image_ids(image_paths)
     for image_id, path in tqdm(
@@ -156,6 +177,9 @@ def detect_persons(
             raise AutoposeError(f"cannot read image ({error})", path=path) from None
         tensor = torch.from_numpy(pixels).permute(2, 0, 1).to(device)
         output = detector([tensor])[0]
+        persons = output["labels"] == PERSON_CATEGORY
+        keep = persons.nonzero().flatten()[:MAX_PERSONS_PER_IMAGE]  # outputs come sorted by score
+        output = {key: value[keep] for key, value in output.items()}
         for box, label, score in zip(
             output["boxes"].tolist(), output["labels"].tolist(), output["scores"].tolist(), strict=True
         ):
