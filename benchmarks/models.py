@@ -86,15 +86,21 @@ def describe(name: str, input_size: tuple[int, int]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--batch", type=int, default=None, help="default 8 on the CPU, 128 on a GPU")
     parser.add_argument("--input", default="256x192", help="HxW")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per model (default 2 CPU, 10 GPU)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per model (default 4 CPU, 50 GPU)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps per model (default 2 CPU, 10 GPU)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps per model (default 4 CPU, 50 GPU)"
+    )
     args = parser.parse_args()
     gpu = args.device.startswith("cuda")
     args.batch = args.batch or (128 if gpu else 8)
@@ -152,7 +158,11 @@ def main() -> None:
     if gpu:
         p2net_rate = args.batch / medians["p2net_r50"]
         summary.update(
-            {"p2net_r50_images_per_s": round(p2net_rate, 1), "target_images_per_s": 1000, "rate_met": p2net_rate >= 1000}
+            {
+                "p2net_r50_images_per_s": round(p2net_rate, 1),
+                "target_images_per_s": 1000,
+                "rate_met": p2net_rate >= 1000,
+            }
         )
     print(json.dumps(summary), flush=True)
 
