@@ -1,0 +1,300 @@
+"""The bi-level search step: Eq. 8's hypergradient, finite difference vs exact, BN, and a toy search."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from autopose.augment import RelaxedPolicy, SearchSpace, TemperatureSchedule, ops, p2net_space
+from autopose.data.codec import HeatmapCodec
+from autopose.engine.search import BilevelSearch, frozen_batchnorm_stats
+from autopose.models import build_model
+from autopose.models.losses import PoseLoss
+
+H, W = 32, 24
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and stay fast on a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class TinyPoseNet(nn.Module):
+    """Three conv-BN-activation layers to 1/4 resolution and a heatmap head; the training
+    forward returns a list like P2Net's."""
+
+    def __init__(self, joints: int = 2, width: int = 16, activation: type[nn.Module] = nn.SiLU):
+        super().__init__()
+        layers, channels = [], 3
+        for stride, dilation in ((1, 1), (2, 1), (2, 1), (1, 2)):
+            layers += [
+                nn.Conv2d(channels, width, 3, stride, dilation, dilation=dilation, bias=False),
+                nn.BatchNorm2d(width),
+                activation(),
+            ]
+            channels = width
+        self.body = nn.Sequential(*layers, nn.Conv2d(width, joints, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [self.body(images)]
+
+
+def weighted_mse(outputs, target, weight):
+    """``PoseLoss`` computes in float32; the float64 checks below need a loss that stays float64."""
+    pred = outputs[-1]
+    per_joint = ((pred - target.to(pred.dtype)) ** 2).flatten(2).mean(-1)
+    return 0.5 * (per_joint * weight.to(pred.dtype)).mean()
+
+
+def bars(count: int, generator: torch.Generator, angle: float = 0.0):
+    """Synthetic "people": a bar from a head (red dot) to a foot (green dot), near upright.
+
+    With ``angle`` the batch is turned by the Rotate op itself (pixels and keypoints)."""
+    cx = (W - 1) / 2 + (torch.rand(count, generator=generator) - 0.5) * 4
+    cy = (H - 1) / 2 + (torch.rand(count, generator=generator) - 0.5) * 4
+    half = 7 + torch.rand(count, generator=generator) * 2
+    tilt = (torch.rand(count, generator=generator) - 0.5) * math.radians(10)
+    head = torch.stack([cx + half * torch.sin(tilt), cy - half * torch.cos(tilt)], -1)
+    foot = torch.stack([cx - half * torch.sin(tilt), cy + half * torch.cos(tilt)], -1)
+    ys = torch.arange(H, dtype=torch.float32)[:, None]
+    xs = torch.arange(W, dtype=torch.float32)[None, :]
+
+    def dot(p: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-((xs - p[:, 0, None, None]) ** 2 + (ys - p[:, 1, None, None]) ** 2) / 4.5)
+
+    along = foot - head
+    px, py = xs - head[:, 0, None, None], ys - head[:, 1, None, None]
+    t = (
+        (px * along[:, 0, None, None] + py * along[:, 1, None, None]) / (along**2).sum(-1)[:, None, None]
+    ).clamp(0, 1)
+    bar = 0.5 * torch.exp(
+        -((px - t * along[:, 0, None, None]) ** 2 + (py - t * along[:, 1, None, None]) ** 2) / 2
+    )
+    images = torch.stack([bar + dot(head), bar + dot(foot), bar], 1)
+    images = (images + 0.05 * torch.rand(images.shape, generator=generator)).clamp(0, 1)
+    keypoints, visibility = torch.stack([head, foot], 1), torch.full((count, 2), 2.0)
+    if angle:
+        images, keypoints, visibility = ops.rotate(images, keypoints, visibility, torch.full((count,), angle))
+    return images, keypoints, visibility
+
+
+TOY_OPS = ("Rotate", "Brightness", "Cutout", "TranslateX")
+
+
+def toy_space(sub_policies: int = 1) -> SearchSpace:
+    return SearchSpace("toy", sub_policies, 1, p2net_space().subset(TOY_OPS).ops)
+
+
+def make_search(model, policy, dtype=torch.float32, **options) -> BilevelSearch:
+    loss = weighted_mse if dtype == torch.float64 else PoseLoss(0)
+    return BilevelSearch(
+        model,
+        policy,
+        loss,
+        HeatmapCodec((H, W), sigma=1.0),
+        torch.optim.SGD(model.parameters(), lr=0.5),
+        torch.optim.Adam(policy.parameters(), lr=0.05, betas=(0.5, 0.999)),
+        unroll_lr=0.5,
+        **options,
+    )
+
+
+def pretrain(model: nn.Module, generator: torch.Generator, steps: int) -> None:
+    """Plain training on upright bars, so that the model has learned something to unroll from."""
+    codec, loss = HeatmapCodec((H, W), sigma=1.0), weighted_mse
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    for _ in range(steps):
+        images, keypoints, visibility = bars(16, generator)
+        heatmaps, weight = codec.encode(keypoints, visibility)
+        optimizer.zero_grad()
+        loss(model(images), heatmaps, weight).backward()
+        optimizer.step()
+
+
+def setup(
+    seed: int = 0, dtype=torch.float64, activation=nn.SiLU, space=None, batch: int = 8, warmup: int = 0
+):
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = TinyPoseNet(activation=activation)
+    pretrain(model, generator, warmup)  # in float32: float64 convolutions are slow on the CPU
+    model = model.to(dtype)
+    policy = RelaxedPolicy(space or toy_space(2), init_magnitude=7.0, seed=seed).to(dtype)
+    train = [t.to(dtype) for t in bars(batch, generator)]
+    val = [t.to(dtype) for t in bars(batch, generator, angle=40.0)]
+    noise = policy.sample_noise(batch, torch.Generator().manual_seed(seed + 100))
+    noise = type(noise)(*(t.to(dtype) for t in (noise.sub_policy, noise.bernoulli, noise.cutout)))
+    return model, policy, train, val, noise
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in tensors])
+
+
+def unrolled_val_loss(search: BilevelSearch, train, val, noise) -> float:
+    """Eq. 8's objective written out: ``L_val(w − ζ ∇w L_train(w, α))`` (batch-statistics BN)."""
+    model = search.model
+    names = [n for n, _ in model.named_parameters()]
+    weights = list(model.parameters())
+    images, heatmaps, weight = search.augment(train, noise)
+    val_heatmaps, val_weight = search.codec.encode(val[1], val[2])
+    with frozen_batchnorm_stats(model):
+        loss = search.loss_fn(
+            functional_call(model, dict(zip(names, weights, strict=True)), (images,)), heatmaps, weight
+        )
+        grads = torch.autograd.grad(loss, weights)
+        unrolled = {n: w - search.unroll_lr * g for n, w, g in zip(names, weights, grads, strict=True)}
+        return float(
+            search.loss_fn(functional_call(model, unrolled, (val[0],)), val_heatmaps, val_weight).detach()
+        )
+
+
+def test_hypergradient_is_the_derivative_of_the_unrolled_validation_loss():
+    """Eq. 8 checked against a central difference of the unrolled validation loss, for every op
+    weight, probability and magnitude (the sub-policy pick is hard, so its logits' gradient is a
+    straight-through estimate with no numerical counterpart). The codec's targets are float32:
+    a step of 1e-3 keeps their rounding out of the difference."""
+    step = 1e-3
+    model, policy, train, val, noise = setup(warmup=50)
+    search = make_search(model, policy, torch.float64)
+    exact = search.hypergradient(train, val, noise, hessian="exact")
+    detached = make_search(model, policy, torch.float64, differentiate_targets=False).hypergradient(
+        train, val, noise, hessian="exact"
+    )
+    picks, numeric, ours, theirs = [], [], [], []
+    rotate = toy_space().index("Rotate")
+    for index, parameter in enumerate(policy.parameters()):
+        if parameter.ndim == 1:
+            continue
+        positions = [(k, 0, o) for k in range(2) for o in range(len(TOY_OPS))]
+        for position in positions:
+            with torch.no_grad():
+                parameter[position] += step
+            up = unrolled_val_loss(search, train, val, noise)
+            with torch.no_grad():
+                parameter[position] -= 2 * step
+            down = unrolled_val_loss(search, train, val, noise)
+            with torch.no_grad():
+                parameter[position] += step
+            picks.append((index, position))
+            numeric.append((up - down) / (2 * step))
+            ours.append(float(exact[index][position]))
+            theirs.append(float(detached[index][position]))
+    numeric, ours, theirs = torch.tensor(numeric), torch.tensor(ours), torch.tensor(theirs)
+    assert numeric.norm() > 0
+    assert (ours - numeric).norm() / numeric.norm() < 0.01
+    # With the targets detached, the gradient is that of another objective: Rotate's magnitude
+    # gradient (parameter 3 = magnitude_logits) even has the opposite sign here.
+    cosine = torch.nn.functional.cosine_similarity(theirs, numeric, dim=0)
+    assert cosine < 0.9
+    rotate_m = picks.index((3, (0, 0, rotate)))  # parameter 3: magnitude_logits
+    assert theirs[rotate_m] * numeric[rotate_m] < 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finite_difference_agrees_with_exact_on_a_smooth_model(dtype):
+    model, policy, train, val, noise = setup(seed=1, dtype=dtype, space=p2net_space())
+    search = make_search(model, policy, dtype)
+    fd = flat(search.hypergradient(train, val, noise, hessian="finite_difference"))
+    exact = flat(search.hypergradient(train, val, noise, hessian="exact"))
+    assert torch.nn.functional.cosine_similarity(fd, exact, dim=0) > 0.9999
+    assert (fd - exact).norm() / exact.norm() < 0.01
+
+
+def test_finite_difference_on_relu_needs_a_radius_that_crosses_no_switch():
+    """On ReLU networks the default radius measures a secant across units switching; a small
+    radius (float64) recovers the pointwise derivative — the implementation itself is exact."""
+    model, policy, train, val, noise = setup(seed=2, activation=nn.ReLU, space=p2net_space())
+    exact = flat(make_search(model, policy, torch.float64).hypergradient(train, val, noise, hessian="exact"))
+    small = make_search(model, policy, torch.float64, fd_radius=1e-5)
+    fd = flat(small.hypergradient(train, val, noise, hessian="finite_difference"))
+    assert (fd - exact).norm() / exact.norm() < 1e-3
+
+
+def test_one_step_gives_every_policy_parameter_a_finite_nonzero_gradient():
+    model, policy, train, val, noise = setup(seed=3, dtype=torch.float32, space=p2net_space(), batch=16)
+    search = make_search(model, policy)
+    losses = search.step(train, val, noise)
+    assert all(math.isfinite(v) for v in losses.values()) and losses["policy_grad_norm"] > 0
+    for name, parameter in policy.named_parameters():
+        assert torch.isfinite(parameter.grad).all(), name
+    assert (policy.sub_policy_logits.grad != 0).all()
+    assert (policy.op_logits.grad != 0).all()
+    assert (policy.probability_logits.grad != 0).all()
+    equalize = p2net_space().index("Equalize")
+    magnitudes = policy.magnitude_logits.grad
+    assert (magnitudes[..., equalize] == 0).all()  # Equalize has no magnitude (none-in-m)
+    assert (torch.cat([magnitudes[..., :equalize], magnitudes[..., equalize + 1 :]], -1) != 0).all()
+
+
+def test_weight_step_and_batchnorm_match_a_plain_train_step():
+    """The weights move exactly as a plain SGD step on the same augmented batch would move them,
+    and the extra passes leave the BatchNorm running statistics alone."""
+    model, policy, train, val, noise = setup(seed=4, dtype=torch.float32)
+    plain = copy.deepcopy(model)
+    search = make_search(model, policy)
+    with torch.no_grad():
+        images, keypoints, visibility = policy(*train, noise)
+    heatmaps, weight = search.codec.encode(keypoints, visibility)
+    optimizer = torch.optim.SGD(plain.parameters(), lr=0.5)
+    search.loss_fn(plain(images), heatmaps, weight).backward()
+    optimizer.step()
+    search.step(train, val, noise)
+    for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+
+
+def test_hypergradient_changes_nothing():
+    model, policy, train, val, noise = setup(seed=5, dtype=torch.float32)
+    before = copy.deepcopy(model.state_dict()), copy.deepcopy(policy.state_dict())
+    make_search(model, policy).hypergradient(train, val, noise)
+    for a, b in zip(model.state_dict().values(), before[0].values(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(policy.state_dict().values(), before[1].values(), strict=True):
+        assert torch.equal(a, b)
+    assert all(p.grad is None for p in [*model.parameters(), *policy.parameters()])
+
+
+def test_step_on_a_p2net_model_with_uint8_images():
+    torch.manual_seed(0)
+    model = build_model(
+        "p2net_r18", num_joints=2, input_size=(H, W), pyramid_channels=16, parallel_channels=(8, 8, 8, 8)
+    )
+    model.train()
+    policy = RelaxedPolicy(p2net_space(), seed=0)
+    generator = torch.Generator().manual_seed(0)
+    images, keypoints, visibility = bars(2, generator)
+    as_bytes = (images * 255).round().to(torch.uint8)
+    search = make_search(model, policy)
+    for hessian in ("finite_difference", "exact"):
+        search.hessian = hessian
+        losses = search.step((as_bytes, keypoints, visibility), bars(2, generator, angle=20.0))
+        assert all(math.isfinite(v) for v in losses.values()), losses
+        assert losses["policy_grad_norm"] > 0
+
+
+def test_toy_search_finds_rotation_when_validation_is_rotated():
+    """Validation people are turned 40° counter-clockwise, training people are upright: the
+    search raises Rotate's weight far above the other ops, and its magnitude toward +40°."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = TinyPoseNet()
+    policy = RelaxedPolicy(toy_space(), TemperatureSchedule(), init_magnitude=5.0, seed=0)  # m = 5: 0°
+    search = make_search(model, policy)
+    for _ in range(100):
+        search.step(bars(16, generator), bars(16, generator, angle=40.0))
+    weights = policy.op_probabilities()
+    assert weights["Rotate"] > 0.6 and all(
+        weights["Rotate"] > 3 * w for op, w in weights.items() if op != "Rotate"
+    )
+    angle = toy_space().value("Rotate", policy.magnitudes()["Rotate"])
+    assert 30.0 < angle <= 45.0
