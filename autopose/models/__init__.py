@@ -28,8 +28,9 @@ ARCHITECTURES: tuple[str, ...] = (
     *(f"simplebaseline_r{depth}" for depth in RESNET_DEPTHS),
 )
 
+# The name decides depth and fusion; every other field of P2NetConfig is a switch.
 _P2NET_SWITCHES = tuple(
-    f.name for f in dataclasses.fields(P2NetConfig) if f.name not in ("depth", "num_joints")
+    f.name for f in dataclasses.fields(P2NetConfig) if f.name not in ("depth", "num_joints", "fusion")
 )
 
 
@@ -82,6 +83,7 @@ def build_model(
                 f"unknown P2Net switch {', '.join(unknown)}; valid: {', '.join(_P2NET_SWITCHES)}",
                 field="switches",
             )
+        switches = {key: _checked_switch(key, value) for key, value in switches.items()}
         fusion = "progressive" if variant == "prog" else "parallel"
         config = dataclasses.replace(
             P2NetConfig(depth=depth, num_joints=num_joints, fusion=fusion), **switches
@@ -90,6 +92,28 @@ def build_model(
     if pretrained is not None:
         load_pretrained(model.backbone, pretrained)
     return model
+
+
+def _checked_switch(key: str, value: object) -> object:
+    """A P2Net switch as :class:`P2NetConfig` wants it (YAML/JSON lists become tuples)."""
+    if key in ("use_apm", "use_parallel"):
+        if not isinstance(value, bool):
+            raise AutoposeError(f"{key} must be true or false, got {value!r}", field=key)
+        return value
+    if key in ("parallel_channels", "refine_blocks"):
+        minimum = 1 if key == "parallel_channels" else 0
+        if (
+            not isinstance(value, list | tuple)
+            or len(value) != 4
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value)
+        ):
+            raise AutoposeError(
+                f"{key} must be 4 integers ≥ {minimum} (finest level first), got {value!r}", field=key
+            )
+        return tuple(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise AutoposeError(f"{key} must be a positive integer, got {value!r}", field=key)
+    return value
 
 
 __all__ = [

@@ -113,3 +113,17 @@ def test_unknown_switch_and_bad_size_are_clear_errors() -> None:
         build_model("simplebaseline_r18", use_apm=False)
     with pytest.raises(AutoposeError, match="multiples of 4"):
         build_model("p2net_r18", input_size=(66, 48))
+
+
+def test_switches_from_yaml_lists_and_bad_values() -> None:
+    # Configs read from YAML/JSON carry lists; they become the config's tuples.
+    model = build_model("p2net_r18", parallel_channels=[16, 16, 16, 16], refine_blocks=[0, 1, 1, 2])
+    assert model.config.parallel_channels == (16, 16, 16, 16) and model.config.refine_blocks == (0, 1, 1, 2)
+    for bad in (
+        {"parallel_channels": [16, 16]},
+        {"use_apm": 1},
+        {"refine_channels": 0},
+        {"fusion": "parallel"},
+    ):
+        with pytest.raises(AutoposeError, match=next(iter(bad))):
+            build_model("p2net_r18", **bad)
