@@ -60,8 +60,9 @@ class TrainStep:
         self.target = torch.rand(args.batch, 17, height // 4, width // 4, generator=generator).to(self.device)
         self.weight = torch.ones(args.batch, 17, device=self.device)
 
-    def run(self) -> float:
-        start = time.perf_counter()
+    def run(self) -> tuple[float, float]:
+        """One train step; returns (wall seconds, process CPU seconds)."""
+        start, cpu_start = time.perf_counter(), time.process_time()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             outputs = self.model(self.images)
         loss = self.loss(outputs, self.target, self.weight)  # the loss casts to float32
@@ -70,7 +71,7 @@ class TrainStep:
         self.optimizer.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def describe(name: str, input_size: tuple[int, int]) -> dict:
@@ -126,11 +127,13 @@ def main() -> None:
     load_before = load_average()
     runners = [TrainStep(name, args, input_size) for name in MODELS]
     times: dict[str, list[float]] = {name: [] for name in MODELS}
+    cpu_times: dict[str, list[float]] = {name: [] for name in MODELS}
     for step in range(warmup + steps):
         for runner in runners:  # alternate, so that load changes hit both models alike
-            elapsed = runner.run()
+            elapsed, cpu = runner.run()
             if step >= warmup:
                 times[runner.name].append(elapsed)
+                cpu_times[runner.name].append(cpu)
     load_after = load_average()
 
     medians = {}
@@ -142,6 +145,9 @@ def main() -> None:
             "train_step_s_median": round(medians[name], 4),
             "train_step_s_all": [round(t, 4) for t in times[name]],
             "images_per_s": round(args.batch / medians[name], 2),
+            # CPU seconds of this process per step: with other work on the machine, wall time
+            # grows while this changes less (it still counts threads waiting for each other).
+            "cpu_s_median": round(statistics.median(cpu_times[name]), 4),
         }
         print(json.dumps(record), flush=True)
     ratio = medians["p2net_r50"] / medians["simplebaseline_r50"]
