@@ -18,13 +18,21 @@ pytestmark = [pytest.mark.platform, pytest.mark.slow]
 
 SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, socket, sys
     import ray
     from ray.cluster_utils import Cluster
 
+    with socket.socket() as probe:  # the default 8265 may belong to another Ray on this machine
+        probe.bind(("127.0.0.1", 0))
+        dashboard_port = probe.getsockname()[1]
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1"},
+        head_node_args={
+            "num_cpus": 1,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": dashboard_port,
+        },
     )
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
