@@ -156,3 +156,13 @@ def test_ddp_on_gloo_shards_the_data_and_keeps_the_ranks_in_step(smoke_data, tmp
     assert ranks[0]["steps"] == ranks[1]["steps"] == 2
     assert ranks[0]["val_ap"] == ranks[1]["val_ap"]  # rank 0 scores, every rank reports it
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6)  # DDP kept them equal
+
+
+def test_trains_on_coco_crops_made_on_the_fly(smoke_data, coco_ann, coco_images):
+    """Full training reads a COCO file and its images directly (no proxy cache)."""
+    _, model, train = configs(smoke_data, epochs=1, steps_per_epoch=1)
+    data = DataConfig(train_ann=str(coco_ann), train_images=str(coco_images), val=str(smoke_data["val"]))
+    trainer = Trainer(data, model, train, AugmentSpec(kind="handcrafted", seed=0), SPACE)
+    assert len(trainer.train_set) == 12  # the bundled persons with keypoints
+    result = trainer.run()
+    assert result.steps == 1 and math.isfinite(result.history[-1]["train_loss"])

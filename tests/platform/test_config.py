@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -162,3 +163,18 @@ def test_cli_promote_of_an_unknown_run_is_one_clear_error(tmp_path):
     )
     assert result.returncode == 2
     assert "no MLflow run '0123456789abcdef'" in result.stderr
+
+
+def test_policy_argument_of_train(smoke_config, tmp_path):
+    from autopose.platform.train import _check_policy, policy_spec
+
+    assert policy_spec("handcrafted", 3).kind == "handcrafted" and policy_spec("handcrafted", 3).seed == 3
+    with pytest.raises(AutoposeError, match="nor one of") as error:
+        policy_spec(str(tmp_path / "missing.json"), 0)
+    assert error.value.field == "--policy"
+    bad = tmp_path / "bad.json"
+    step = {"op": "Twirl", "p": 1, "m": 1}
+    bad.write_text(json.dumps({"format": "autopose.policy/1", "space": "smoke", "sub_policies": [[step]]}))
+    config = load_experiment(smoke_config())
+    with pytest.raises(AutoposeError, match="Twirl"):
+        _check_policy(policy_spec(str(bad), 0), config)  # before Ray starts
