@@ -253,13 +253,15 @@ class ModelConfig:
     """The network: ``build_model(arch, num_joints, input_size, **options)``.
 
     ``options`` are P2Net's switches (``use_apm: false``, ``pyramid_channels: 32``
-    for tiny test models …); lists become tuples.
+    for tiny test models …); lists become tuples. ``pretrained``: a local ImageNet
+    ResNet checkpoint for the backbone (nothing is downloaded).
     """
 
     arch: str = "p2net_r50"
     input_size: tuple[int, int] = (256, 192)
     num_joints: int = 17
     options: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
 
     def build_kwargs(self) -> dict[str, Any]:
         return {key: tuple(v) if isinstance(v, list) else v for key, v in self.options.items()}
@@ -267,6 +269,11 @@ class ModelConfig:
     def _check(self, path, field_: str) -> None:
         from autopose.models import ARCHITECTURES
 
+        self.pretrained = absolute_path(self.pretrained)
+        if self.pretrained is not None and not Path(self.pretrained).is_file():
+            raise AutoposeError(
+                f"file not found: {self.pretrained}", path=path, field=f"{field_}.pretrained".lstrip(".")
+            )
         if self.arch not in ARCHITECTURES:
             raise AutoposeError(
                 f"unknown architecture {self.arch!r}; valid: {', '.join(ARCHITECTURES)}",
@@ -289,13 +296,17 @@ class TrainConfig:
 
     ``num_workers`` is the number of Ray Train workers (DDP); 0 runs the loop in
     the trial's own process (the fast path for tiny CPU trials).
-    ``steps_per_epoch`` caps an epoch (null: one pass over the data).
+    ``steps_per_epoch`` caps an epoch (null: one pass over the data). The learning
+    rate is multiplied by ``lr_gamma`` at each epoch in ``lr_milestones`` (SimpleBaseline
+    and HRNet: ×0.1 at epochs 90 and 120 of 140).
     """
 
     epochs: int = 10
     steps_per_epoch: int | None = None
     batch_size: int = 32
     lr: float = 1.0e-3
+    lr_milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
     weight_decay: float = 0.0
     ohkm_topk: int = 8
     seed: int = 0
@@ -313,6 +324,13 @@ class TrainConfig:
             _positive(getattr(self, name), name, path, field_)
         _positive(self.steps_per_epoch, "steps_per_epoch", path, field_)
         _positive(self.lr, "lr", path, field_)
+        _positive(self.lr_gamma, "lr_gamma", path, field_)
+        if any(m <= 0 for m in self.lr_milestones) or sorted(self.lr_milestones) != self.lr_milestones:
+            raise AutoposeError(
+                f"must be increasing positive epochs, got {self.lr_milestones}",
+                path=path,
+                field=f"{field_}.lr_milestones".lstrip("."),
+            )
         _positive(self.threads_per_worker, "threads_per_worker", path, field_)
         for name in ("weight_decay", "ohkm_topk", "loader_workers", "num_workers", "gpus_per_worker"):
             _positive(getattr(self, name), name, path, field_, allow_zero=True)

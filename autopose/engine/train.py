@@ -278,6 +278,7 @@ class Trainer:
             model.arch,
             num_joints=model.num_joints,
             input_size=tuple(model.input_size),
+            pretrained=model.pretrained,
             **model.build_kwargs(),
         ).to(self.device)
         self.loss_fn = PoseLoss(ohkm_topk=train.ohkm_topk)
@@ -286,6 +287,9 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.net, device_ids=device_ids)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        self.lr_schedule = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, milestones=list(train.lr_milestones), gamma=train.lr_gamma
+        )
 
         self.sampler, self.loader = self._train_loader()
         self.steps_per_epoch = len(self.loader)
@@ -387,6 +391,7 @@ class Trainer:
             "wall_s": self.wall_s,
             "history": [dict(h) for h in self.history],
             "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "numpy": _numpy_rng_state(),
@@ -409,6 +414,7 @@ class Trainer:
         if model_state is not None:
             self.net.load_state_dict(model_state)
         self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.wall_s = float(state.get("wall_s", 0.0))
         self.history = [dict(h) for h in state.get("history", [])]
@@ -592,6 +598,7 @@ class Trainer:
                 }
             )
             self.history.append(metrics)
+            self.lr_schedule.step()
             self.epoch += 1
             report = EpochReport(self.epoch - 1, self.step, metrics, self.epoch >= self.train_config.epochs)
             hooks.on_epoch_end(report, self)

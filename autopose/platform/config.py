@@ -98,6 +98,7 @@ class FullTrainConfig:
     steps_per_epoch: int | None = None
     batch_size: int | None = None
     lr: float | None = None
+    lr_milestones: list[int] | None = None
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -166,6 +167,9 @@ class ExperimentConfig:
             steps_per_epoch=full.steps_per_epoch,
             batch_size=full.batch_size if full.batch_size is not None else self.train.batch_size,
             lr=full.lr if full.lr is not None else self.train.lr,
+            lr_milestones=list(full.lr_milestones)
+            if full.lr_milestones is not None
+            else self.train.lr_milestones,
             num_workers=full.num_workers,
             cpus_per_worker=full.cpus_per_worker,
             gpus_per_worker=full.gpus_per_worker,

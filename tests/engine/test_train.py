@@ -54,7 +54,7 @@ def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def test_counts_steps_reports_every_epoch_and_scores_ap(smoke_data):
-    data, model, train = configs(smoke_data, epochs=3)
+    data, model, train = configs(smoke_data, epochs=3, lr_milestones=[2])
     trainer = Trainer(data, model, train, AugmentSpec(kind="handcrafted", seed=0), SPACE)
     hooks = Recorder()
     result = trainer.run(hooks)
@@ -65,6 +65,7 @@ def test_counts_steps_reports_every_epoch_and_scores_ap(smoke_data):
     for report in hooks.reports:
         assert 0.0 <= report.metrics["val_ap"] <= 1.0
         assert math.isfinite(report.metrics["train_loss"]) and report.metrics["train_loss"] > 0
+    assert [r.metrics["lr"] for r in hooks.reports] == pytest.approx([1e-3, 1e-3, 1e-4])
     assert trainer.policy_document()["kind"] == "handcrafted"
 
 
