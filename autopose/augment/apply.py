@@ -70,6 +70,15 @@ def apply_step(
     delta = None
     matrix = None
     warp_needed = torch.zeros(batch, dtype=torch.bool, device=images.device)
+    photometric = torch.tensor([not spec.geometric for spec in specs], device=strengths.device)
+    # One op per sample at full strength and no gradient wanted (discrete policies, RandAugment):
+    # write each op's result into a copy instead of blending, which is several times cheaper.
+    hard = (
+        not (torch.is_grad_enabled() and (strengths.requires_grad or images.requires_grad))
+        and bool(((strengths == 0) | (strengths == 1)).all())
+        and bool(((strengths[:, photometric] > 0).sum(1) <= 1).all())
+    )
+    output = None
     for o, spec in enumerate(specs):
         strength = strengths[:, o]
         active = strength > min_strength
@@ -96,6 +105,10 @@ def apply_step(
             changed = spec.image_fn(subset, value, center=centers)
         else:
             changed = spec.image_fn(subset, value)
+        if hard:
+            output = images.clone() if output is None else output
+            output.index_copy_(0, index, changed)
+            continue
         weight = (strength if everyone else strength.index_select(0, index)).to(images.dtype)
         contribution = weight.view(-1, 1, 1, 1) * (changed - subset)
         if everyone:
@@ -103,6 +116,8 @@ def apply_step(
         else:
             base = torch.zeros_like(images) if delta is None else delta
             delta = base.index_add(0, index, contribution)
+    if output is not None:
+        images = output
     if delta is not None:
         images = images + delta
     if matrix is None:
