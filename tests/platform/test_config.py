@@ -178,3 +178,17 @@ def test_policy_argument_of_train(smoke_config, tmp_path):
     config = load_experiment(smoke_config())
     with pytest.raises(AutoposeError, match="Twirl"):
         _check_policy(policy_spec(str(bad), 0), config)  # before Ray starts
+
+
+def test_the_coco_cluster_config_is_valid(smoke_data, coco_ann, coco_images):
+    """search_spaces/p2net_coco.yaml, with its cluster paths swapped for local files."""
+    local = {
+        "data": {"train": str(smoke_data["train"]), "val": str(smoke_data["val"])},
+        "model": {"pretrained": None},
+        "full_train": {"train_ann": str(coco_ann), "train_images": str(coco_images)},
+    }
+    config = load_experiment(REPO / "search_spaces" / "p2net_coco.yaml", local)
+    assert config.tune.search_alg == "optuna" and config.search.is_range("tau1")
+    assert len(config.space_dict["ops"]) == 10  # the paper's space, found beside the config
+    assert config.full_train_config().lr_milestones == [90, 120]
+    assert config.full_train_data().train is None and config.full_train_data().train_ann == str(coco_ann)
