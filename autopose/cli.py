@@ -195,7 +195,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    raise NotImplementedError("demo")
+    from autopose.platform.demo import run_demo
+
+    run_demo(args.workdir, args.budget)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,663 @@
+"""``autopose demo``: the whole loop on one machine, on data it makes itself.
+
+Stages (each prints one line when it starts and one with its time when it ends):
+
+1. data — a synthetic train split and a val split with a known shift
+   (:data:`autopose.data.synth.DEMO_SHIFT`: val figures turned up to ±45° and
+   darker), plus the real COCO samples shipped in the package;
+2. proxies — Parquet proxies of train, val and the COCO samples;
+3. search — a Ray Tune experiment on local Ray: differentiable-search trials
+   beside the baselines (random ×2 seeds, hand-crafted, none), tracked in MLflow
+   (SQLite in the work folder);
+4. compare — the table of every trial, best val AP first;
+5. promote — the best run's policy trained on Ray Train with 2 workers;
+6. evaluate — the trained model on the val split (ground-truth boxes) and on the
+   real COCO samples (the bundled detector boxes);
+7. report — HTML with PNGs next to it (see :mod:`autopose.platform.report`).
+
+Re-running continues where it stopped, with no clean-up: the synthetic data and
+proxies are reused when their inputs match, a search whose planned trials all
+finished in MLflow is not run again (a half-finished one resumes through Tune's
+restore), a finished full training of the promoted run is reused (a half-finished
+one resumes from its checkpoint). The experiment config is built here in code
+(:func:`demo_config`), with nothing read from outside the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from autopose.errors import AutoposeError
+from autopose.platform.config import ExperimentConfig, load_experiment, storage_join
+
+DEMO_DATA = Path(__file__).parent / "demo_data"
+COCO_SAMPLES = DEMO_DATA / "coco_samples"
+COCO_ANN = COCO_SAMPLES / "test_coco.json"
+COCO_DETS = COCO_SAMPLES / "test_coco_det_AP_H_56.json"
+STATE_FILE = "demo_state.json"
+EXAMPLE_CROP = (256, 192)  # the COCO samples' proxy: only for pictures, so a comfortable size
+
+# The demo's search space: the ops that answer the val shift (Rotate, Brightness) among
+# ops that do not (translation, zoom, sharpness, cutout, solarize). Fewer ops than the
+# paper's ten keep a search step affordable on two CPU cores.
+DEMO_SPACE: dict[str, Any] = {
+    "name": "demo",
+    "num_sub_policies": 4,
+    "ops_per_sub_policy": 1,
+    "ops": {
+        "TranslateX": [-0.25, 0.25],
+        "Rotate": [-45.0, 45.0],
+        "Scale": [0.7, 1.35],
+        "Brightness": [0.1, 1.9],
+        "Sharpness": [0.1, 1.9],
+        "Cutout": [0.0, 0.5],
+    },
+}
+SHIFT_OPS = ("Rotate", "Brightness")  # the ops that match DEMO_SHIFT
+
+
+@dataclass(frozen=True)
+class DemoBudget:
+    """How much work the demo does (``full``: the 15-minute demo; ``tiny``: the test's)."""
+
+    name: str
+    train_images: int
+    val_images: int
+    input_size: tuple[int, int]
+    width: int  # P2Net-R18 narrowed to this many channels in every neck and head level
+    epochs: int
+    steps_per_epoch: int
+    batch_size: int
+    lr: float
+    search_trials: int
+    random_seeds: tuple[int, ...]
+    policy_lr: float
+    tau1: float
+    tau2: float
+    full_epochs: int
+    full_steps_per_epoch: int
+    max_val_samples: int | None
+    examples: int
+
+    def sub_policies(self) -> int:
+        return int(DEMO_SPACE["num_sub_policies"])
+
+
+BUDGETS: dict[str, DemoBudget] = {
+    "full": DemoBudget(
+        name="full",
+        train_images=1000,
+        val_images=150,
+        input_size=(64, 48),
+        width=32,
+        epochs=6,
+        steps_per_epoch=50,
+        batch_size=32,
+        lr=2.0e-3,
+        search_trials=1,
+        random_seeds=(0, 1),
+        policy_lr=0.05,
+        tau1=1.0,
+        tau2=0.5,
+        full_epochs=2,
+        full_steps_per_epoch=50,
+        max_val_samples=None,
+        examples=6,
+    ),
+    "tiny": DemoBudget(
+        name="tiny",
+        train_images=24,
+        val_images=8,
+        input_size=(64, 48),
+        width=16,
+        epochs=2,
+        steps_per_epoch=2,
+        batch_size=8,
+        lr=1.0e-3,
+        search_trials=1,
+        random_seeds=(0,),
+        policy_lr=0.05,
+        tau1=1.0,
+        tau2=0.5,
+        full_epochs=1,
+        full_steps_per_epoch=2,
+        max_val_samples=16,
+        examples=4,
+    ),
+}
+
+
+# -- printing progress -------------------------------------------------------------------------------
+class Progress:
+    """One line per stage on stdout: ``[3/7] search …`` then ``[3/7] search: done in 412.0 s``."""
+
+    def __init__(self, total: int, stream=None):
+        self.total = total
+        self.index = 0
+        self.stream = stream if stream is not None else sys.stdout
+        self.started = time.perf_counter()
+
+    def say(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    @contextlib.contextmanager
+    def stage(self, name: str, what: str, timings: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Time a stage; the block fills ``note`` (shown after the time) and ``reused``."""
+        self.index += 1
+        prefix = f"[{self.index}/{self.total}] {name}"
+        self.say(f"{prefix}: {what} …")
+        info: dict[str, Any] = {"note": "", "reused": False}
+        started = time.perf_counter()
+        yield info
+        wall = time.perf_counter() - started
+        previous = timings.get(name, {})
+        entry = {"wall_s": round(wall, 2), "reused": bool(info["reused"])}
+        if info["reused"] and previous.get("first_wall_s") is not None:
+            entry["first_wall_s"] = previous["first_wall_s"]
+        elif not info["reused"]:
+            entry["first_wall_s"] = round(wall, 2)
+        timings[name] = entry
+        note = f" ({info['note']})" if info["note"] else ""
+        total = time.perf_counter() - self.started
+        outcome = "reused" if info["reused"] else "done"
+        self.say(f"{prefix}: {outcome} in {wall:.1f} s{note}  [{total:.0f} s so far]")
+
+
+# -- state between runs ------------------------------------------------------------------------------
+def _read_state(workdir: Path) -> dict[str, Any]:
+    path = workdir / STATE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    temporary = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+
+
+# -- stage 1–2: data ---------------------------------------------------------------------------------
+@dataclass
+class DemoData:
+    """Where the demo's data lives."""
+
+    synth: Path  # OUT/{train,val}/{images,annotations.json}
+    train: Path
+    val: Path
+    coco: Path  # proxy of the real COCO samples (pictures)
+
+    @property
+    def val_ann(self) -> Path:
+        return self.synth / "val" / "annotations.json"
+
+    @property
+    def val_images(self) -> Path:
+        return self.synth / "val" / "images"
+
+
+def prepare_synth(workdir: Path, budget: DemoBudget, *, seed: int = 0) -> tuple[Path, bool]:
+    """The synthetic train/val split of ``budget``; reused when a finished one of the same
+    settings is there. Returns ``(folder, reused)``."""
+    from autopose.data.synth import DEMO_SHIFT, generate_synth
+
+    folder = workdir / "data" / f"synth-{budget.name}"
+    marker = folder / "synth.json"
+    settings = {
+        "train_images": budget.train_images,
+        "val_images": budget.val_images,
+        "seed": seed,
+        "shift": DEMO_SHIFT.to_text(),
+    }
+    splits_there = all((folder / split / "annotations.json").is_file() for split in ("train", "val"))
+    if splits_there and marker.is_file():
+        with contextlib.suppress(json.JSONDecodeError, OSError):
+            if json.loads(marker.read_text()) == settings:
+                return folder, True
+    generate_synth(
+        folder,
+        images=budget.train_images,
+        val_images=budget.val_images,
+        seed=seed,
+        shift=DEMO_SHIFT,
+        progress=False,
+    )
+    _write_json(marker, settings)  # written last: its presence means the split is whole
+    return folder, False
+
+
+def prepare_proxies(workdir: Path, budget: DemoBudget, synth: Path) -> tuple[DemoData, int]:
+    """Parquet proxies of train, val and the COCO samples (``build_proxy`` reuses a finished
+    file of the same inputs). Returns the paths and how many were reused."""
+    from autopose.data import build_proxy
+
+    height, width = budget.input_size
+    folder = workdir / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = DemoData(
+        synth=synth,
+        train=folder / f"train-{budget.name}-{height}x{width}.parquet",
+        val=folder / f"val-{budget.name}-{height}x{width}.parquet",
+        coco=folder / f"coco-samples-{EXAMPLE_CROP[0]}x{EXAMPLE_CROP[1]}.parquet",
+    )
+    reused = 0
+    for split, out in (("train", data.train), ("val", data.val)):
+        report = build_proxy(
+            synth / split / "annotations.json",
+            synth / split / "images",
+            out,
+            input_size=budget.input_size,
+            progress=False,
+        )
+        reused += int(report.reused)
+    report = build_proxy(COCO_ANN, COCO_SAMPLES, data.coco, input_size=EXAMPLE_CROP, progress=False)
+    reused += int(report.reused)
+    return data, reused
+
+
+# -- the experiment ----------------------------------------------------------------------------------
+def demo_config(
+    workdir: Path,
+    budget: DemoBudget,
+    data: DemoData,
+    *,
+    name: str | None = None,
+    seed: int = 0,
+    random_seeds: tuple[int, ...] | None = None,
+) -> ExperimentConfig:
+    """The demo's experiment, built in code and checked like a YAML file would be.
+
+    Every trial trains in its own process (``num_workers: 0``, one CPU each, so that a
+    2-core machine runs two trials at once); the full training uses 2 Ray Train workers.
+    """
+    width = budget.width
+    overrides: dict[str, Any] = {
+        "experiment": name or f"autopose-demo-{budget.name}",
+        "tracking_uri": f"sqlite:///{(workdir / 'mlflow.db').absolute()}",
+        "storage_path": str((workdir / "runs").absolute()),
+        "data": {"train": str(data.train), "val": str(data.val), "max_val_samples": budget.max_val_samples},
+        "model": {
+            "arch": "p2net_r18",
+            "input_size": list(budget.input_size),
+            "options": {
+                "pyramid_channels": width,
+                "parallel_channels": [width] * 4,
+                "parallel_stages": 1,
+                "refine_channels": width,
+                "refine_blocks": [1, 1, 1, 1],
+            },
+        },
+        "train": {
+            "epochs": budget.epochs,
+            "steps_per_epoch": budget.steps_per_epoch,
+            "batch_size": budget.batch_size,
+            "lr": budget.lr,
+            "ohkm_topk": 8,
+            "seed": seed,
+            "num_workers": 0,
+            "cpus_per_worker": 1.0,
+            "threads_per_worker": 1,
+            "max_failures": 1,
+        },
+        "space": DEMO_SPACE,
+        "search": {
+            "trials": budget.search_trials,
+            "tau1": budget.tau1,
+            "tau2": budget.tau2,
+            "policy_lr": budget.policy_lr,
+            "hessian": "finite_difference",
+        },
+        "baselines": {
+            "random_seeds": list(random_seeds if random_seeds is not None else budget.random_seeds),
+            "handcrafted": True,
+            "none": True,
+        },
+        "tune": {"max_concurrent": None, "search_alg": None, "scheduler": None, "max_failures": 1},
+        "full_train": {
+            "epochs": budget.full_epochs,
+            "steps_per_epoch": budget.full_steps_per_epoch,
+            "num_workers": 2,
+            "cpus_per_worker": 1.0,
+            "threads_per_worker": 1,
+            "backend": "gloo",
+            "registered_model": f"autopose-demo-{budget.name}",
+            "alias": "promoted",
+        },
+        "examples": budget.examples,
+    }
+    return load_experiment(None, overrides)
+
+
+# -- Ray ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def local_ray(num_cpus: int | None = None) -> Iterator[None]:
+    """A local Ray for the demo's stages (started once; an already connected Ray is used as is).
+
+    Worker output stays in Ray's log files (``log_to_driver=False``): the demo prints its
+    own progress. The dashboard stays on, bound to 127.0.0.1 (Ray Train V2 leaks placement
+    groups without it).
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    try:
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=False,
+            configure_logging=True,
+            logging_level="ERROR",
+        )
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise AutoposeError(f"cannot start a local Ray ({first})") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# -- stage 3: the search -----------------------------------------------------------------------------------
+def finished_trials(config: ExperimentConfig, name: str) -> dict[tuple[str, int], str]:
+    """``(kind, seed) → run id`` of this search's FINISHED trial runs in MLflow."""
+    from autopose.platform.tracking import SEARCH_KINDS, TAG_KIND, TAG_SEARCH, TAG_SEED, client
+
+    found = client(config.tracking_uri).get_experiment_by_name(name)
+    if found is None:
+        return {}
+    done = {}
+    for run in client(config.tracking_uri).search_runs(
+        [found.experiment_id], filter_string=f"tags.`{TAG_SEARCH}` = '{name}'", max_results=5000
+    ):
+        kind = run.data.tags.get(TAG_KIND)
+        if kind in SEARCH_KINDS and run.info.status == "FINISHED":
+            done[(kind, int(run.data.tags.get(TAG_SEED, 0)))] = run.info.run_id
+    return done
+
+
+def search_is_finished(config: ExperimentConfig, name: str) -> bool:
+    """Every planned trial has a FINISHED run in MLflow."""
+    planned = {(spec.kind, spec.seed) for spec in config.trial_plan()}
+    return planned <= set(finished_trials(config, name))
+
+
+class SearchWatcher:
+    """Prints a line whenever the search's state in MLflow changes (polled every ``every_s``):
+    trials finished, and for running ones the epoch reached and the latest val AP."""
+
+    def __init__(
+        self, config: ExperimentConfig, name: str, say: Callable[[str], None], every_s: float = 15.0
+    ):
+        self.config, self.name, self.say, self.every_s = config, name, say, every_s
+        self.planned = len(config.trial_plan())
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="autopose-demo-watch", daemon=True)
+        self.last = ""
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> SearchWatcher:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+    def line(self) -> str:
+        from autopose.platform.tracking import SEARCH_KINDS, TAG_KIND, TAG_SEARCH, TAG_SEED, client
+
+        mlflow_client = client(self.config.tracking_uri)
+        found = mlflow_client.get_experiment_by_name(self.name)
+        if found is None:
+            return ""
+        finished, running = 0, []
+        for run in mlflow_client.search_runs(
+            [found.experiment_id], filter_string=f"tags.`{TAG_SEARCH}` = '{self.name}'", max_results=5000
+        ):
+            kind = run.data.tags.get(TAG_KIND)
+            if kind not in SEARCH_KINDS:
+                continue
+            if run.info.status == "FINISHED":
+                finished += 1
+            elif run.info.status == "RUNNING":
+                metrics = run.data.metrics
+                label = f"{kind}-{run.data.tags.get(TAG_SEED, '0')}"
+                if "epoch" in metrics:
+                    label += f" epoch {int(metrics['epoch']) + 1}/{self.config.train.epochs}"
+                    if "val_ap" in metrics:
+                        label += f" AP {metrics['val_ap']:.3f}"
+                running.append(label)
+        text = f"{finished}/{self.planned} trials finished"
+        if running:
+            text += "; running: " + ", ".join(sorted(running))
+        return text
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.every_s):
+            try:
+                text = self.line()
+            except Exception:  # a busy SQLite file: try again at the next tick
+                continue
+            if text and text != self.last:
+                self.last = text
+                self.say(f"      {time.perf_counter() - self.started:5.0f} s  {text}")
+
+
+def run_demo_search(config: ExperimentConfig, say: Callable[[str], None]) -> tuple[str, list]:
+    """Run, resume or reuse the search. Returns ``(how, outcomes)``: ``how`` is
+    ``reused`` (every trial finished before), ``resumed`` or ``new``."""
+    import ray.tune
+
+    from autopose.platform.tune import run_search
+
+    name = config.experiment
+    if search_is_finished(config, name):
+        return "reused", []
+    path = storage_join(config.storage_path, "tune", name)
+    resume = ray.tune.Tuner.can_restore(path)
+    if resume:
+        say("      resuming the interrupted search")
+    with SearchWatcher(config, name, say):
+        outcomes = run_search(config, resume=resume, verbose=0)
+    failed = [o for o in outcomes if o.status != "TERMINATED"]
+    if failed:
+        first = failed[0]
+        raise AutoposeError(
+            f"{len(failed)} trial(s) failed, first {first.kind}-{first.seed}: {first.error}; "
+            "run the demo again to retry them",
+            field="search",
+        )
+    return ("resumed" if resume else "new"), outcomes
+
+
+# -- stage 5: promotion and full training -----------------------------------------------------------------
+@dataclass
+class FullTraining:
+    run_id: str
+    parent_run: str
+    checkpoint: str
+    final_val_ap: float | None
+    reused: bool
+
+
+def finished_full_training(config: ExperimentConfig, parent_run: str) -> FullTraining | None:
+    from autopose.platform.tracking import FULL_TRAIN_KIND, TAG_KIND, TAG_PARENT, client
+
+    mlflow_client = client(config.tracking_uri)
+    found = mlflow_client.get_experiment_by_name(config.experiment)
+    if found is None:
+        return None
+    for run in mlflow_client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`{TAG_KIND}` = '{FULL_TRAIN_KIND}' and tags.`{TAG_PARENT}` = '{parent_run}'",
+        max_results=10,
+    ):
+        checkpoint = run.data.tags.get("autopose.checkpoint")
+        if run.info.status == "FINISHED" and checkpoint and Path(checkpoint).is_file():
+            return FullTraining(
+                run.info.run_id, parent_run, checkpoint, run.data.metrics.get("final_val_ap"), True
+            )
+    return None
+
+
+def promote_best(config: ExperimentConfig, best_run: str) -> FullTraining:
+    """Promote ``best_run`` and train its policy on Ray Train (or reuse a finished training)."""
+    from autopose.platform.promote import promote
+
+    done = finished_full_training(config, best_run)
+    if done is not None:
+        return done
+    outcome = promote(best_run, config=config, tracking_uri=config.tracking_uri)
+    return FullTraining(
+        outcome.run_id, best_run, outcome.checkpoint, outcome.metrics.get("final_val_ap"), False
+    )
+
+
+# -- stage 6: evaluation ---------------------------------------------------------------------------------
+def evaluate_full_training(config: ExperimentConfig, data: DemoData, full: FullTraining) -> dict[str, Any]:
+    """The trained model on the val split's images (ground-truth boxes) and on the COCO
+    samples (the bundled detector's boxes), logged to its MLflow run."""
+    from autopose.engine.inference import evaluate_checkpoint
+    from autopose.platform.tracking import TrackedRun
+
+    checkpoint = Path(full.checkpoint)
+    val = evaluate_checkpoint(checkpoint, data.val_ann, data.val_images, batch_size=64)
+    coco = evaluate_checkpoint(checkpoint, COCO_ANN, COCO_SAMPLES, dets_path=COCO_DETS, batch_size=64)
+    result = {
+        "val_split": {"title": val.title, "metrics": _finite(val.metrics), "notes": list(val.notes)},
+        "coco_samples": {"title": coco.title, "metrics": _finite(coco.metrics), "notes": list(coco.notes)},
+    }
+    run = TrackedRun.attach(config.tracking_uri, full.run_id)
+    logged = {f"demo_val_split_{k.lower()}": v for k, v in result["val_split"]["metrics"].items()}
+    logged |= {f"coco_samples_{k.lower()}": v for k, v in result["coco_samples"]["metrics"].items()}
+    run.log_metrics({k: v for k, v in logged.items() if v is not None}, step=0)
+    return result
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
+    return {k: (float(v) if v is not None and math.isfinite(float(v)) else None) for k, v in metrics.items()}
+
+
+# -- the whole demo -----------------------------------------------------------------------------------
+STAGES = 7
+
+
+def run_demo(workdir: Path, budget_name: str = "full", *, stream=None) -> Path:
+    """Run (or continue) the demo in ``workdir``; returns the report's HTML file."""
+    from autopose.platform.compare import collect, format_table
+    from autopose.platform.report import write_report
+    from autopose.platform.tracking import check_tracking
+
+    if budget_name not in BUDGETS:
+        raise AutoposeError(f"unknown budget {budget_name!r}; valid: {', '.join(BUDGETS)}", field="--budget")
+    budget = BUDGETS[budget_name]
+    workdir = Path(workdir).absolute()
+    if workdir.exists() and not workdir.is_dir():
+        raise AutoposeError("exists and is not a folder", path=workdir, field="--workdir")
+    workdir.mkdir(parents=True, exist_ok=True)
+    state = _read_state(workdir)
+    timings: dict[str, Any] = state.get(budget.name, {}).get("stages", {})
+    progress = Progress(STAGES, stream)
+    progress.say(f"autopose demo ({budget.name} budget) in {workdir}")
+
+    def save_state(**extra: Any) -> None:
+        entry = state.setdefault(budget.name, {})
+        entry["stages"] = timings
+        entry["budget"] = asdict(budget)
+        entry.update(extra)
+        _write_json(workdir / STATE_FILE, state)
+
+    with progress.stage("data", "synthetic train/val (val turned ±45° and darker)", timings) as info:
+        synth, info["reused"] = prepare_synth(workdir, budget)
+        info["note"] = f"{synth}"
+    save_state()
+
+    with progress.stage(
+        "proxies", "Parquet proxies of train, val and the real COCO samples", timings
+    ) as info:
+        data, reused = prepare_proxies(workdir, budget, synth)
+        info["reused"] = reused == 3
+        info["note"] = f"{3 - reused} built, {reused} reused"
+    save_state()
+
+    config = demo_config(workdir, budget, data)
+    check_tracking(config.tracking_uri)
+    name = config.experiment
+    trials = ", ".join(f"{spec.kind}-{spec.seed}" for spec in config.trial_plan())
+    with local_ray():
+        with progress.stage(
+            "search", f"{trials} on local Ray, MLflow {config.tracking_uri}", timings
+        ) as info:
+            how, _ = run_demo_search(config, progress.say)
+            info["reused"] = how == "reused"
+            info["note"] = {"reused": "finished earlier", "resumed": "resumed", "new": ""}[how]
+        save_state()
+
+        with progress.stage("compare", "trials by val AP", timings) as info:
+            _, rows = collect(config.tracking_uri, name, search=name)
+            progress.say(format_table(name, rows))
+            finished = [r for r in rows if r.status == "FINISHED" and r.val_ap is not None]
+            if not finished:
+                raise AutoposeError("no finished trial with a val AP to promote", field="search")
+            best = finished[0]
+            info["note"] = f"best: {best.kind}-{best.seed}, val AP {best.val_ap:.4f}"
+        save_state(best_run=best.run_id)
+
+        with progress.stage(
+            "promote", f"{best.kind}-{best.seed} trained on Ray Train, 2 workers", timings
+        ) as info:
+            full = promote_best(config, best.run_id)
+            info["reused"] = full.reused
+            ap = f"{full.final_val_ap:.4f}" if full.final_val_ap is not None else "-"
+            info["note"] = f"run {full.run_id}, val proxy AP {ap}"
+        save_state(best_run=best.run_id, full_run=full.run_id)
+
+    with progress.stage(
+        "evaluate", "val split (GT boxes) and COCO samples (detector boxes)", timings
+    ) as info:
+        evaluation = evaluate_full_training(config, data, full)
+        val_ap = evaluation["val_split"]["metrics"].get("AP")
+        coco_ap = evaluation["coco_samples"]["metrics"].get("AP")
+        info["note"] = f"val split AP {_fmt(val_ap)}, COCO samples AP {_fmt(coco_ap)}"
+    _write_json(workdir / f"evaluation-{budget.name}.json", evaluation)
+    save_state(best_run=best.run_id, full_run=full.run_id)
+
+    report_dir = workdir / f"report-{budget.name}"
+    with progress.stage("report", "HTML and PNGs", timings) as info:
+        html = write_report(
+            report_dir,
+            config,
+            data_coco_proxy=data.coco,
+            full_run=full.run_id,
+            evaluation=evaluation,
+            timings=timings,
+            budget=asdict(budget),
+            shift_ops=SHIFT_OPS,
+        )
+        info["note"] = str(html)
+    save_state(best_run=best.run_id, full_run=full.run_id, report=str(html))
+
+    progress.say(f"report: {html}")
+    progress.say(f"MLflow UI: mlflow ui --backend-store-uri {config.tracking_uri} --host 127.0.0.1")
+    return html
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

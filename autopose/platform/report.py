@@ -1,0 +1,419 @@
+"""The demo's report: one HTML page with PNGs beside it, all read back from MLflow.
+
+What it shows:
+
+* val AP by policy kind, every seed a dot (``ap_by_kind.png``), and val AP per
+  epoch of every trial (``val_ap_curves.png``);
+* the learned op probabilities and magnitudes of each search trial, epoch by
+  epoch (``search_ops.png``, from the ``op_prob/*`` and ``op_m/*`` metrics);
+* each searched policy (and the promoted one) applied to real COCO crops
+  (``policy_<kind>-<seed>.png``);
+* the search's cost: CPU-seconds and wall time per trial, the stages' wall times;
+* the promoted run's full training and its evaluation.
+
+Every PNG is written atomically (temporary file, then rename); the page last.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import json
+import math
+import os
+import platform
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from autopose.platform.compare import collect, plot
+from autopose.platform.config import ExperimentConfig
+from autopose.platform.tracking import (
+    POLICY_ARTIFACT,
+    SEARCH_KINDS,
+    TAG_KIND,
+    TAG_PARENT,
+    TAG_SEED,
+    client,
+    download_artifact,
+    render_policy_examples,
+)
+
+
+# -- data read back from MLflow ---------------------------------------------------------------------------
+def metric_series(tracking_uri: str, run_id: str, prefix: str) -> dict[str, list[tuple[int, float]]]:
+    """``name → [(step, value), …]`` of every metric of ``run_id`` whose key starts with
+    ``prefix`` (``op_prob/``: one series per op), sorted by step."""
+    mlflow_client = client(tracking_uri)
+    keys = [k for k in mlflow_client.get_run(run_id).data.metrics if k.startswith(prefix)]
+    series = {}
+    for key in sorted(keys):
+        history = mlflow_client.get_metric_history(run_id, key)
+        latest: dict[int, tuple[int, float]] = {}
+        for point in history:  # a retried epoch logs its step again: keep the latest value
+            if point.step not in latest or point.timestamp >= latest[point.step][0]:
+                latest[point.step] = (point.timestamp, point.value)
+        series[key[len(prefix) :]] = [(step, latest[step][1]) for step in sorted(latest)]
+    return series
+
+
+def _save(figure, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
+    os.close(handle)
+    try:
+        figure.savefig(temporary, dpi=120)
+        os.replace(temporary, out)
+    finally:
+        plt.close(figure)
+        Path(temporary).unlink(missing_ok=True)
+    return out
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# -- pictures ----------------------------------------------------------------------------------------------
+def plot_val_curves(runs: Sequence[Any], tracking_uri: str, out: Path) -> Path:
+    """val AP per epoch, one line per trial (colour by kind)."""
+    plt = _pyplot()
+    colours = dict(
+        zip(SEARCH_KINDS, ("#d62728", "#7f7f7f", "#2ca02c", "#1f77b4", "#9467bd", "#8c564b"), strict=True)
+    )
+    figure, axis = plt.subplots(figsize=(6.4, 3.6))
+    for run in runs:
+        kind, seed = run.data.tags.get(TAG_KIND), run.data.tags.get(TAG_SEED, "0")
+        points = metric_series(tracking_uri, run.info.run_id, "val_ap").get("", [])
+        if points:
+            axis.plot(
+                [s + 1 for s, _ in points],
+                [v for _, v in points],
+                marker="o",
+                markersize=3,
+                color=colours.get(kind, "black"),
+                linestyle="-" if kind == "search" else "--",
+                label=f"{kind}-{seed}",
+            )
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("val OKS AP")
+    axis.set_title("val AP per epoch, every trial", fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    return _save(figure, out)
+
+
+def plot_search_ops(
+    search_runs: Sequence[Any],
+    tracking_uri: str,
+    out: Path,
+    value_of: dict[str, Any],
+    shift_ops: Sequence[str],
+) -> Path:
+    """Per search trial: the op probabilities (top) and normalized magnitudes (bottom) after
+    every epoch; the legend gives each op's last magnitude in its own units. Ops that match
+    the val shift are drawn with solid lines."""
+    plt = _pyplot()
+    count = max(len(search_runs), 1)
+    figure, axes = plt.subplots(2, count, figsize=(5.6 * count, 6.6), squeeze=False)
+    for column, run in enumerate(search_runs):
+        seed = run.data.tags.get(TAG_SEED, "0")
+        probabilities = metric_series(tracking_uri, run.info.run_id, "op_prob/")
+        magnitudes = metric_series(tracking_uri, run.info.run_id, "op_m/")
+        top, bottom = axes[0][column], axes[1][column]
+        for op, points in probabilities.items():
+            style = "-" if op in shift_ops else ":"
+            top.plot(
+                [s + 1 for s, _ in points], [v for _, v in points], style, marker="o", markersize=3, label=op
+            )
+        for op, points in magnitudes.items():
+            convert = value_of.get(op)
+            if convert is None or not points:
+                continue
+            style = "-" if op in shift_ops else ":"
+            label = f"{op} (last: {convert(points[-1][1]):.3g})"
+            bottom.plot(
+                [s + 1 for s, _ in points],
+                [v for _, v in points],
+                style,
+                marker="o",
+                markersize=3,
+                label=label,
+            )
+        top.set_title(f"search-{seed}: op probability (sums to 1)", fontsize=9)
+        top.set_ylabel("probability")
+        bottom.set_title(f"search-{seed}: magnitude m (0–10; legend: value in the op's units)", fontsize=9)
+        bottom.set_ylabel("m")
+        bottom.axhline(5.0, color="black", linewidth=0.6, alpha=0.5)
+        for axis in (top, bottom):
+            axis.set_xlabel("epoch")
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7, ncol=2)
+    figure.suptitle("learned policy over the search (solid: ops that match the val shift)", fontsize=10)
+    figure.tight_layout()
+    return _save(figure, out)
+
+
+def plot_cost(rows: Sequence[Any], walls: dict[str, float], out: Path) -> Path:
+    """CPU-seconds and wall seconds of every trial."""
+    plt = _pyplot()
+    labels = [f"{r.kind}-{r.seed}" for r in rows]
+    cpu = [r.cost_cpu_s or 0.0 for r in rows]
+    wall = [walls.get(r.run_id, 0.0) for r in rows]
+    figure, axis = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 2), 3.4))
+    positions = range(len(rows))
+    axis.bar([p - 0.2 for p in positions], cpu, width=0.4, label="CPU-seconds", color="#6baed6")
+    axis.bar([p + 0.2 for p in positions], wall, width=0.4, label="wall seconds", color="#fd8d3c")
+    axis.set_xticks(list(positions), labels, rotation=30, fontsize=8)
+    axis.set_ylabel("seconds")
+    axis.set_title("cost per trial", fontsize=9)
+    axis.legend(fontsize=8)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return _save(figure, out)
+
+
+def policy_pictures(
+    runs: Sequence[Any], tracking_uri: str, space: dict[str, Any], coco_proxy: Path, folder: Path, count: int
+) -> list[tuple[str, Path, dict[str, Any]]]:
+    """Each run's policy applied to real COCO crops: ``[(label, png, policy document)]``."""
+    import torch
+
+    from autopose.augment import Handcrafted, Policy, SearchSpace, no_policy, random_policy
+    from autopose.data import ProxyDataset
+
+    crops = ProxyDataset(coco_proxy)
+    labelled = [i for i in range(len(crops)) if float(crops[i]["visibility"].sum()) > 0]
+    rows = [crops[i] for i in labelled[:count]]
+    search_space = SearchSpace.from_dict(space)
+    pictures = []
+    with tempfile.TemporaryDirectory(prefix="autopose-report-") as scratch:
+        for run in runs:
+            kind, seed = run.data.tags.get(TAG_KIND), int(run.data.tags.get(TAG_SEED, 0))
+            label = f"{kind}-{seed}"
+            document = json.loads(
+                download_artifact(tracking_uri, run.info.run_id, POLICY_ARTIFACT, scratch).read_text()
+            )
+            if document.get("format") == "autopose.policy/1":
+                augment = Policy.from_dict(document, space=search_space, seed=seed)
+            elif kind == "handcrafted":
+                augment = Handcrafted(flip_pairs=tuple(crops.metadata.flip_pairs), seed=seed)
+            elif kind == "random":
+                augment = random_policy(search_space, seed)
+            else:
+                augment = no_policy()
+            with torch.no_grad():
+                png = render_policy_examples(
+                    augment,
+                    rows,
+                    folder / f"policy_{label}.png",
+                    title=f"{label} on real COCO crops (row 1: as they are; rows 2–3: two draws)",
+                    skeleton=crops.metadata.skeleton,
+                    seed=seed,
+                )
+            pictures.append((label, png, document))
+    return pictures
+
+
+# -- the page ----------------------------------------------------------------------------------------------
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _policy_table(document: dict[str, Any], value_of: dict[str, Any]) -> str:
+    if document.get("format") != "autopose.policy/1":
+        return f"<p><code>{html.escape(json.dumps(document))}</code></p>"
+    rows = []
+    for k, steps in enumerate(document["sub_policies"]):
+        for n, step in enumerate(steps):
+            convert = value_of.get(step["op"])
+            real = _fmt(convert(step["m"]), 3) if convert is not None else "–"
+            rows.append(
+                [str(k), str(n), html.escape(step["op"]), _fmt(step["p"], 3), _fmt(step["m"], 2), real]
+            )
+    return _table(["sub-policy", "step", "op", "p", "m (0–10)", "value"], rows)
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.6em 0 1.2em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
+th { background: #f3f3f3; }
+img { max-width: 100%; border: 1px solid #ddd; margin: 0.3em 0 1em; }
+code { background: #f6f6f6; padding: 1px 4px; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+
+def write_report(
+    folder: str | Path,
+    config: ExperimentConfig,
+    *,
+    data_coco_proxy: Path,
+    full_run: str | None,
+    evaluation: dict[str, Any] | None,
+    timings: dict[str, Any],
+    budget: dict[str, Any],
+    shift_ops: Sequence[str] = (),
+    examples: int = 6,
+) -> Path:
+    """Write ``folder/index.html`` and its PNGs; returns the HTML file."""
+    from autopose.augment import SearchSpace
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    uri, name = config.tracking_uri, config.experiment
+    mlflow_client = client(uri)
+    experiment = mlflow_client.get_experiment_by_name(name)
+    _, rows = collect(uri, name, search=name)
+    runs = {
+        run.info.run_id: run
+        for run in mlflow_client.search_runs([experiment.experiment_id], max_results=5000)
+    }
+    trial_runs = [runs[r.run_id] for r in rows if r.run_id in runs]
+    search_runs = sorted(
+        (r for r in trial_runs if r.data.tags.get(TAG_KIND) == "search"),
+        key=lambda r: int(r.data.tags.get(TAG_SEED, 0)),
+    )
+    space = SearchSpace.from_dict(config.space_dict)
+    value_of = {r.op: (lambda m, op=r.op: space.value(op, m)) for r in space.ops if r.spec.has_magnitude}
+    walls = {r.run_id: runs[r.run_id].data.metrics.get("trial_wall_s", 0.0) for r in rows if r.run_id in runs}
+
+    pictures = {
+        "ap": plot(name, rows, folder / "ap_by_kind.png"),
+        "curves": plot_val_curves(trial_runs, uri, folder / "val_ap_curves.png"),
+        "ops": plot_search_ops(search_runs, uri, folder / "search_ops.png", value_of, shift_ops),
+        "cost": plot_cost(rows, walls, folder / "cost.png"),
+    }
+    promoted = [r for r in trial_runs if r.data.tags.get("autopose.promoted") == "true"]
+    shown = search_runs + [r for r in promoted if r not in search_runs]
+    shown += [r for r in trial_runs if r.data.tags.get(TAG_KIND) == "handcrafted" and r not in shown][:1]
+    examples_png = policy_pictures(shown, uri, config.space_dict, data_coco_proxy, folder, examples)
+
+    height, width = config.model.input_size
+    train = config.train
+    parts = [f"<h1>autopose demo: {html.escape(name)}</h1>"]
+    parts.append(
+        f"<p class='note'>Written {datetime.datetime.now().isoformat(timespec='seconds')} on "
+        f"{html.escape(platform.node())} ({os.cpu_count()} CPUs, {html.escape(platform.machine())}). "
+        f"Model {html.escape(config.model.arch)} at {height}×{width}, {train.epochs} epochs × "
+        f"{train.steps_per_epoch} steps of {train.batch_size} crops per trial. Val split: figures "
+        f"turned up to ±45° and darker than train; the ops that match that shift: "
+        f"{', '.join(shift_ops) or '–'}.</p>"
+    )
+    parts.append(
+        "<p>MLflow UI: <code>"
+        + html.escape(f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+        + "</code></p>"
+    )
+
+    parts.append("<h2>Policies by val AP</h2>")
+    parts.append(
+        _table(
+            ["kind", "seed", "val AP", "CPU-s", "wall s", "status", "promoted", "run id"],
+            [
+                [
+                    html.escape(r.kind),
+                    str(r.seed),
+                    _fmt(r.val_ap),
+                    _fmt(r.cost_cpu_s, 1),
+                    _fmt(walls.get(r.run_id), 1),
+                    html.escape(r.status),
+                    "yes" if r.promoted else "",
+                    f"<code>{r.run_id}</code>",
+                ]
+                for r in rows
+            ],
+        )
+    )
+    parts.append(f"<img src='{pictures['ap'].name}' alt='val AP by policy kind'>")
+    parts.append(f"<img src='{pictures['curves'].name}' alt='val AP per epoch'>")
+
+    parts.append("<h2>The learned policy over the search</h2>")
+    parts.append(
+        "<p class='note'>Op probability: the chance that a step of a randomly drawn sub-policy is that op. "
+        "Magnitudes in the op's own units (degrees, factors, fractions).</p>"
+    )
+    parts.append(f"<img src='{pictures['ops'].name}' alt='op probabilities per epoch'>")
+    for label, png, document in examples_png:
+        parts.append(f"<h3>{html.escape(label)}</h3>")
+        parts.append(_policy_table(document, value_of))
+        parts.append(f"<img src='{png.name}' alt='{html.escape(label)} on real crops'>")
+
+    parts.append("<h2>Cost of the search</h2>")
+    total_cpu = sum(r.cost_cpu_s or 0.0 for r in rows)
+    by_kind = {kind: sum(r.cost_cpu_s or 0.0 for r in rows if r.kind == kind) for kind in SEARCH_KINDS}
+    split = ", ".join(f"{kind} {seconds:.0f}" for kind, seconds in by_kind.items() if seconds > 0)
+    parts.append(f"<p>{len(rows)} trials, {total_cpu:.0f} CPU-seconds in all ({split}).</p>")
+    parts.append(f"<img src='{pictures['cost'].name}' alt='cost per trial'>")
+    stage_rows = []
+    for stage, entry in timings.items():
+        first = entry.get("first_wall_s")
+        stage_rows.append(
+            [
+                html.escape(stage),
+                _fmt(entry.get("wall_s"), 1),
+                "yes" if entry.get("reused") else "",
+                _fmt(first, 1),
+            ]
+        )
+    parts.append(_table(["stage", "wall s (this run)", "reused", "wall s (when it ran)"], stage_rows))
+
+    parts.append("<h2>Full training of the promoted policy</h2>")
+    if full_run is not None and full_run in runs:
+        run = runs[full_run]
+        metrics = run.data.metrics
+        parent = html.escape(run.data.tags.get(TAG_PARENT, "–"))
+        workers = html.escape(run.data.params.get("train.num_workers", "?"))
+        parts.append(
+            f"<p>Run <code>{full_run}</code>, child of <code>{parent}</code>, {workers} Ray Train workers, "
+            f"{_fmt(metrics.get('trial_wall_s'), 1)} s wall. "
+            f"Val proxy AP {_fmt(metrics.get('final_val_ap'))}.</p>"
+        )
+    if evaluation:
+        keys = list(dict.fromkeys(k for part in evaluation.values() for k in part["metrics"]))
+        parts.append(
+            _table(
+                ["data", *keys],
+                [
+                    [html.escape(part["title"]), *(_fmt(part["metrics"].get(k)) for k in keys)]
+                    for part in evaluation.values()
+                ],
+            )
+        )
+        parts.append(
+            "<p class='note'>The model trained on synthetic figures only: the four real COCO images show "
+            "that the pipeline runs end to end on real photos and detector boxes, not accuracy on them.</p>"
+        )
+
+    parts.append("<h2>Budget</h2>")
+    parts.append(f"<pre>{html.escape(json.dumps(budget, indent=2))}</pre>")
+
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>autopose demo</title>"
+        f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
+    out = folder / "index.html"
+    temporary = folder / f".index.html.{os.getpid()}.tmp"
+    temporary.write_text(page)
+    os.replace(temporary, out)
+    return out
