@@ -133,6 +133,18 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     )
     started = time.perf_counter()
     attempt = len(run.client.get_metric_history(run.run_id, "attempt_wall_s"))
+
+    def close(status: str) -> None:
+        """Log this attempt's time and the trial's cost so far, then close the run."""
+        run.log_metrics({"attempt_wall_s": time.perf_counter() - started}, step=attempt)
+        total_wall = sum(m.value for m in run.client.get_metric_history(run.run_id, "attempt_wall_s"))
+        cpus, gpus = resources_of(experiment.train)
+        run.log_metrics(
+            {"trial_wall_s": total_wall, "cost_cpu_s": total_wall * cpus, "cost_gpu_s": total_wall * gpus},
+            step=experiment.train.epochs,
+        )
+        run.finish(status)
+
     try:
         fit(
             job,
@@ -140,19 +152,69 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             storage_path=storage_join(experiment.storage_path, "train"),
             tune_callback=True,
         )
-    except BaseException:
-        run.log_metrics({"attempt_wall_s": time.perf_counter() - started}, step=attempt)
-        run.finish("FAILED")
+    except SystemExit:
+        # Tune stops a trial by exiting its thread at a report: ASHA cutting it short, or reaching
+        # max_t at the last epoch (then the trial is complete: its last epoch is logged).
+        if _epochs_logged(run) >= experiment.train.epochs:
+            close("FINISHED")
+        else:
+            run.set_tags({"autopose.stopped_early": "true"})
+            close("KILLED")
         raise
-    wall = time.perf_counter() - started
-    run.log_metrics({"attempt_wall_s": wall}, step=attempt)
-    total_wall = sum(m.value for m in run.client.get_metric_history(run.run_id, "attempt_wall_s"))
-    cpus, gpus = resources_of(experiment.train)
-    run.log_metrics(
-        {"trial_wall_s": total_wall, "cost_cpu_s": total_wall * cpus, "cost_gpu_s": total_wall * gpus},
-        step=experiment.train.epochs,
-    )
-    run.finish("FINISHED")
+    except BaseException:
+        close("FAILED")
+        raise
+    close("FINISHED")
+
+
+def _epochs_logged(run: TrackedRun) -> int:
+    return len(run.client.get_metric_history(run.run_id, "val_ap"))
+
+
+class CloseRuns(ray.tune.Callback):
+    """On the driver: closes the MLflow run of a trial that ended without closing it itself.
+
+    A trial stopped early by the scheduler (ASHA) is interrupted between two
+    epochs, and a trial whose process died never reaches its own bookkeeping:
+    their runs would stay RUNNING. Stopped runs end KILLED and tagged
+    ``autopose.stopped_early``, with the cost Tune measured; dead ones FAILED
+    (a retry reopens the same run).
+    """
+
+    def __init__(
+        self, tracking_uri: str, experiment_id: str, search_name: str, cpus: float, gpus: float, epochs: int
+    ):
+        self.tracking_uri, self.experiment_id, self.search_name = tracking_uri, experiment_id, search_name
+        self.cpus, self.gpus, self.epochs = cpus, gpus, epochs
+
+    def _open_run(self, trial) -> TrackedRun | None:
+        key = f"{self.search_name}/{trial.trial_id}"
+        found = client(self.tracking_uri).search_runs(
+            [self.experiment_id], filter_string=f"tags.`{TAG_TRIAL}` = '{key}'", max_results=1
+        )
+        if not found or found[0].info.status != "RUNNING":
+            return None
+        return TrackedRun.attach(self.tracking_uri, found[0].info.run_id)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        run = self._open_run(trial)
+        if run is None:
+            return
+        result = trial.last_result or {}
+        wall = float(result.get("time_total_s", 0.0))
+        step = int(result.get("training_iteration", 0))
+        run.log_metrics(
+            {"trial_wall_s": wall, "cost_cpu_s": wall * self.cpus, "cost_gpu_s": wall * self.gpus}, step
+        )
+        complete = _epochs_logged(run) >= self.epochs
+        if not complete:
+            run.set_tags({"autopose.stopped_early": "true"})
+        run.finish("FINISHED" if complete else "KILLED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        run = self._open_run(trial)
+        if run is not None:
+            run.finish("FAILED")
 
 
 # -- the trials' plan ---------------------------------------------------------------------------------------
@@ -262,6 +324,14 @@ def _trainable(setup: TrialSetup):
     return ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), resources)
 
 
+def _close_runs(setup: TrialSetup) -> CloseRuns:
+    cpus, gpus = resources_of(setup.experiment.train)
+    experiment = setup.experiment
+    return CloseRuns(
+        experiment.tracking_uri, setup.experiment_id, setup.search_name, cpus, gpus, experiment.train.epochs
+    )
+
+
 def _tuner(setup: TrialSetup, path: str, *, resume: bool, verbose: int) -> ray.tune.Tuner:
     experiment = setup.experiment
     trainable = _trainable(setup)
@@ -301,11 +371,13 @@ def _tuner(setup: TrialSetup, path: str, *, resume: bool, verbose: int) -> ray.t
             max_concurrent_trials=settings.max_concurrent,
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
+            reuse_actors=True,  # later trials skip the process start and imports (about 10 s each here)
         ),
         run_config=ray.tune.RunConfig(
             name=setup.search_name,
             storage_path=storage_join(experiment.storage_path, "tune"),
             failure_config=ray.tune.FailureConfig(max_failures=settings.max_failures),
+            callbacks=[_close_runs(setup)],
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
             verbose=verbose,
         ),
