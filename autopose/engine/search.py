@@ -320,14 +320,20 @@ class BilevelSearch:
         try:
             names, weights = self._weights()
             augmented, heatmaps, weight = self.augment(train, noise)
+            leaves = [augmented.detach().requires_grad_(True)]
+            if self.differentiate_targets:
+                leaves.append(heatmaps.detach().requires_grad_(True))
+            target = leaves[1] if self.differentiate_targets else heatmaps
             with frozen_batchnorm_stats(self._net):
-                loss = self._loss_at(names, weights, augmented.detach(), heatmaps.detach(), weight)
-                train_grad = torch.autograd.grad(loss, weights, allow_unused=True)
+                loss = self._loss_at(names, weights, leaves[0], target, weight)
+                grads = torch.autograd.grad(loss, [*weights, *leaves], allow_unused=True)
             train_grad = [
-                torch.zeros_like(w) if g is None else g for w, g in zip(weights, train_grad, strict=True)
+                torch.zeros_like(w) if g is None else g
+                for w, g in zip(weights, grads[: len(weights)], strict=True)
             ]
+            at_w = tuple(grads[len(weights) :])
             v, _ = self._unrolled_val_gradient(names, weights, train_grad, val)
-            product, _ = self._mixed_product(names, weights, v, augmented, heatmaps, weight, None)
+            product, _ = self._mixed_product(names, weights, v, augmented, heatmaps, weight, at_w)
             grads = self._policy_gradient_from(augmented, heatmaps, product)
             return [
                 torch.zeros_like(p) if g is None else g

@@ -200,14 +200,17 @@ def test_hypergradient_is_the_derivative_of_the_unrolled_validation_loss():
     assert theirs[rotate_m] * numeric[rotate_m] < 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_finite_difference_agrees_with_exact_on_a_smooth_model(dtype):
+@pytest.mark.parametrize(
+    ("dtype", "central", "tolerance"),
+    [(torch.float32, True, 0.01), (torch.float64, True, 0.01), (torch.float32, False, 0.08)],
+)
+def test_finite_difference_agrees_with_exact_on_a_smooth_model(dtype, central, tolerance):
     model, policy, train, val, noise = setup(seed=1, dtype=dtype, space=p2net_space())
-    search = make_search(model, policy, dtype)
+    search = make_search(model, policy, dtype, central=central)
     fd = flat(search.hypergradient(train, val, noise, hessian="finite_difference"))
     exact = flat(search.hypergradient(train, val, noise, hessian="exact"))
-    assert torch.nn.functional.cosine_similarity(fd, exact, dim=0) > 0.9999
-    assert (fd - exact).norm() / exact.norm() < 0.01
+    assert torch.nn.functional.cosine_similarity(fd, exact, dim=0) > 1 - tolerance**2
+    assert (fd - exact).norm() / exact.norm() < tolerance
 
 
 def test_finite_difference_on_relu_needs_a_radius_that_crosses_no_switch():
