@@ -119,7 +119,7 @@ def run_training(
     check_tracking(experiment.tracking_uri)
     experiment_name = name or experiment.experiment
     experiment_id = ensure_experiment(experiment.tracking_uri, experiment_name)
-    key = f"{parent_run or experiment_name}-{_policy_key(spec)}"
+    key = f"{parent_run}-{_policy_key(spec)}" if parent_run else _policy_key(spec)
     tags = {
         TAG_TRIAL: f"{FULL_TRAIN_KIND}/{key}",
         TAG_KIND: FULL_TRAIN_KIND,
