@@ -152,6 +152,8 @@ def plot(name: str, rows: list[PolicyRow], out: str | Path) -> Path:
             axis.annotate(
                 f"s{seed}", (x + offset, value), fontsize=6, xytext=(2, 2), textcoords="offset points"
             )
+    scored = [r.val_ap for r in rows if r.val_ap is not None]
+    axis.set_ylim(0.0, max([0.05, *scored]) * 1.15)  # AP lies in [0, 1]
     axis.set_xticks(range(len(kinds)), kinds)
     axis.set_ylabel("val OKS AP")
     axis.set_title(f"{name}: val AP by policy kind (dots: seeds, bars: mean)", fontsize=9)
