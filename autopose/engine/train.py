@@ -309,6 +309,8 @@ class Trainer:
             dataset=self.dataset_name,
             total_steps=total_steps,
         )
+        if isinstance(self.augment, nn.Module):
+            self.augment.to(self.device)  # the relaxed policy's parameters live beside the images
         self.search = None
         self.policy_optimizer = None
         if isinstance(self.augment, RelaxedPolicy):
