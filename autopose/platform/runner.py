@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ class TrainingJob:
         checkpoint_dir: in-process outside Tune: where the resumable checkpoint lives.
         inject_failure_after_epoch: fault injection (tests, drills): fail once, right
             after this epoch's report and checkpoint.
+        inject_kill_after_epoch: fault injection: the last rank's process kills itself
+            (SIGKILL, no clean-up) once, right after this epoch's report and checkpoint.
     """
 
     data: DataConfig
@@ -78,6 +81,7 @@ class TrainingJob:
     in_tune: bool = False
     checkpoint_dir: str | None = None
     inject_failure_after_epoch: int | None = None
+    inject_kill_after_epoch: int | None = None
 
 
 # -- inside the workers --------------------------------------------------------------------------
@@ -139,6 +143,7 @@ class _ReportingHooks(TrainHooks):
     def _cpu_seconds(self, trainer: Trainer) -> float:
         used = torch.tensor([time.process_time() - self.cpu_start], dtype=torch.float64)
         if trainer.world_size > 1:
+            used = used.to(trainer.device)  # NCCL reduces CUDA tensors only
             dist.all_reduce(used)
         return float(used.item())
 
@@ -163,6 +168,11 @@ class _ReportingHooks(TrainHooks):
             self.session.report(metrics, saved)
         if report.epoch == self.job.inject_failure_after_epoch:
             raise RuntimeError(f"injected failure after epoch {report.epoch} ({self.job.title})")
+        if report.epoch == self.job.inject_kill_after_epoch and trainer.rank == trainer.world_size - 1:
+            # A resumed run starts after this epoch, so the kill happens once. The pause lets Ray
+            # register the checkpoint just reported before the process vanishes.
+            time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _log_policy(self, trainer: Trainer) -> None:
         from autopose.platform.tracking import POLICY_ARTIFACT, render_policy_examples
