@@ -56,6 +56,8 @@ RANGED = ("tau1", "tau2", "policy_lr")
 # Fault injection for tests and drills: "N" makes every trial fail once, right after the
 # checkpoint of epoch N (0-based), to show that the retry resumes instead of restarting.
 FAILURE_ENV = "AUTOPOSE_INJECT_FAILURE"
+# "N": every trial's process kills itself (SIGKILL) once, right after the checkpoint of epoch N.
+KILL_ENV = "AUTOPOSE_INJECT_KILL"
 
 
 @dataclass
@@ -66,6 +68,7 @@ class TrialSetup:
     search_name: str
     experiment_id: str
     inject_failure_after_epoch: int | None = None
+    inject_kill_after_epoch: int | None = None
 
 
 @dataclass
@@ -130,9 +133,13 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         title=f"{setup.search_name}: {spec.kind} (seed {spec.seed})",
         in_tune=True,
         inject_failure_after_epoch=setup.inject_failure_after_epoch,
+        inject_kill_after_epoch=setup.inject_kill_after_epoch,
     )
     started = time.perf_counter()
     attempt = len(run.client.get_metric_history(run.run_id, "attempt_wall_s"))
+    # Every start is counted, also those whose process died before closing the run (SIGKILL, lost node).
+    starts = len(run.client.get_metric_history(run.run_id, "attempt_started"))
+    run.log_metrics({"attempt_started": time.time()}, step=starts)
 
     def close(status: str) -> None:
         """Log this attempt's time and the trial's cost so far, then close the run."""
@@ -413,12 +420,13 @@ def run_search(
     check_tracking(experiment.tracking_uri)
     experiment_id = ensure_experiment(experiment.tracking_uri, search_name)
     path = storage_join(experiment.storage_path, "tune", search_name)
-    failure = os.environ.get(FAILURE_ENV)
+    failure, kill = os.environ.get(FAILURE_ENV), os.environ.get(KILL_ENV)
     setup = TrialSetup(
         experiment=experiment,
         search_name=search_name,
         experiment_id=experiment_id,
         inject_failure_after_epoch=int(failure) if failure not in (None, "") else None,
+        inject_kill_after_epoch=int(kill) if kill not in (None, "") else None,
     )
     with ray_session(address):
         exists = ray.tune.Tuner.can_restore(path)
