@@ -50,7 +50,8 @@ def build_model(
             (heatmaps are 1/4 of it). The networks themselves take any such size.
         pretrained: local ImageNet ResNet checkpoint for the backbone
             (see :func:`autopose.models.backbone.load_pretrained`).
-        **switches: P2Net only, any field of :class:`P2NetConfig`. The ablations:
+        **switches: P2Net only, any field of :class:`P2NetConfig` but depth, num_joints
+            and fusion (the name sets those). The ablations:
             ``use_apm=False`` drops the Attention Partial Modules;
             ``use_parallel=False`` drops the fusion stage (ParallelNet, or Progressive
             Fusion for ``_prog``): heads and RefineNet read PyramidNet directly.

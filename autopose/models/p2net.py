@@ -30,7 +30,7 @@ nearest upsampling when ``s`` is coarser.
 
 Progressive Fusion (the paper's second version names it without more detail; this
 is its plainest reading). Levels are fused one after another, coarse to fine:
-``F5 = blocks(T5(P5))`` and ``F_l = blocks(ReLU(up(T(F_(l+1))) + T_l(P_l)))``,
+``F5 = blocks(ReLU(T5(P5)))`` and ``F_l = blocks(ReLU(up(T(F_(l+1))) + T_l(P_l)))``,
 where ``T`` are 1×1 convs (+BN) that set the level's width, ``up`` is nearest
 upsampling to level ``l`` and ``blocks`` are ``parallel_stages × parallel_blocks``
 basic residual blocks (as many as a ParallelNet branch runs, so the two fusions
@@ -71,6 +71,13 @@ paper's 42.5M equals ResNet-101 without its classifier, so any neck lands above 
 The same neck on ResNet-50 at 256×192: 7.26 GFLOPs (MACs/2^30; 26.9M parameters) against
 SimpleBaseline-R50's 5.05 (its deconvolutions counted exactly; HRNet's code counts
 them 4× and prints 8.9).
+
+The tension with the train-step target (P2Net-R50 ≤ 1.3× SimpleBaseline-R50, see
+``benchmarks/models.py``): matching the paper's cost needs 1.44× SimpleBaseline's
+multiply-adds at 256×192, and a CPU train step measured 1.56–1.6× (single thread,
+process CPU time, batch 8). ``refine_channels=128`` brings that to 1.07× the MACs and
+1.12× the step time, but P2Net-R101 then has 21.3 G MACs, 19% (1e9) / 25% (2^30) below
+the paper. The defaults follow the paper.
 """
 
 from __future__ import annotations
