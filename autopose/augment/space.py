@@ -221,9 +221,11 @@ def load_search_space(path: str | Path) -> SearchSpace:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise AutoposeError(f"cannot read search space: {error.strerror or error}", path=path) from None
+    except UnicodeDecodeError as error:
+        raise AutoposeError(f"not UTF-8 text (byte {error.start})", path=path) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:

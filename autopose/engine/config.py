@@ -32,13 +32,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise AutoposeError("config file not found", path=path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise AutoposeError(f"not UTF-8 text (byte {error.start})", path=path) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else None
-        raise AutoposeError(
-            f"not valid YAML ({getattr(error, 'problem', error)})", path=path, field=where
-        ) from None
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())  # one line
+        raise AutoposeError(f"not valid YAML ({problem})", path=path, field=where) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
