@@ -224,6 +224,26 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri
 
 
+def check_name(name: str, *, path: str | Path | None = None, field: str = "experiment") -> str:
+    """A name that becomes one folder under the storage path (Tune and Train runs):
+    letters, digits, ``. _ -`` and spaces, not starting with a dot, so that it can
+    never point outside that folder (``..``, ``/``, an absolute path).
+
+    Raises:
+        AutoposeError: naming ``path`` and ``field``.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise AutoposeError("must not be empty", path=path, field=field)
+    if name.startswith(".") or len(name) > 200 or not all(c.isalnum() or c in "._- " for c in name):
+        raise AutoposeError(
+            f"{name[:60]!r} is not a plain name (letters, digits, '.', '_', '-', spaces; no leading "
+            "dot, no '/'): it names a folder under storage_path",
+            path=path,
+            field=field,
+        )
+    return name
+
+
 def storage_location(value: str | None) -> str:
     """Where checkpoints and Tune state go: a local folder (made absolute; default
     ``./runs``) or a URI Ray's storage understands (``s3://…``, ``gs://…``) kept as is."""
@@ -277,8 +297,7 @@ def load_experiment(
     config.source = str(Path(path).absolute()) if path is not None else None
     config.tracking_uri = resolve_tracking_uri(config.tracking_uri)
     config.storage_path = storage_location(config.storage_path)
-    if not config.experiment.strip():
-        raise AutoposeError("must not be empty", path=path, field="experiment")
+    check_name(config.experiment, path=path, field="experiment")
     if config.examples < 0:
         raise AutoposeError("must be ≥ 0", path=path, field="examples")
     config.space_dict = load_space_mapping(config.space, path=path)

@@ -233,10 +233,12 @@ class TrackedRun:
             self.client.log_batch(self.run_id, metrics=entries[start : start + _MAX_BATCH_METRICS])
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        if artifact_path is not None:
+            check_artifact_path(artifact_path)
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.client.log_text(self.run_id, text, check_artifact_path(artifact_file))
 
     def log_yaml(self, data: Mapping[str, Any], artifact_file: str) -> None:
         self.log_text(yaml.safe_dump(dict(data), sort_keys=False), artifact_file)
@@ -246,6 +248,20 @@ class TrackedRun:
 
     def status(self) -> str:
         return self.client.get_run(self.run_id).info.status
+
+
+def check_artifact_path(artifact: str) -> str:
+    """An artifact path stays inside its run's artifact folder: relative, no ``..``.
+
+    Raises:
+        AutoposeError: an absolute path, a drive, or a ``..`` part.
+    """
+    parts = artifact.replace("\\", "/").split("/")
+    if not artifact or artifact.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts:
+        raise AutoposeError(
+            f"artifact path {artifact!r} must stay inside the run's artifacts", field="artifact"
+        )
+    return artifact
 
 
 def get_run(tracking_uri: str, run_id: str):
@@ -266,6 +282,7 @@ def download_artifact(tracking_uri: str, run_id: str, artifact: str, dst: str | 
     Raises:
         AutoposeError: the run has no such artifact.
     """
+    check_artifact_path(artifact)
     try:
         local = client(tracking_uri).download_artifacts(run_id, artifact, str(dst))
     except (MlflowException, OSError) as error:
@@ -417,6 +434,7 @@ __all__ = [
     "TAG_TRIAL",
     "RunStatus",
     "TrackedRun",
+    "check_artifact_path",
     "check_tracking",
     "download_artifact",
     "ensure_experiment",

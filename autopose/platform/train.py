@@ -23,7 +23,7 @@ from typing import Any
 from autopose.engine.config import AugmentSpec, to_plain
 from autopose.errors import AutoposeError
 from autopose.platform.cluster import ray_session
-from autopose.platform.config import BASELINE_KINDS, ExperimentConfig, storage_join
+from autopose.platform.config import BASELINE_KINDS, ExperimentConfig, check_name, storage_join
 from autopose.platform.runner import CHECKPOINT_FILE, TrainingJob, fit, resources_of
 from autopose.platform.tracking import (
     CONFIG_ARTIFACT,
@@ -117,7 +117,7 @@ def run_training(
     spec = policy_spec(policy, experiment.train.seed)
     _check_policy(spec, experiment)
     check_tracking(experiment.tracking_uri)
-    experiment_name = name or experiment.experiment
+    experiment_name = check_name(name or experiment.experiment, field="--experiment")
     experiment_id = ensure_experiment(experiment.tracking_uri, experiment_name)
     key = f"{parent_run}-{_policy_key(spec)}" if parent_run else _policy_key(spec)
     tags = {

@@ -21,8 +21,8 @@ finishes an interrupted experiment with ``Tuner.restore(resume_errored=True)``.
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from autopose.engine.config import AugmentSpec, to_plain
 from autopose.errors import AutoposeError
 from autopose.platform.cluster import ray_session
-from autopose.platform.config import ExperimentConfig, storage_join
+from autopose.platform.config import ExperimentConfig, check_name, storage_join
 from autopose.platform.runner import TrainingJob, fit, resources_of
 from autopose.platform.tracking import (
     CONFIG_ARTIFACT,
@@ -286,14 +286,22 @@ class PlannedTrials(Searcher):
         self.inner_trials = set(state["inner_trials"])
 
     def save(self, checkpoint_path: str) -> None:
+        # JSON, not pickle: reading our own state back must never run code from the storage folder.
         self.inner.save(f"{checkpoint_path}.inner")
-        with open(checkpoint_path, "wb") as stream:
-            pickle.dump(self.get_state(), stream)
+        with open(checkpoint_path, "w") as stream:
+            json.dump(self.get_state(), stream)
 
     def restore(self, checkpoint_path: str) -> None:
+        try:
+            with open(checkpoint_path, encoding="utf-8") as stream:
+                state = json.load(stream)
+            self.set_state(state)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise AutoposeError(
+                f"not a searcher state written by autopose ({type(error).__name__}); never unpickled",
+                path=checkpoint_path,
+            ) from None
         self.inner.restore(f"{checkpoint_path}.inner")
-        with open(checkpoint_path, "rb") as stream:
-            self.set_state(pickle.load(stream))
 
 
 def _optuna_searcher(experiment: ExperimentConfig) -> Searcher:
@@ -416,7 +424,7 @@ def run_search(
             search of this name exists already (without ``resume``) or none does
             (with it).
     """
-    search_name = name or experiment.experiment
+    search_name = check_name(name or experiment.experiment, field="--experiment")
     check_tracking(experiment.tracking_uri)
     experiment_id = ensure_experiment(experiment.tracking_uri, search_name)
     path = storage_join(experiment.storage_path, "tune", search_name)
