@@ -60,18 +60,13 @@ def build_model(
     Raises:
         AutoposeError: unknown name or switch, bad input size, bad pretrained file.
     """
-    model_name = name.strip().lower()
-    if model_name not in ARCHITECTURES:
-        raise AutoposeError(f"unknown architecture {name!r}; valid: {', '.join(ARCHITECTURES)}", field="arch")
+    family, depth, fusion = parse_architecture(name.strip().lower())
     height, width = input_size
     if height <= 0 or width <= 0 or height % 4 or width % 4:
         raise AutoposeError(
             f"input size must be positive multiples of 4, got {height}x{width}", field="input"
         )
 
-    family, _, rest = model_name.partition("_r")
-    depth_text, _, variant = rest.partition("_")
-    depth = int(depth_text)
     model: nn.Module
     if family == "simplebaseline":
         if switches:
@@ -85,7 +80,6 @@ def build_model(
                 field="switches",
             )
         switches = {key: _checked_switch(key, value) for key, value in switches.items()}
-        fusion = "progressive" if variant == "prog" else "parallel"
         config = dataclasses.replace(
             P2NetConfig(depth=depth, num_joints=num_joints, fusion=fusion), **switches
         )
@@ -93,6 +87,21 @@ def build_model(
     if pretrained is not None:
         load_pretrained(model.backbone, pretrained)
     return model
+
+
+def parse_architecture(name: str) -> tuple[str, int, str | None]:
+    """``"p2net_r101_prog"`` → ``("p2net", 101, "progressive")``; SimpleBaseline's fusion is None.
+
+    Raises:
+        AutoposeError: the name is not one of :data:`ARCHITECTURES`.
+    """
+    if name not in ARCHITECTURES:
+        raise AutoposeError(f"unknown architecture {name!r}; valid: {', '.join(ARCHITECTURES)}", field="arch")
+    family, _, rest = name.partition("_r")
+    depth_text, _, variant = rest.partition("_")
+    if family == "simplebaseline":
+        return family, int(depth_text), None
+    return family, int(depth_text), "progressive" if variant == "prog" else "parallel"
 
 
 def _checked_switch(key: str, value: object) -> object:
@@ -125,4 +134,5 @@ __all__ = [
     "SimpleBaseline",
     "build_model",
     "load_pretrained",
+    "parse_architecture",
 ]

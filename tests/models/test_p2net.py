@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from autopose.errors import AutoposeError
-from autopose.models import ARCHITECTURES, P2Net, build_model
+from autopose.models import ARCHITECTURES, P2Net, build_model, parse_architecture
 
 SMALL_SIZES = [(64, 48), (128, 96)]
 
@@ -54,18 +54,26 @@ def test_shapes_bottleneck_backbones_once(name: str) -> None:
     _check_outputs(model, (64, 48), 16, 1 if name.startswith("simple") else 5)
 
 
-def test_every_architecture_builds_with_its_shapes() -> None:
-    # On the meta device: real construction and shape propagation, no arithmetic (the deep
-    # ResNets would take most of this suite's time otherwise).
+def test_every_architecture_name_parses() -> None:
+    assert len(ARCHITECTURES) == 15
+    for name in ARCHITECTURES:
+        family, depth, fusion = parse_architecture(name)
+        assert name == f"{family}_r{depth}" + ("_prog" if fusion == "progressive" else "")
+        assert (fusion is None) == (family == "simplebaseline")
+    assert parse_architecture("p2net_r50") == ("p2net", 50, "parallel")
+    assert parse_architecture("p2net_r152_prog") == ("p2net", 152, "progressive")
+
+
+@pytest.mark.parametrize("name", ["p2net_r34", "p2net_r101", "p2net_r152_prog", "simplebaseline_r152"])
+def test_deeper_architectures_build_with_their_shapes(name: str) -> None:
+    # On the meta device: real construction and shape propagation without the arithmetic.
     with torch.device("meta"):
-        for name in ARCHITECTURES:
-            model = build_model(name, num_joints=14, input_size=(64, 48))
-            depth = int(name.split("_r")[1].split("_")[0])
-            assert model.backbone.depth == depth
-            if isinstance(model, P2Net):
-                assert model.config.fusion == ("progressive" if name.endswith("_prog") else "parallel")
-            if depth >= 101:
-                _check_outputs(model, (64, 48), 14, 1 if name.startswith("simple") else 5)
+        model = build_model(name, num_joints=14, input_size=(64, 48))
+        _, depth, fusion = parse_architecture(name)
+        assert model.backbone.depth == depth
+        if isinstance(model, P2Net):
+            assert model.config.fusion == fusion
+        _check_outputs(model, (64, 48), 14, 1 if name.startswith("simple") else 5)
 
 
 def test_ablation_switches_remove_their_modules() -> None:
