@@ -170,8 +170,9 @@ class _ReportingHooks(TrainHooks):
             raise RuntimeError(f"injected failure after epoch {report.epoch} ({self.job.title})")
         if report.epoch == self.job.inject_kill_after_epoch and trainer.rank == trainer.world_size - 1:
             # A resumed run starts after this epoch, so the kill happens once. The pause lets Ray
-            # register the checkpoint just reported before the process vanishes.
-            time.sleep(1.0)
+            # register the checkpoint just reported before the process vanishes: Ray Train's
+            # controller collects it at its next health check (every 2 s by default).
+            time.sleep(6.0 if trainer.world_size > 1 or self.session.workers else 1.0)
             os.kill(os.getpid(), signal.SIGKILL)
 
     def _log_policy(self, trainer: Trainer) -> None:

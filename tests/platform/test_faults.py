@@ -38,3 +38,41 @@ def test_trial_process_killed_resumes_from_its_checkpoint(ray_cluster, smoke_con
         # Resumed after epoch 0, not restarted: every epoch ran once, steps as uninterrupted.
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_ap")) == [0, 1, 2]
         assert sorted(m.value for m in client.get_metric_history(run.info.run_id, "step")) == [2, 4, 6]
+
+
+def test_ray_train_worker_killed_resumes_and_does_the_uninterrupted_steps(ray_cluster, smoke_config):
+    """Two DDP workers on gloo; rank 1 is SIGKILLed after epoch 0: Ray Train restarts the group
+    (FailureConfig) from epoch 0's checkpoint and the run ends with the uninterrupted step count."""
+    import dataclasses
+
+    from autopose.engine.config import AugmentSpec
+    from autopose.platform.runner import TrainingJob, fit
+    from autopose.platform.tracking import TrackedRun, ensure_experiment
+
+    config = load_experiment(smoke_config({"experiment": "train-kill"}))
+    train = dataclasses.replace(
+        config.train, epochs=3, steps_per_epoch=2, num_workers=2, cpus_per_worker=1, max_failures=1
+    )
+    experiment_id = ensure_experiment(config.tracking_uri, "train-kill")
+    run = TrackedRun.open(config.tracking_uri, experiment_id, run_name="killed", tags={TAG_TRIAL: "killed"})
+    job = TrainingJob(
+        data=config.data,
+        model=config.model,
+        train=train,
+        augment=AugmentSpec(kind="none", seed=0),
+        space=config.space_dict,
+        tracking_uri=config.tracking_uri,
+        run_id=run.run_id,
+        examples=0,
+        inject_kill_after_epoch=0,
+    )
+    result = fit(job, name="train-kill", storage_path=config.storage_path)
+    assert result.checkpoint is not None
+
+    client = MlflowClient(config.tracking_uri)
+    # Every epoch logged once: epoch 0 before the kill, 1 and 2 after the restart (not 0 again).
+    assert sorted(m.step for m in client.get_metric_history(run.run_id, "val_ap")) == [0, 1, 2]
+    steps = sorted(m.value for m in client.get_metric_history(run.run_id, "step"))
+    per_epoch = steps[0]
+    assert per_epoch > 0 and steps == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    assert result.metrics["step"] == 3 * per_epoch
