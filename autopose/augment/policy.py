@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from autopose.augment.apply import apply_step
 from autopose.augment.ops import MAX_MAGNITUDE
 from autopose.augment.space import BUILTIN_SPACES, SearchSpace
 from autopose.errors import AutoposeError
+from autopose.files import atomic_write
 
 Tensor = torch.Tensor
 POLICY_FORMAT = "autopose.policy/1"
@@ -224,17 +223,9 @@ class Policy:
 
     def to_file(self, path: str | Path) -> None:
         """Write the JSON atomically (temporary file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w") as out:
-                json.dump(self.to_dict(), out, indent=2)
-                out.write("\n")
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as out:
+            json.dump(self.to_dict(), out, indent=2)
+            out.write("\n")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Policy) and self.to_dict() == other.to_dict()

@@ -20,7 +20,6 @@ Experiment configs embed the same mapping; they reuse the checks through
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import yaml
 
 from autopose.augment.ops import MAX_MAGNITUDE, OP_NAMES, OPS, OpSpec
 from autopose.errors import AutoposeError
+from autopose.files import is_finite_number
 
 Tensor = torch.Tensor
 
@@ -198,7 +198,7 @@ def _parse_range(op: Any, value_range: Any, fail) -> OpRange:
         not isinstance(value_range, Sequence)
         or isinstance(value_range, str)
         or len(value_range) != 2
-        or not all(_is_number(v) for v in value_range)
+        or not all(is_finite_number(v) for v in value_range)
     ):
         raise fail(f"expected [low, high] (two numbers) or null, got {value_range!r}", key)
     low, high = (float(v) for v in value_range)
@@ -207,10 +207,6 @@ def _parse_range(op: Any, value_range: Any, fail) -> OpRange:
         if not lo_ok <= v <= hi_ok:
             raise fail(f"{v} is outside what {op} accepts ([{lo_ok}, {hi_ok}])", key)
     return OpRange(op, low, high)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_search_space(path: str | Path) -> SearchSpace:

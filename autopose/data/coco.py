@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from pycocotools.coco import COCO
 from autopose.data.instances import PersonInstance
 from autopose.data.transforms import box_to_center_scale
 from autopose.errors import AutoposeError
+from autopose.files import is_finite_number, read_json
 
 COCO_KEYPOINTS: tuple[str, ...] = (
     "nose",
@@ -101,19 +100,6 @@ def flip_pairs_from_names(names: Sequence[str]) -> tuple[tuple[int, int], ...]:
 
 
 # -- validation ---------------------------------------------------------------------------
-def _read_json(path: Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise AutoposeError("file not found", path=path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AutoposeError(f"not valid json ({error})", path=path) from None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_list(data: Mapping, key: str, path: Path) -> list:
@@ -125,7 +111,7 @@ def _check_list(data: Mapping, key: str, path: Path) -> list:
 
 
 def _bbox(value: Any, path: Path, field: str) -> np.ndarray:
-    if not (isinstance(value, list | tuple) and len(value) == 4 and all(_is_number(v) for v in value)):
+    if not (isinstance(value, list | tuple) and len(value) == 4 and all(is_finite_number(v) for v in value)):
         raise AutoposeError(f"expected [x, y, w, h] numbers, got {value!r:.60}", path=path, field=field)
     return np.asarray(value, dtype=np.float64)
 
@@ -157,7 +143,7 @@ def _person_category(data: Mapping, path: Path) -> tuple[int, tuple[str, ...]]:
 
 def _validated_dataset(path: Path) -> tuple[dict, int, tuple[str, ...]]:
     """Read and check a COCO keypoint json; returns (dataset, person category id, keypoint names)."""
-    return validate_coco_dict(_read_json(path), path)
+    return validate_coco_dict(read_json(path), path)
 
 
 def validate_coco_dict(data: Any, path: Path) -> tuple[dict, int, tuple[str, ...]]:
@@ -187,7 +173,7 @@ def validate_coco_dict(data: Any, path: Path) -> tuple[dict, int, tuple[str, ...
         if ann["category_id"] != category_id:
             continue
         keypoints = ann.get("keypoints")
-        if not isinstance(keypoints, list) or not all(_is_number(v) for v in keypoints):
+        if not isinstance(keypoints, list) or not all(is_finite_number(v) for v in keypoints):
             raise AutoposeError("missing or not a list of numbers", path=path, field=f"{where}.keypoints")
         if len(keypoints) % 3:
             raise AutoposeError(
@@ -201,7 +187,7 @@ def validate_coco_dict(data: Any, path: Path) -> tuple[dict, int, tuple[str, ...
             )
         _bbox(ann.get("bbox"), path, f"{where}.bbox")
         for key in ("area", "iscrowd", "num_keypoints"):
-            if key in ann and not _is_number(ann[key]):
+            if key in ann and not is_finite_number(ann[key]):
                 raise AutoposeError("expected a number", path=path, field=f"{where}.{key}")
     return data, category_id, names
 
@@ -312,7 +298,7 @@ def coco_instances(
 
 def coco_image_index(ann_path: Path) -> dict[int, dict]:
     """``image_id → image record`` (``file_name``, ``width``, ``height``) of a COCO json."""
-    data = _read_json(Path(ann_path))
+    data = read_json(Path(ann_path))
     if not isinstance(data, dict):
         raise AutoposeError("expected a json object", path=ann_path)
     images = _check_list(data, "images", Path(ann_path))
@@ -362,7 +348,7 @@ def load_coco_detections(
         index: Mapping = coco_image_index(index_source)
     else:
         index_source, index = None, ann_path_or_image_index
-    detections = _read_json(dets_path)
+    detections = read_json(dets_path)
     if not isinstance(detections, list):
         raise AutoposeError(f"expected a list of detections, got {type(detections).__name__}", path=dets_path)
     images_dir = Path(images_dir)
@@ -374,7 +360,7 @@ def load_coco_detections(
         if det.get("category_id", PERSON_CATEGORY_ID) != PERSON_CATEGORY_ID:
             continue
         score = det.get("score", 1.0)
-        if not _is_number(score):
+        if not is_finite_number(score):
             raise AutoposeError("expected a number", path=dets_path, field=f"[{i}].score")
         if score < score_thr:
             continue

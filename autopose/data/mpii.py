@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from autopose.data.coco import _is_number, _read_json
 from autopose.data.instances import PersonInstance
 from autopose.data.transforms import BOX_PADDING, box_to_center_scale
 from autopose.errors import AutoposeError
+from autopose.files import is_finite_number, read_json
 
 MPII_KEYPOINTS: tuple[str, ...] = (
     "right_ankle",
@@ -89,7 +89,7 @@ def load_mpii(json_path: Path, images_dir: Path, *, aspect_ratio: float = 0.75) 
         AutoposeError: the file is missing or not in this layout (names file and field).
     """
     json_path = Path(json_path)
-    return mpii_instances(_read_json(json_path), json_path, images_dir, aspect_ratio=aspect_ratio)
+    return mpii_instances(read_json(json_path), json_path, images_dir, aspect_ratio=aspect_ratio)
 
 
 def mpii_instances(
@@ -111,18 +111,18 @@ def mpii_instances(
         if not isinstance(name, str):
             raise AutoposeError("missing or non-string", path=json_path, field=f"{where}.image")
         center = entry.get("center")
-        if not (isinstance(center, list) and len(center) == 2 and all(_is_number(v) for v in center)):
+        if not (isinstance(center, list) and len(center) == 2 and all(is_finite_number(v) for v in center)):
             raise AutoposeError("expected [x, y]", path=json_path, field=f"{where}.center")
         scale = entry.get("scale")
-        if not _is_number(scale) or scale <= 0:
+        if not is_finite_number(scale) or scale <= 0:
             raise AutoposeError("expected a positive number", path=json_path, field=f"{where}.scale")
         joints = np.asarray(entry.get("joints", []), dtype=object)
-        if joints.shape != (num_joints, 2) or not all(_is_number(v) for v in joints.ravel()):
+        if joints.shape != (num_joints, 2) or not all(is_finite_number(v) for v in joints.ravel()):
             raise AutoposeError(
                 f"expected {num_joints} [x, y] pairs", path=json_path, field=f"{where}.joints"
             )
         vis = entry.get("joints_vis", [1] * num_joints)
-        if not (isinstance(vis, list) and len(vis) == num_joints and all(_is_number(v) for v in vis)):
+        if not (isinstance(vis, list) and len(vis) == num_joints and all(is_finite_number(v) for v in vis)):
             raise AutoposeError(f"expected {num_joints} numbers", path=json_path, field=f"{where}.joints_vis")
 
         cx, cy = float(center[0]), float(center[1])

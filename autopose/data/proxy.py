@@ -44,7 +44,6 @@ from tqdm import tqdm
 from autopose.data.coco import (
     COCO_FLIP_PAIRS,
     COCO_KEYPOINTS,
-    _read_json,
     coco_instances,
     flip_pairs_from_names,
     validate_coco_dict,
@@ -53,6 +52,7 @@ from autopose.data.instances import PersonInstance
 from autopose.data.mpii import MPII_FLIP_PAIRS, MPII_KEYPOINTS, is_mpii_layout, mpii_instances
 from autopose.data.transforms import crop_matrix, transform_points, warp_image
 from autopose.errors import AutoposeError
+from autopose.files import read_json
 
 PROXY_FORMAT = "autopose.proxy/1"
 METADATA_KEY = "autopose"
@@ -271,7 +271,7 @@ class _Source:
 
 def _load_source(ann: Path, images_dir: Path, aspect_ratio: float) -> _Source:
     """Instances (training filter) and naming from a COCO or HRNet-MPII json."""
-    data = _read_json(ann)
+    data = read_json(ann)
     if is_mpii_layout(data):
         instances = mpii_instances(data, ann, images_dir, aspect_ratio=aspect_ratio)
         return _Source("mpii", MPII_KEYPOINTS, MPII_FLIP_PAIRS, (), instances)

@@ -17,9 +17,7 @@ refused instead of run.
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -30,6 +28,7 @@ import torch
 from torch import nn
 
 from autopose.errors import AutoposeError
+from autopose.files import atomic_write
 
 CHECKPOINT_FORMAT = "autopose.checkpoint/1"
 _PLAIN_SCALARS = (bool, int, float, str, type(None))
@@ -122,16 +121,8 @@ def save_checkpoint(
     payload = {"format": CHECKPOINT_FORMAT, "state_dict": state_dict, "meta": meta, "extra": extra}
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as stream:
+        torch.save(payload, stream)
     return path
 
 

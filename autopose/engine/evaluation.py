@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,7 @@ from pycocotools.cocoeval import COCOeval
 from autopose.data.coco import COCO_SIGMAS
 from autopose.data.mpii import MPII_KEYPOINTS
 from autopose.errors import AutoposeError
+from autopose.files import is_finite_number, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -68,19 +68,6 @@ def oks_sigmas(num_joints: int) -> np.ndarray:
 
 
 # -- COCO keypoint AP ---------------------------------------------------------------------
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def read_json(path: Path) -> Any:
-    """Parse a json file; a missing file or bad json is an :class:`AutoposeError` naming it."""
-    if not path.is_file():
-        raise AutoposeError("file not found", path=path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AutoposeError(f"not valid json ({error})", path=path) from None
 
 
 def load_ground_truth(path: Path) -> COCO:
@@ -112,12 +99,12 @@ def load_ground_truth(path: Path) -> COCO:
             if not isinstance(ann.get(key), int):
                 raise AutoposeError("missing or non-integer", path=path, field=f"{where}.{key}")
         keypoints = ann.get("keypoints")
-        if not isinstance(keypoints, list) or len(keypoints) % 3 or not all(map(_is_number, keypoints)):
+        if not isinstance(keypoints, list) or len(keypoints) % 3 or not all(map(is_finite_number, keypoints)):
             raise AutoposeError("missing or not [x, y, v] × K numbers", path=path, field=f"{where}.keypoints")
         bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(is_finite_number, bbox))):
             raise AutoposeError("expected [x, y, w, h] numbers", path=path, field=f"{where}.bbox")
-        if not _is_number(ann.get("area")):
+        if not is_finite_number(ann.get("area")):
             raise AutoposeError("missing or not a number", path=path, field=f"{where}.area")
         ann.setdefault("num_keypoints", sum(1 for v in keypoints[2::3] if v > 0))
         ann.setdefault("iscrowd", 0)
@@ -191,9 +178,9 @@ def validate_results(results: Any, gt: COCO, source: str) -> list[dict]:
                 path=source,
                 field=f"{where}.keypoints",
             )
-        if not all(map(_is_number, keypoints)):
+        if not all(map(is_finite_number, keypoints)):
             raise AutoposeError("expected finite numbers", path=source, field=f"{where}.keypoints")
-        if not _is_number(result["score"]):
+        if not is_finite_number(result["score"]):
             raise AutoposeError("expected a finite number", path=source, field=f"{where}.score")
     return results
 

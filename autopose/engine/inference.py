@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +46,7 @@ from autopose.engine.evaluation import (
     read_json,
 )
 from autopose.errors import AutoposeError
+from autopose.files import atomic_write
 
 PERSON_CATEGORY_ID = 1
 KEYPOINT_SCORE_THRESHOLD = 0.2
@@ -455,16 +454,8 @@ def write_results(results: list[dict], path: Path | str) -> Path:
     """Write COCO keypoint results as json, atomically (temporary file + ``os.replace``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(results, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as stream:
+        json.dump(results, stream)
     return path
 
 

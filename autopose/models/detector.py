@@ -21,8 +21,6 @@ that integer. The others, in sorted file-name order, get ``max(integer stems) + 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn
 from tqdm import tqdm
 
 from autopose.errors import AutoposeError
+from autopose.files import atomic_write
 
 PERSON_CATEGORY = 1  # COCO category id of "person" (also its label in torchvision's detectors)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -199,13 +198,5 @@ def _detect_in_images(
 
 def write_detections(detections: list[dict], path: Path | str) -> None:
     """Write the detection json atomically (a temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(detections, file)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as file:
+        json.dump(detections, file)
