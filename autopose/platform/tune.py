@@ -107,6 +107,12 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         TAG_SEARCH: setup.search_name,
         TAG_NODE: ray.get_runtime_context().get_node_id(),  # where the trial's driver ran
     }
+    finished = _finished_run(experiment.tracking_uri, setup.experiment_id, tags[TAG_TRIAL], experiment.train)
+    if finished is not None:
+        # The driver died after this trial had finished but before Tune saved that: the resumed
+        # search gets the logged result back instead of training the trial (and its run) again.
+        ray.tune.report(dict(finished.data.metrics))
+        return
     run = TrackedRun.open(
         experiment.tracking_uri, setup.experiment_id, run_name=f"{spec.kind}-{spec.seed}", tags=tags
     )
@@ -172,6 +178,18 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         close("FAILED")
         raise
     close("FINISHED")
+
+
+def _finished_run(tracking_uri: str, experiment_id: str, trial_key: str, train):
+    """The trial's MLflow run when it is FINISHED with every epoch logged, else None."""
+    mlflow_client = client(tracking_uri)
+    found = mlflow_client.search_runs(
+        [experiment_id], filter_string=f"tags.`{TAG_TRIAL}` = '{trial_key}'", max_results=1
+    )
+    if not found or found[0].info.status != "FINISHED":
+        return None
+    epochs = len(mlflow_client.get_metric_history(found[0].info.run_id, METRIC))
+    return found[0] if epochs >= train.epochs else None
 
 
 def _epochs_logged(run: TrackedRun) -> int:

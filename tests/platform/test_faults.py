@@ -76,3 +76,82 @@ def test_ray_train_worker_killed_resumes_and_does_the_uninterrupted_steps(ray_cl
     per_epoch = steps[0]
     assert per_epoch > 0 and steps == [per_epoch, 2 * per_epoch, 3 * per_epoch]
     assert result.metrics["step"] == 3 * per_epoch
+
+
+def test_search_driver_killed_resume_finishes_without_duplicate_runs(ray_cluster, smoke_config):
+    """``autopose search`` is SIGKILLed once a trial's run is FINISHED and the next one RUNNING;
+    ``--resume`` finishes the experiment. The interrupted trial continues its own MLflow run
+    (same run id, reopened by its trial tag), and the finished one is not trained again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    one_at_a_time = {
+        "experiment": "driver-kill",
+        "search": {"trials": 0},
+        "baselines": {"random_seeds": [0], "handcrafted": False, "none": True},
+        "train": {"epochs": 4, "steps_per_epoch": 2},
+        "tune": {"max_concurrent": 1},
+        "examples": 0,
+    }
+    path = smoke_config(one_at_a_time)
+    config = load_experiment(path)
+    address = ray_cluster.get_runtime_context().gcs_address  # the session's Ray: no second Ray to start
+    command = [
+        sys.executable,
+        "-m",
+        "autopose.cli",
+        "search",
+        "--config",
+        str(path),
+        "--experiment",
+        "driver-kill",
+    ]
+    command += ["--address", address]
+    env = {k: v for k, v in os.environ.items() if k not in (KILL_ENV, "RAY_ADDRESS")}
+    client = MlflowClient(config.tracking_uri)
+
+    def statuses() -> dict[str, str]:
+        experiment = client.get_experiment_by_name("driver-kill")
+        if experiment is None:
+            return {}
+        runs = client.search_runs([experiment.experiment_id])
+        return {r.info.run_id: r.info.status for r in runs}
+
+    driver = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and driver.poll() is None:
+            seen = list(statuses().values())
+            if "FINISHED" in seen and "RUNNING" in seen:
+                break
+            time.sleep(0.5)
+        assert driver.poll() is None, driver.communicate()[0].decode()[-3000:]
+        before_kill = statuses()
+        assert sorted(before_kill.values()) == ["FINISHED", "RUNNING"], before_kill
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver and anything it started
+        driver.wait()
+    finished_before = next(run_id for run_id, status in before_kill.items() if status == "FINISHED")
+    interrupted = next(run_id for run_id, status in before_kill.items() if status == "RUNNING")
+    finished_at = client.get_run(finished_before).info.end_time
+
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, timeout=180)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr).decode()[-3000:]
+
+    after = statuses()
+    # Exactly one run per planned trial, all FINISHED, none left RUNNING: the interrupted trial
+    # continued its own run rather than opening a second one.
+    assert after == {finished_before: "FINISHED", interrupted: "FINISHED"}
+    assert client.get_run(finished_before).info.end_time == finished_at  # not reopened or retrained
+    for run_id in after:
+        epochs = sorted(m.step for m in client.get_metric_history(run_id, "val_ap"))
+        assert epochs == [0, 1, 2, 3], (run_id, epochs)
+    # The interrupted trial was started twice (before the kill and on resume), closed once.
+    assert len(client.get_metric_history(interrupted, "attempt_started")) == 2
+    assert len(client.get_metric_history(finished_before, "attempt_started")) == 1
