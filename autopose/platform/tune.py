@@ -465,7 +465,24 @@ def run_search(
                 field="--experiment",
             )
         results = _tuner(setup, path, resume=resume, verbose=verbose).fit()
+    _fail_orphaned_runs(experiment.tracking_uri, experiment_id, search_name)
     return _outcomes(results, experiment, search_name, experiment_id)
+
+
+def _fail_orphaned_runs(tracking_uri: str, experiment_id: str, search_name: str) -> None:
+    """Mark FAILED the runs of this search still RUNNING once every trial has ended.
+
+    Only a killed driver leaves one: a trial it started that Tune had not yet saved
+    is started again under a new trial id (a new run), and its old run has no owner.
+    """
+    mlflow_client = client(tracking_uri)
+    for run in mlflow_client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_SEARCH}` = '{search_name}' and attributes.status = 'RUNNING'",
+        max_results=5000,
+    ):
+        mlflow_client.set_tag(run.info.run_id, "autopose.orphaned", "true")
+        mlflow_client.set_terminated(run.info.run_id, status="FAILED")
 
 
 def _outcomes(
