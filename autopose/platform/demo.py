@@ -88,6 +88,7 @@ class DemoBudget:
     full_steps_per_epoch: int
     max_val_samples: int | None
     examples: int
+    trial_cpus: float  # CPUs per trial: 0.5 runs four tiny trials at once on two cores
 
     def sub_policies(self) -> int:
         return int(DEMO_SPACE["num_sub_policies"])
@@ -113,6 +114,7 @@ BUDGETS: dict[str, DemoBudget] = {
         full_steps_per_epoch=50,
         max_val_samples=None,
         examples=6,
+        trial_cpus=1.0,
     ),
     "tiny": DemoBudget(
         name="tiny",
@@ -132,7 +134,8 @@ BUDGETS: dict[str, DemoBudget] = {
         full_epochs=1,
         full_steps_per_epoch=2,
         max_val_samples=16,
-        examples=4,
+        examples=2,
+        trial_cpus=0.5,
     ),
 }
 
@@ -309,7 +312,7 @@ def demo_config(
             "ohkm_topk": 8,
             "seed": seed,
             "num_workers": 0,
-            "cpus_per_worker": 1.0,
+            "cpus_per_worker": budget.trial_cpus,
             "threads_per_worker": 1,
             "max_failures": 1,
         },
@@ -342,7 +345,32 @@ def demo_config(
     return load_experiment(None, overrides)
 
 
-# -- Ray ------------------------------------------------------------------------------------------------
+# -- Ray and the console ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Keep the console to the demo's own lines: Tune's legacy (silent at verbose 0) output
+    instead of its status boxes, no MLflow download bars or INFO lines. Restored afterwards."""
+    import logging
+
+    saved_env = {k: os.environ.get(k) for k in ("RAY_AIR_NEW_OUTPUT", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    loggers = [logging.getLogger(name) for name in ("mlflow", "alembic", "ray.tune", "ray.train")]
+    saved_levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, saved_levels, strict=True):
+            logger.setLevel(level)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @contextlib.contextmanager
 def local_ray(num_cpus: int | None = None) -> Iterator[None]:
     """A local Ray for the demo's stages (started once; an already connected Ray is used as is).
@@ -561,6 +589,11 @@ STAGES = 7
 
 def run_demo(workdir: Path, budget_name: str = "full", *, stream=None) -> Path:
     """Run (or continue) the demo in ``workdir``; returns the report's HTML file."""
+    with quiet_libraries():
+        return _run_demo(workdir, budget_name, stream)
+
+
+def _run_demo(workdir: Path, budget_name: str, stream) -> Path:
     from autopose.platform.compare import collect, format_table
     from autopose.platform.report import write_report
     from autopose.platform.tracking import check_tracking

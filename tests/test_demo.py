@@ -1,0 +1,81 @@
+"""``autopose demo --budget tiny`` end to end on the session's local Ray: the MLflow runs, the
+report, and a second run that reuses every finished stage."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from autopose.cli import main
+
+pytestmark = [pytest.mark.platform, pytest.mark.slow]
+
+KINDS = {"search", "random", "handcrafted", "none"}
+
+
+@pytest.fixture(scope="module")
+def demo_run(ray_cluster, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--workdir", str(workdir), "--budget", "tiny"]) == 0
+    return workdir
+
+
+def _runs(workdir: Path) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("autopose-demo-tiny")
+    assert experiment is not None
+    return client.search_runs([experiment.experiment_id], max_results=100)
+
+
+def test_every_trial_kind_finished_with_a_finite_val_ap(demo_run):
+    trials = [r for r in _runs(demo_run) if r.data.tags.get("autopose.kind") != "full-train"]
+    assert {r.data.tags["autopose.kind"] for r in trials} == KINDS
+    for run in trials:
+        assert run.info.status == "FINISHED"
+        assert math.isfinite(run.data.metrics["val_ap"]) and 0.0 <= run.data.metrics["val_ap"] <= 1.0
+        assert run.data.metrics["cost_cpu_s"] > 0
+    search = next(r for r in trials if r.data.tags["autopose.kind"] == "search")
+    probabilities = [v for k, v in search.data.metrics.items() if k.startswith("op_prob/")]
+    assert len(probabilities) >= 2 and sum(probabilities) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_the_best_trial_is_promoted_and_trained_on_two_workers(demo_run):
+    runs = _runs(demo_run)
+    trials = [r for r in runs if r.data.tags.get("autopose.kind") != "full-train"]
+    full = [r for r in runs if r.data.tags.get("autopose.kind") == "full-train"]
+    assert len(full) == 1 and full[0].info.status == "FINISHED"
+    parent = next(r for r in trials if r.info.run_id == full[0].data.tags["autopose.parent_run"])
+    assert parent.data.tags["autopose.promoted"] == "true"
+    assert parent.data.metrics["val_ap"] == max(r.data.metrics["val_ap"] for r in trials)
+    assert full[0].data.params["train.num_workers"] == "2"
+    metrics = full[0].data.metrics
+    for key in ("final_val_ap", "demo_val_split_ap", "coco_samples_ap"):
+        assert math.isfinite(metrics[key]) and 0.0 <= metrics[key] <= 1.0, key
+
+
+def test_the_report_shows_existing_pictures(demo_run):
+    page = demo_run / "report-tiny" / "index.html"
+    text = page.read_text()
+    pictures = re.findall(r"<img src='([^']+)'", text)
+    assert {"ap_by_kind.png", "search_ops.png", "cost.png", "val_ap_curves.png"} <= set(pictures)
+    assert any(p.startswith("policy_search-") for p in pictures)
+    for name in pictures:
+        assert (page.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert "mlflow ui --backend-store-uri sqlite:///" in text
+    for run in _runs(demo_run):
+        assert run.info.run_id in text or run.data.tags.get("autopose.kind") == "full-train"
+
+
+def test_a_second_run_reuses_every_finished_stage(demo_run, capsys):
+    runs_before = {r.info.run_id for r in _runs(demo_run)}
+    assert main(["demo", "--workdir", str(demo_run), "--budget", "tiny"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("data", "proxies", "search", "promote"):
+        assert re.search(rf"\] {stage}: reused in", out), (stage, out)
+    assert {r.info.run_id for r in _runs(demo_run)} == runs_before
+    assert "mlflow ui --backend-store-uri" in out
