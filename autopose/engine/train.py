@@ -365,7 +365,7 @@ class Trainer:
 
         bilevel = bilevel.resolved()
         self.policy_optimizer = torch.optim.Adam(
-            self.augment.parameters(), lr=bilevel.policy_lr, betas=(0.5, 0.999)
+            self.augment.parameters(), lr=bilevel.policy_lr, betas=tuple(bilevel.policy_betas)
         )
         self.search = BilevelSearch(
             model=self.model,
