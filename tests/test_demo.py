@@ -79,3 +79,14 @@ def test_a_second_run_reuses_every_finished_stage(demo_run, capsys):
         assert re.search(rf"\] {stage}: reused in", out), (stage, out)
     assert {r.info.run_id for r in _runs(demo_run)} == runs_before
     assert "mlflow ui --backend-store-uri" in out
+
+
+def test_policy_betas_outside_zero_one_are_refused_before_anything_starts(smoke_data):
+    from autopose.errors import AutoposeError
+    from autopose.platform.config import load_experiment
+
+    data = {"train": str(smoke_data["train"]), "val": str(smoke_data["val"])}
+    loaded = load_experiment(None, {"data": data, "search": {"policy_betas": [0.5, 0.9]}})
+    assert loaded.search.policy_betas == (0.5, 0.9)
+    with pytest.raises(AutoposeError, match=r"search\.policy_betas"):
+        load_experiment(None, {"data": data, "search": {"policy_betas": [0.5, 1.0]}})

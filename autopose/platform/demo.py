@@ -68,7 +68,16 @@ SHIFT_OPS = ("Rotate", "Brightness")  # the ops that match DEMO_SHIFT
 
 @dataclass(frozen=True)
 class DemoBudget:
-    """How much work the demo does (``full``: the 15-minute demo; ``tiny``: the test's)."""
+    """How much work the demo does (``full``: the 15-minute demo; ``tiny``: the test's).
+
+    Why the search settings differ from the engine's defaults (measured on the demo's data,
+    ``benchmarks/search_quality.py``): the weights train with Adam, whose step per weight is
+    about its learning rate whatever the gradient, while the unrolled step of Eq. 8 is
+    ``ζ·g``; with ``ζ`` = the learning rate (2e-3) the unrolled weights barely move and the
+    hypergradient is so small that Adam's ε mutes it. ``unroll_lr = 0.1`` moves them by a
+    fraction of a real Adam step (ζ = 2 overshoots: the unrolled val loss grew 100-fold).
+    ``policy_betas = (0.5, 0.9)``: see :class:`autopose.engine.config.BilevelConfig`.
+    """
 
     name: str
     train_images: int
@@ -82,6 +91,8 @@ class DemoBudget:
     search_trials: int
     random_seeds: tuple[int, ...]
     policy_lr: float
+    policy_betas: tuple[float, float]
+    unroll_lr: float
     tau1: float
     tau2: float
     full_epochs: int
@@ -101,13 +112,15 @@ BUDGETS: dict[str, DemoBudget] = {
         val_images=150,
         input_size=(64, 48),
         width=32,
-        epochs=6,
-        steps_per_epoch=50,
+        epochs=5,
+        steps_per_epoch=40,
         batch_size=32,
         lr=2.0e-3,
         search_trials=1,
         random_seeds=(0, 1),
         policy_lr=0.05,
+        policy_betas=(0.5, 0.9),
+        unroll_lr=0.1,
         tau1=1.0,
         tau2=0.5,
         full_epochs=2,
@@ -129,6 +142,8 @@ BUDGETS: dict[str, DemoBudget] = {
         search_trials=1,
         random_seeds=(0,),
         policy_lr=0.05,
+        policy_betas=(0.5, 0.9),
+        unroll_lr=0.1,
         tau1=1.0,
         tau2=0.5,
         full_epochs=1,
@@ -322,6 +337,8 @@ def demo_config(
             "tau1": budget.tau1,
             "tau2": budget.tau2,
             "policy_lr": budget.policy_lr,
+            "policy_betas": list(budget.policy_betas),
+            "unroll_lr": budget.unroll_lr,
             "hessian": "finite_difference",
         },
         "baselines": {
