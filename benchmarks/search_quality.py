@@ -39,6 +39,7 @@ from autopose.platform.demo import (
     local_ray,
     prepare_proxies,
     prepare_synth,
+    quiet_libraries,
     run_demo_search,
 )
 
@@ -112,7 +113,7 @@ def main() -> int:
     synth, _ = prepare_synth(workdir, budget)
     data, _ = prepare_proxies(workdir, budget, synth)
     results = []
-    with local_ray():
+    with quiet_libraries(), local_ray():  # stdout stays JSON lines; progress goes to stderr
         for seed in args.seeds:
             result = measure_seed(workdir, data, seed)
             results.append(result)
