@@ -12,7 +12,9 @@ seeded from the seed) on local Ray and prints one JSON line:
   ``shift_weight``: the probability on the ops that match the shift (Rotate,
   Brightness) against ``uniform_shift_weight``, what a policy that learned nothing has;
 * ``brightness_darkens``: Brightness' factor went below 1 (the val split is darker);
-  ``rotate_deg``: Rotate's angle;
+* ``exported``: the final discrete policy, ``[op, p, value in the op's units]`` per
+  sub-policy step; ``rotates_both_ways``: sub-policies rotate by 10° or more each way
+  (the val split is turned both ways);
 * the cost: CPU-seconds of the search trial and of the baselines, wall seconds.
 
 A final ``summary`` line aggregates the seeds. Finished searches are reused (the
@@ -29,6 +31,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,7 +54,7 @@ def _say(text: str) -> None:
 def measure_seed(workdir: Path, data, seed: int) -> dict:
     from autopose.augment import SearchSpace
     from autopose.platform.compare import collect
-    from autopose.platform.tracking import client
+    from autopose.platform.tracking import POLICY_ARTIFACT, client, download_artifact
 
     budget = BUDGETS["full"]
     config = demo_config(
@@ -74,6 +77,18 @@ def measure_seed(workdir: Path, data, seed: int) -> dict:
     }
     op_m = {k.split("/", 1)[1]: round(v, 3) for k, v in sorted(metrics.items()) if k.startswith("op_m/")}
     op_value = {op: round(space.value(op, m), 3) for op, m in op_m.items() if op in space.op_names}
+    with tempfile.TemporaryDirectory() as folder:
+        document = json.loads(
+            download_artifact(config.tracking_uri, search.run_id, POLICY_ARTIFACT, folder).read_text()
+        )
+    # The exported policy, sub-policy by sub-policy: op_m above averages the sub-policies, so two
+    # that rotate in opposite directions cancel there.
+    exported = [
+        [step["op"], round(step["p"], 3), round(space.value(step["op"], step["m"]), 3)]
+        for steps in document["sub_policies"]
+        for step in steps
+    ]
+    rotations = [value for op, _, value in exported if op == "Rotate"]
     ranked = sorted(rows, key=lambda r: -(r.val_ap or 0.0))
     randoms = [r.val_ap or 0.0 for r in rows if r.kind == "random"]
     none = next(r.val_ap or 0.0 for r in rows if r.kind == "none")
@@ -94,7 +109,9 @@ def measure_seed(workdir: Path, data, seed: int) -> dict:
             len([op for op in SHIFT_OPS if op in op_prob]) / max(len(op_prob), 1), 4
         ),
         "brightness_darkens": op_value.get("Brightness", 1.0) < 1.0,
-        "rotate_deg": op_value.get("Rotate"),
+        "exported": exported,
+        "rotate_sub_policies_deg": rotations,
+        "rotates_both_ways": any(v <= -10 for v in rotations) and any(v >= 10 for v in rotations),
         "search_cpu_s": round(search.cost_cpu_s or 0.0, 1),
         "baselines_cpu_s": round(sum(r.cost_cpu_s or 0.0 for r in rows if r.kind != "search"), 1),
         "wall_s": round(wall, 1),
@@ -137,6 +154,7 @@ def main() -> int:
         "mean_shift_weight": round(statistics.mean(r["shift_weight"] for r in results), 4),
         "uniform_shift_weight": results[0]["uniform_shift_weight"] if results else None,
         "brightness_darkens": sum(r["brightness_darkens"] for r in results),
+        "rotates_both_ways": sum(r["rotates_both_ways"] for r in results),
         "machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}",
     }
     print(json.dumps(summary), flush=True)

@@ -82,6 +82,13 @@ def _pyplot():
     return plt
 
 
+def _epoch_axis(axis) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_xlabel("epoch")
+
+
 # -- pictures ----------------------------------------------------------------------------------------------
 def plot_val_curves(runs: Sequence[Any], tracking_uri: str, out: Path) -> Path:
     """val AP per epoch, one line per trial (colour by kind)."""
@@ -103,7 +110,7 @@ def plot_val_curves(runs: Sequence[Any], tracking_uri: str, out: Path) -> Path:
                 linestyle="-" if kind == "search" else "--",
                 label=f"{kind}-{seed}",
             )
-    axis.set_xlabel("epoch")
+    _epoch_axis(axis)
     axis.set_ylabel("val OKS AP")
     axis.set_title("val AP per epoch, every trial", fontsize=9)
     axis.grid(alpha=0.3)
@@ -151,11 +158,14 @@ def plot_search_ops(
             )
         top.set_title(f"search-{seed}: op probability (sums to 1)", fontsize=9)
         top.set_ylabel("probability")
-        bottom.set_title(f"search-{seed}: magnitude m (0–10; legend: value in the op's units)", fontsize=9)
+        bottom.set_title(
+            f"search-{seed}: magnitude m (0–10), mean over sub-policies; legend: in the op's units",
+            fontsize=8,
+        )
         bottom.set_ylabel("m")
         bottom.axhline(5.0, color="black", linewidth=0.6, alpha=0.5)
         for axis in (top, bottom):
-            axis.set_xlabel("epoch")
+            _epoch_axis(axis)
             axis.grid(alpha=0.3)
             axis.legend(fontsize=7, ncol=2)
     figure.suptitle("learned policy over the search (solid: ops that match the val shift)", fontsize=10)
@@ -171,7 +181,7 @@ def plot_cost(rows: Sequence[Any], walls: dict[str, float], out: Path) -> Path:
     wall = [walls.get(r.run_id, 0.0) for r in rows]
     figure, axis = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 2), 3.4))
     positions = range(len(rows))
-    axis.bar([p - 0.2 for p in positions], cpu, width=0.4, label="CPU-seconds", color="#6baed6")
+    axis.bar([p - 0.2 for p in positions], cpu, width=0.4, label="CPU-seconds held", color="#6baed6")
     axis.bar([p + 0.2 for p in positions], wall, width=0.4, label="wall seconds", color="#fd8d3c")
     axis.set_xticks(list(positions), labels, rotation=30, fontsize=8)
     axis.set_ylabel("seconds")
@@ -329,7 +339,7 @@ def write_report(
     parts.append("<h2>Policies by val AP</h2>")
     parts.append(
         _table(
-            ["kind", "seed", "val AP", "CPU-s", "wall s", "status", "promoted", "run id"],
+            ["kind", "seed", "val AP", "CPU-s held", "wall s", "status", "promoted", "run id"],
             [
                 [
                     html.escape(r.kind),
@@ -351,7 +361,9 @@ def write_report(
     parts.append("<h2>The learned policy over the search</h2>")
     parts.append(
         "<p class='note'>Op probability: the chance that a step of a randomly drawn sub-policy is that op. "
-        "Magnitudes in the op's own units (degrees, factors, fractions).</p>"
+        "The magnitude curves average the sub-policies, so two sub-policies that rotate in opposite "
+        "directions cancel there: the tables below give each sub-policy's op, probability p and "
+        "magnitude at the end of the search (in the op's units: degrees, factors, fractions).</p>"
     )
     parts.append(f"<img src='{pictures['ops'].name}' alt='op probabilities per epoch'>")
     for label, png, document in examples_png:
@@ -363,10 +375,15 @@ def write_report(
     total_cpu = sum(r.cost_cpu_s or 0.0 for r in rows)
     by_kind = {kind: sum(r.cost_cpu_s or 0.0 for r in rows if r.kind == kind) for kind in SEARCH_KINDS}
     split = ", ".join(f"{kind} {seconds:.0f}" for kind, seconds in by_kind.items() if seconds > 0)
-    parts.append(f"<p>{len(rows)} trials, {total_cpu:.0f} CPU-seconds in all ({split}).</p>")
+    parts.append(
+        f"<p>{len(rows)} trials, {total_cpu:.0f} CPU-seconds in all ({split}): each trial's wall time "
+        "times the CPUs it held (MLflow's <code>cost_cpu_s</code>; <code>cost_gpu_s</code> likewise).</p>"
+    )
     parts.append(f"<img src='{pictures['cost'].name}' alt='cost per trial'>")
     stage_rows = []
-    for stage, entry in timings.items():
+    order = ("data", "proxies", "search", "compare", "promote", "evaluate", "report")
+    for stage in sorted(timings, key=lambda name: order.index(name) if name in order else len(order)):
+        entry = timings[stage]
         first = entry.get("first_wall_s")
         stage_rows.append(
             [
@@ -390,16 +407,26 @@ def write_report(
             f"Val proxy AP {_fmt(metrics.get('final_val_ap'))}.</p>"
         )
     if evaluation:
+        labels = {
+            "val_split": "val split (synthetic, shifted): ground-truth boxes",
+            "coco_samples": "4 real COCO val2017 images: detector boxes",
+        }
         keys = list(dict.fromkeys(k for part in evaluation.values() for k in part["metrics"]))
+        ordered = [name for name in labels if name in evaluation] + [n for n in evaluation if n not in labels]
         parts.append(
             _table(
                 ["data", *keys],
                 [
-                    [html.escape(part["title"]), *(_fmt(part["metrics"].get(k)) for k in keys)]
-                    for part in evaluation.values()
+                    [
+                        html.escape(labels.get(name, name)),
+                        *(_fmt(evaluation[name]["metrics"].get(k)) for k in keys),
+                    ]
+                    for name in ordered
                 ],
             )
         )
+        titles = "; ".join(html.escape(evaluation[name]["title"]) for name in ordered)
+        parts.append(f"<p class='note'>{titles}.</p>")
         parts.append(
             "<p class='note'>The model trained on synthetic figures only: the four real COCO images show "
             "that the pipeline runs end to end on real photos and detector boxes, not accuracy on them.</p>"
