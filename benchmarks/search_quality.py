@@ -15,7 +15,8 @@ seeded from the seed) on local Ray and prints one JSON line:
 * ``exported``: the final discrete policy, ``[op, p, value in the op's units]`` per
   sub-policy step; ``rotates_both_ways``: sub-policies rotate by 10° or more each way
   (the val split is turned both ways);
-* the cost: CPU-seconds of the search trial and of the baselines, wall seconds.
+* the cost: CPU-seconds held by the search trial and by the baselines (wall × CPUs held,
+  MLflow's ``cost_cpu_s``), and the search's wall seconds (first trial start to last end).
 
 A final ``summary`` line aggregates the seeds. Finished searches are reused (the
 MLflow store in ``--workdir`` keeps them), so an interrupted run continues.
@@ -32,7 +33,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from autopose.platform.demo import (
@@ -65,10 +65,11 @@ def measure_seed(workdir: Path, data, seed: int) -> dict:
         seed=seed,
         random_seeds=(2 * seed, 2 * seed + 1),
     )
-    started = time.perf_counter()
     how, _ = run_demo_search(config, _say)
-    wall = time.perf_counter() - started
     _, rows = collect(config.tracking_uri, config.experiment, search=config.experiment)
+    # The search's wall time from its runs (first start to last end): also right for a reused search.
+    infos = [client(config.tracking_uri).get_run(r.run_id).info for r in rows]
+    wall = (max(i.end_time or i.start_time for i in infos) - min(i.start_time for i in infos)) / 1000
     search = next(r for r in rows if r.kind == "search")
     metrics = client(config.tracking_uri).get_run(search.run_id).data.metrics
     space = SearchSpace.from_dict(config.space_dict)
