@@ -123,8 +123,8 @@ BUDGETS: dict[str, DemoBudget] = {
         unroll_lr=0.1,
         tau1=1.0,
         tau2=0.5,
-        full_epochs=2,
-        full_steps_per_epoch=50,
+        full_epochs=8,  # 240 steps on each of 2 workers: about 3× a trial's samples
+        full_steps_per_epoch=30,
         max_val_samples=None,
         examples=6,
         trial_cpus=1.0,
@@ -368,6 +368,8 @@ def quiet_libraries() -> Iterator[None]:
     """Keep the console to the demo's own lines: Tune's legacy (silent at verbose 0) output
     instead of its status boxes, no MLflow download bars or INFO lines. Restored afterwards."""
     import logging
+
+    import mlflow  # noqa: F401  (its import configures its loggers: set their levels after it)
 
     saved_env = {k: os.environ.get(k) for k in ("RAY_AIR_NEW_OUTPUT", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
