@@ -531,6 +531,10 @@ def run_demo_search(config: ExperimentConfig, say: Callable[[str], None]) -> tup
             "run the demo again to retry them",
             field="search",
         )
+    if not search_is_finished(config, name):
+        # Tune catches Ctrl-C itself, saves its state and returns early: report it as the
+        # interruption it is (the CLI then says how to continue).
+        raise KeyboardInterrupt
     return ("resumed" if resume else "new"), outcomes
 
 
