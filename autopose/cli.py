@@ -31,6 +31,8 @@ def _data_synth(args: argparse.Namespace) -> int:
         shift=args.shift,
         image_size=(height, width),
         max_persons=args.max_persons,
+        holdout_images=args.holdout_images,
+        clutter=not args.plain,
     )
     print(report.summary())
     return 0
@@ -145,6 +147,15 @@ def _search(args: argparse.Namespace) -> int:
 
     name = args.experiment or experiment.experiment
     outcomes = run_search(experiment, name=args.experiment, address=args.address, resume=args.resume)
+    if any(o.tracking for o in outcomes):
+        # The tracking server is still away (run_search said so): the results come from Tune.
+        for o in sorted(outcomes, key=lambda o: -1.0 if o.val_ap is None else -o.val_ap):
+            ap = "-" if o.val_ap is None else f"{o.val_ap:.4f}"
+            print(
+                f"{o.kind}-{o.seed}  val_ap {ap}  {o.status}"
+                + (f"  (MLflow: {o.tracking})" if o.tracking else "")
+            )
+        return 1 if any(o.status != "TERMINATED" for o in outcomes) else 0
     _, rows = collect(experiment.tracking_uri, name, search=name)
     print(format_table(name, rows))
     failed = [o for o in outcomes if o.status != "TERMINATED"]
@@ -225,6 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--shift", default="none", help="val shift: none, or e.g. rotate=45,brightness=0.5")
     synth.add_argument("--size", default="240x320", help="image size HxW")
     synth.add_argument("--max-persons", type=int, default=3, help="figures per image: 1 to this many")
+    synth.add_argument(
+        "--holdout-images",
+        type=int,
+        default=0,
+        help="images of a third split (OUT/holdout) drawn like val: for the search's policy step",
+    )
+    synth.add_argument(
+        "--plain", action="store_true", help="smooth backgrounds and no occluders (an easier task)"
+    )
     synth.set_defaults(handler=_data_synth)
 
     proxy = data_verbs.add_parser("build-proxy", help="cache person crops as a Parquet proxy")

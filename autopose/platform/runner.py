@@ -6,7 +6,12 @@ GPUs; ``num_workers: 0`` runs the loop in the calling process) whose workers run
 :func:`train_loop_per_worker`. That function drives
 :class:`autopose.engine.train.Trainer` and, after each epoch:
 
-* rank 0 logs the epoch's metrics to the MLflow run;
+* rank 0 logs the epoch's metrics to the MLflow run; when the tracking server
+  does not answer, the epoch waits in memory and goes with the next epoch that
+  gets through (same step numbers), training goes on, and the report to Ray
+  carries ``tracking_errors`` (failed attempts) and ``tracking_unlogged``
+  (epochs and artifacts still waiting); Ray's results keep every epoch, from
+  which the search's driver completes the run later (see ``autopose.platform.tune``);
 * every rank reports them to Ray (a barrier), with a checkpoint of the full
   training state from rank 0;
 * at the end rank 0 logs ``policy/policy.json`` and ``policy/examples.png``.
@@ -25,6 +30,7 @@ Where checkpoints go, and how a restarted run finds them:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import tempfile
@@ -44,6 +50,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from autopose.engine.config import AugmentSpec, DataConfig, ModelConfig, TrainConfig
 from autopose.engine.train import EpochReport, Trainer, TrainHooks, discrete_augment
 from autopose.errors import AutoposeError
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 POLICY_FILE = "policy.json"
@@ -67,6 +75,8 @@ class TrainingJob:
             after this epoch's report and checkpoint.
         inject_kill_after_epoch: fault injection: the last rank's process kills itself
             (SIGKILL, no clean-up) once, right after this epoch's report and checkpoint.
+        tracking_lost: the run could not be opened (tracking server unreachable when the
+            trial started): train untracked and report every epoch as unlogged.
     """
 
     data: DataConfig
@@ -82,6 +92,7 @@ class TrainingJob:
     checkpoint_dir: str | None = None
     inject_failure_after_epoch: int | None = None
     inject_kill_after_epoch: int | None = None
+    tracking_lost: bool = False
 
 
 # -- inside the workers --------------------------------------------------------------------------
@@ -132,6 +143,9 @@ class _ReportingHooks(TrainHooks):
         self.job, self.session = job, session
         self.cpu_start = time.process_time()
         self._run = None
+        self._unlogged: dict[int, dict[str, float]] = {}  # epoch → metrics MLflow has not taken yet
+        self._policy_unlogged = False
+        self.tracking_errors = 1 if job.tracking_lost else 0
 
     def run(self):
         if self._run is None and self.job.run_id is not None:
@@ -160,12 +174,17 @@ class _ReportingHooks(TrainHooks):
                 trainer.save(Path(folder) / CHECKPOINT_FILE)
                 (Path(folder) / POLICY_FILE).write_text(json.dumps(trainer.policy_document(), indent=2))
                 saved = Path(folder)
-            if trainer.is_main and self.run() is not None:
-                self.run().log_metrics(metrics, step=report.epoch)
-                if report.is_last:
-                    self._log_policy(trainer)
+            tracking = {}
+            if trainer.is_main and self.job.run_id is not None:
+                self._unlogged[report.epoch] = metrics
+                self._policy_unlogged = self._policy_unlogged or report.is_last
+                self._flush(trainer)
+                unlogged = len(self._unlogged) + int(self._policy_unlogged)
+                tracking = {"tracking_errors": self.tracking_errors, "tracking_unlogged": unlogged}
+            elif trainer.is_main and self.job.tracking_lost:
+                tracking = {"tracking_errors": self.tracking_errors, "tracking_unlogged": report.epoch + 1}
             # Every rank reports, equally often (Ray's report is a barrier); rank 0 brings the checkpoint.
-            self.session.report(metrics, saved)
+            self.session.report({**metrics, **tracking}, saved)
         if report.epoch == self.job.inject_failure_after_epoch:
             raise RuntimeError(f"injected failure after epoch {report.epoch} ({self.job.title})")
         if report.epoch == self.job.inject_kill_after_epoch and trainer.rank == trainer.world_size - 1:
@@ -174,6 +193,29 @@ class _ReportingHooks(TrainHooks):
             # controller collects it at its next health check (every 2 s by default).
             time.sleep(6.0 if trainer.world_size > 1 or self.session.workers else 1.0)
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def _flush(self, trainer: Trainer) -> None:
+        """Send the waiting epochs in order, then the final policy; a lost tracking server
+        leaves them waiting for the next epoch and never stops the training."""
+        try:
+            for epoch in sorted(self._unlogged):
+                self.run().log_metrics(self._unlogged[epoch], step=epoch)
+                del self._unlogged[epoch]
+            if self._policy_unlogged:
+                self._log_policy(trainer)
+                self._policy_unlogged = False
+        except Exception as error:  # MlflowException, requests' and OSError kinds: the server is away
+            from autopose.platform.tracking import first_line
+
+            self.tracking_errors += 1
+            # Said once; in a search the driver says it instead (its console is the one read).
+            log = logger.warning if self.tracking_errors == 1 and not self.job.in_tune else logger.debug
+            log(
+                "MLflow tracking at %s failed (%s); training goes on, %d epoch(s) wait to be logged",
+                self.job.tracking_uri,
+                first_line(error),
+                len(self._unlogged),
+            )
 
     def _log_policy(self, trainer: Trainer) -> None:
         from autopose.platform.tracking import POLICY_ARTIFACT, render_policy_examples
@@ -201,6 +243,10 @@ class _ReportingHooks(TrainHooks):
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """The function every Ray Train worker runs (also in-process with ``num_workers: 0``)."""
     job: TrainingJob = config["job"]
+    if job.tracking_uri is not None:
+        from autopose.platform.tracking import quick_tracking_failures
+
+        quick_tracking_failures()
     session = _Session(job)
     device = None
     if session.workers:

@@ -17,6 +17,7 @@ MLflow's process-global state, which Ray workers would not share.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import tempfile
@@ -61,20 +62,55 @@ def client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
+# MLflow's HTTP client retries an unreachable server with exponential backoff for about four
+# minutes per call (MLFLOW_HTTP_REQUEST_MAX_RETRIES 7, BACKOFF_FACTOR 2 in mlflow 3.17): a trial
+# would stall that long at every epoch. What a quick call does not get through is kept and sent
+# again at the next epoch, so one prompt retry is enough.
+QUICK_TRACKING_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+def quick_tracking_failures() -> None:
+    """In a training process: let a lost MLflow server fail a call in seconds (settings already
+    in the environment win) and keep urllib3's per-retry warnings off the console."""
+    for key, value in QUICK_TRACKING_ENV.items():
+        os.environ.setdefault(key, value)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+
 @contextlib.contextmanager
-def _quick_http() -> Iterator[None]:
-    """No long retry loop while probing: MLflow retries an unreachable server for minutes."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+def bounded_http(**settings: str) -> Iterator[None]:
+    """MLflow HTTP settings (``MLFLOW_HTTP_REQUEST_*`` names) for the calls inside, without
+    urllib3's retry warnings; both restored afterwards (the driver may be someone's notebook)."""
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    # urllib3 warns at every retry: a lost server would fill the console with them.
+    retries = logging.getLogger("urllib3.connectionpool")
+    level = retries.level
+    retries.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        retries.setLevel(level)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _quick_http() -> contextlib.AbstractContextManager[None]:
+    """No retry loop at all while probing."""
+    return bounded_http(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line (MLflow's messages run long), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def check_tracking(tracking_uri: str, timeout_s: float = 5.0) -> None:

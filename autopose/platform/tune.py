@@ -17,11 +17,19 @@ process and holds one worker's resources.
 Failures: a failed trial is retried ``tune.max_failures`` times and resumes from
 its latest checkpoint; ``--resume`` (:func:`run_search` with ``resume=True``)
 finishes an interrupted experiment with ``Tuner.restore(resume_errored=True)``.
+
+A tracking server that goes away mid-search stops nothing: trials train on and
+keep the epochs it did not take (sent when it answers again, same steps); the
+driver says so once (:class:`WatchTracking`). Tune's results hold every epoch,
+so after the trials end :func:`sync_runs` completes each trial's run from them
+(the epochs it misses, its close); a server still away then is reported with
+what is missing, and ``--resume`` completes the runs once it is back.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -30,26 +38,34 @@ from typing import Any
 
 import ray
 import ray.tune
+from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from autopose.engine.config import AugmentSpec, to_plain
 from autopose.errors import AutoposeError
 from autopose.platform.cluster import ray_session
 from autopose.platform.config import ExperimentConfig, check_name, storage_join
-from autopose.platform.runner import TrainingJob, fit, resources_of
+from autopose.platform.runner import POLICY_FILE, TrainingJob, fit, resources_of
 from autopose.platform.tracking import (
     CONFIG_ARTIFACT,
+    POLICY_ARTIFACT,
+    QUICK_TRACKING_ENV,
     TAG_KIND,
     TAG_NODE,
     TAG_SEARCH,
     TAG_SEED,
     TAG_TRIAL,
     TrackedRun,
+    bounded_http,
     check_tracking,
     client,
     ensure_experiment,
+    first_line,
     flatten,
+    quick_tracking_failures,
 )
+
+logger = logging.getLogger(__name__)
 
 METRIC, MODE = "val_ap", "max"
 RANGED = ("tau1", "tau2", "policy_lr")
@@ -82,6 +98,7 @@ class TrialOutcome:
     status: str
     run_id: str | None
     error: str | None = None
+    tracking: str | None = None  # what its MLflow run still misses (tracking server away)
 
 
 # -- the trial --------------------------------------------------------------------------------------------
@@ -94,25 +111,19 @@ def trial_spec(config: dict[str, Any], experiment: ExperimentConfig) -> AugmentS
     return AugmentSpec(kind=planned["kind"], seed=int(planned["seed"]), bilevel=bilevel)
 
 
-def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """The Tune trainable: open the trial's MLflow run, train on Ray Train, record the cost."""
-    experiment = setup.experiment
-    spec = trial_spec(config, experiment)
-    context = ray.tune.get_context()
-    trial_id = context.get_trial_id()
-    tags = {
+def trial_tags(setup: TrialSetup, spec: AugmentSpec, trial_id: str) -> dict[str, str]:
+    """The tags that identify a trial's run (``autopose.trial`` finds it again)."""
+    return {
         TAG_TRIAL: f"{setup.search_name}/{trial_id}",
         TAG_KIND: spec.kind,
         TAG_SEED: str(spec.seed),
         TAG_SEARCH: setup.search_name,
-        TAG_NODE: ray.get_runtime_context().get_node_id(),  # where the trial's driver ran
     }
-    finished = _finished_run(experiment.tracking_uri, setup.experiment_id, tags[TAG_TRIAL], experiment.train)
-    if finished is not None:
-        # The driver died after this trial had finished but before Tune saved that: the resumed
-        # search gets the logged result back instead of training the trial (and its run) again.
-        ray.tune.report(dict(finished.data.metrics))
-        return
+
+
+def open_trial_run(setup: TrialSetup, spec: AugmentSpec, tags: dict[str, str]) -> TrackedRun:
+    """The trial's run, found by its tag or created, with its params and config logged."""
+    experiment = setup.experiment
     run = TrackedRun.open(
         experiment.tracking_uri, setup.experiment_id, run_name=f"{spec.kind}-{spec.seed}", tags=tags
     )
@@ -127,6 +138,39 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     }
     run.log_params(params)
     run.log_yaml(experiment.to_dict(), CONFIG_ARTIFACT)
+    return run
+
+
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """The Tune trainable: open the trial's MLflow run, train on Ray Train, record the cost.
+
+    A tracking server that does not answer stops nothing: the trial trains untracked
+    (or keeps what it could not log) and the driver completes the run afterwards.
+    """
+    quick_tracking_failures()
+    experiment = setup.experiment
+    spec = trial_spec(config, experiment)
+    trial_id = ray.tune.get_context().get_trial_id()
+    tags = trial_tags(setup, spec, trial_id)
+    tags[TAG_NODE] = ray.get_runtime_context().get_node_id()  # where the trial's driver ran
+    run = None
+    try:
+        finished = _finished_run(
+            experiment.tracking_uri, setup.experiment_id, tags[TAG_TRIAL], experiment.train
+        )
+        if finished is not None:
+            # The driver died after this trial had finished but before Tune saved that: the resumed
+            # search gets the logged result back instead of training the trial (and its run) again.
+            ray.tune.report(dict(finished.data.metrics))
+            return
+        run = open_trial_run(setup, spec, tags)
+        attempt = len(run.client.get_metric_history(run.run_id, "attempt_wall_s"))
+        # Every start is counted, also those whose process died before closing the run (SIGKILL, lost node).
+        starts = len(run.client.get_metric_history(run.run_id, "attempt_started"))
+        run.log_metrics({"attempt_started": time.time()}, step=starts)
+    except Exception as error:  # MlflowException, requests' and OSError kinds: the server is away
+        logger.debug("trial %s trains untracked: %s", trial_id, first_line(error))
+        run = None
     job = TrainingJob(
         data=experiment.data,
         model=experiment.model,
@@ -134,29 +178,43 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         augment=spec,
         space=experiment.space_dict,
         tracking_uri=experiment.tracking_uri,
-        run_id=run.run_id,
+        run_id=run.run_id if run is not None else None,
         examples=experiment.examples,
         title=f"{setup.search_name}: {spec.kind} (seed {spec.seed})",
         in_tune=True,
         inject_failure_after_epoch=setup.inject_failure_after_epoch,
         inject_kill_after_epoch=setup.inject_kill_after_epoch,
+        tracking_lost=run is None,
     )
     started = time.perf_counter()
-    attempt = len(run.client.get_metric_history(run.run_id, "attempt_wall_s"))
-    # Every start is counted, also those whose process died before closing the run (SIGKILL, lost node).
-    starts = len(run.client.get_metric_history(run.run_id, "attempt_started"))
-    run.log_metrics({"attempt_started": time.time()}, step=starts)
 
     def close(status: str) -> None:
-        """Log this attempt's time and the trial's cost so far, then close the run."""
-        run.log_metrics({"attempt_wall_s": time.perf_counter() - started}, step=attempt)
-        total_wall = sum(m.value for m in run.client.get_metric_history(run.run_id, "attempt_wall_s"))
-        cpus, gpus = resources_of(experiment.train)
-        run.log_metrics(
-            {"trial_wall_s": total_wall, "cost_cpu_s": total_wall * cpus, "cost_gpu_s": total_wall * gpus},
-            step=experiment.train.epochs,
-        )
-        run.finish(status)
+        """Log this attempt's time and the trial's cost so far, then close the run. A server
+        away leaves the run open: the driver closes it from Tune's results (:func:`sync_runs`)."""
+        if run is None:
+            return
+        try:
+            if status == "STOPPED":  # stopped by Tune: complete when its last epoch is logged
+                complete = _epochs_logged(run) >= experiment.train.epochs
+                if not complete:
+                    run.set_tags({"autopose.stopped_early": "true"})
+                status = "FINISHED" if complete else "KILLED"
+            run.log_metrics({"attempt_wall_s": time.perf_counter() - started}, step=attempt)
+            total_wall = sum(m.value for m in run.client.get_metric_history(run.run_id, "attempt_wall_s"))
+            cpus, gpus = resources_of(experiment.train)
+            run.log_metrics(
+                {
+                    "trial_wall_s": total_wall,
+                    "cost_cpu_s": total_wall * cpus,
+                    "cost_gpu_s": total_wall * gpus,
+                },
+                step=experiment.train.epochs,
+            )
+            if status == "FINISHED" and _epochs_logged(run) < experiment.train.epochs:
+                return  # epochs still wait to be logged: the driver completes and closes the run
+            run.finish(status)
+        except Exception as error:  # the server is away: the driver closes the run later
+            logger.debug("trial %s: run %s left open: %s", trial_id, run.run_id, first_line(error))
 
     try:
         fit(
@@ -168,11 +226,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     except SystemExit:
         # Tune stops a trial by exiting its thread at a report: ASHA cutting it short, or reaching
         # max_t at the last epoch (then the trial is complete: its last epoch is logged).
-        if _epochs_logged(run) >= experiment.train.epochs:
-            close("FINISHED")
-        else:
-            run.set_tags({"autopose.stopped_early": "true"})
-            close("KILLED")
+        close("STOPPED")
         raise
     except BaseException:
         close("FAILED")
@@ -222,6 +276,20 @@ class CloseRuns(ray.tune.Callback):
         return TrackedRun.attach(self.tracking_uri, found[0].info.run_id)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        try:
+            self._complete(trial)
+        except Exception as error:  # the tracking server is away: sync_runs closes the run later
+            logger.debug("run of trial %s left open: %s", trial.trial_id, first_line(error))
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        try:
+            run = self._open_run(trial)
+            if run is not None:
+                run.finish("FAILED")
+        except Exception as error:
+            logger.debug("run of trial %s left open: %s", trial.trial_id, first_line(error))
+
+    def _complete(self, trial) -> None:
         run = self._open_run(trial)
         if run is None:
             return
@@ -236,10 +304,34 @@ class CloseRuns(ray.tune.Callback):
             run.set_tags({"autopose.stopped_early": "true"})
         run.finish("FINISHED" if complete else "KILLED")
 
-    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        run = self._open_run(trial)
-        if run is not None:
-            run.finish("FAILED")
+
+class WatchTracking(ray.tune.Callback):
+    """On the driver: says once that the tracking server went away (trials report
+    ``tracking_unlogged`` > 0), and once that it answers again (every trial caught up)."""
+
+    def __init__(self, tracking_uri: str):
+        self.tracking_uri = tracking_uri
+        self.waiting: dict[str, int] = {}  # trial id → epochs and artifacts it could not log yet
+        self.lost = False
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        unlogged = int(result.get("tracking_unlogged") or 0)
+        self.waiting[trial.trial_id] = unlogged
+        if unlogged and not self.lost:
+            self.lost = True
+            logger.warning(
+                "autopose: MLflow tracking server at %s does not answer (trial %s could not log epoch %s); "
+                "training goes on, the unlogged epochs are kept and sent when it answers again",
+                self.tracking_uri,
+                _trial_name(trial),
+                int(result.get("epoch", -1)),
+            )
+        elif self.lost and not any(self.waiting.values()):
+            self.lost = False
+            logger.warning(
+                "autopose: MLflow tracking server at %s answers again; the waiting epochs are logged",
+                self.tracking_uri,
+            )
 
 
 # -- the trials' plan ---------------------------------------------------------------------------------------
@@ -410,7 +502,7 @@ def _tuner(setup: TrialSetup, path: str, *, resume: bool, verbose: int) -> ray.t
             name=setup.search_name,
             storage_path=storage_join(experiment.storage_path, "tune"),
             failure_config=ray.tune.FailureConfig(max_failures=settings.max_failures),
-            callbacks=[_close_runs(setup)],
+            callbacks=[_close_runs(setup), WatchTracking(experiment.tracking_uri)],
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
             verbose=verbose,
         ),
@@ -435,7 +527,8 @@ def run_search(
         verbose: Tune's console output (0 silent, 1 the trial table).
 
     Returns:
-        One :class:`TrialOutcome` per trial.
+        One :class:`TrialOutcome` per trial; ``tracking`` says what its MLflow run still
+        misses when the tracking server went away and is not back yet.
 
     Raises:
         AutoposeError: the tracking store is unreachable (before Ray starts), a
@@ -464,9 +557,160 @@ def run_search(
                 "or choose another --experiment name",
                 field="--experiment",
             )
-        results = _tuner(setup, path, resume=resume, verbose=verbose).fit()
-    _fail_orphaned_runs(experiment.tracking_uri, experiment_id, search_name)
-    return _outcomes(results, experiment, search_name, experiment_id)
+        # The driver's own MLflow calls (the callbacks, the clean-up) must not stall the search
+        # for minutes each when the server goes away.
+        with bounded_http(**QUICK_TRACKING_ENV):
+            results = _tuner(setup, path, resume=resume, verbose=verbose).fit()
+    with bounded_http(**QUICK_TRACKING_ENV):
+        missing = sync_runs(results, setup)
+        if missing is None:
+            _fail_orphaned_runs(experiment.tracking_uri, experiment_id, search_name)
+            missing = {}
+        else:
+            troubled = ", ".join(sorted(_result_name(r) for r in results if _trial_id(r) in missing))
+            logger.warning(
+                "autopose: MLflow tracking server at %s still does not answer: the runs of %d trial(s) "
+                "miss epochs or their close (%s); every epoch is kept in Tune's results in %s, and "
+                "`autopose search --config %s --experiment %s --resume` logs them once the server is back",
+                experiment.tracking_uri,
+                len(missing),
+                troubled,
+                path,
+                experiment.source,
+                search_name,
+            )
+        return _outcomes(results, experiment, search_name, experiment_id, missing)
+
+
+# Keys Tune adds to every result, and the trial's own tracking counters: never logged as metrics.
+_NOT_LOGGED = {
+    *AUTO_RESULT_KEYS,
+    "done",
+    "trial_id",
+    "should_checkpoint",
+    "experiment_tag",
+    "tracking_errors",
+    "tracking_unlogged",
+}
+
+
+def _trial_id(result) -> str:
+    return str((result.metrics or {}).get("trial_id") or Path(result.path).name.rsplit("-", 1)[-1])
+
+
+def _result_name(result) -> str:
+    planned = result.config.get("trial", {})
+    return f"{planned.get('kind', 'trial')}-{planned.get('seed', 0)}-{_trial_id(result)}"
+
+
+def _reported_rows(result) -> list[dict[str, Any]]:
+    """Every result a trial reported to Tune, in order (its ``result.json``)."""
+    rows = []
+    results_file = Path(result.path) / "result.json"
+    if results_file.is_file():
+        for line in results_file.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a killed driver
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def _reported_epochs(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Epoch → the metrics the trial logs for it; the last report of an epoch wins (a resumed
+    trial may train the epoch after its last checkpoint again)."""
+    return {
+        int(row["epoch"]): {k: v for k, v in row.items() if k not in _NOT_LOGGED}
+        for row in rows
+        if isinstance(row.get("epoch"), int | float)
+    }
+
+
+def _tracking_trouble(rows: list[dict[str, Any]]) -> bool:
+    return any(int(row.get("tracking_errors") or 0) for row in rows)
+
+
+def sync_runs(results, setup: TrialSetup) -> dict[str, str] | None:
+    """Complete the MLflow run of every trial that had tracking trouble from Tune's results:
+    open it when the trial never could, log the epochs it misses (same steps), its cost (as
+    Tune measured it), the final policy from the last checkpoint, and close it as Tune saw
+    the trial end. Runs without trouble are left as they are.
+
+    Returns:
+        None when every run is complete, else ``{trial id: what its run misses}`` (the
+        tracking server does not answer).
+    """
+    experiment = setup.experiment
+    epochs_planned = experiment.train.epochs
+    try:
+        runs = {
+            run.data.tags.get(TAG_TRIAL): run
+            for run in client(experiment.tracking_uri).search_runs(
+                [setup.experiment_id],
+                filter_string=f"tags.`{TAG_SEARCH}` = '{setup.search_name}'",
+                max_results=5000,
+            )
+        }
+    except Exception:  # the server is away: every trial that had trouble stays to sync
+        runs = None
+    missing: dict[str, str] = {}
+    for result in results:
+        trial_id = _trial_id(result)
+        rows = _reported_rows(result)
+        reported = _reported_epochs(rows)
+        if not reported:
+            continue  # never trained an epoch: nothing to log
+        if runs is None:
+            if _tracking_trouble(rows):
+                missing[trial_id] = "epochs after the server went away, and its close"
+            continue
+        tags = trial_tags(setup, trial_spec(result.config, experiment), trial_id)
+        found = runs.get(tags[TAG_TRIAL])
+        if found is not None and found.info.status != "RUNNING" and not _tracking_trouble(rows):
+            continue  # tracked and closed as usual
+        try:
+            _sync_run(result, setup, tags, found, reported, epochs_planned)
+        except Exception as error:  # the server went away again
+            missing[trial_id] = f"not completed ({first_line(error)})"
+    return missing or None
+
+
+def _sync_run(result, setup: TrialSetup, tags: dict[str, str], found, reported, epochs_planned: int) -> None:
+    spec = trial_spec(result.config, setup.experiment)
+    if found is None:
+        run = open_trial_run(setup, spec, tags)
+    else:
+        run = TrackedRun.attach(setup.experiment.tracking_uri, found.info.run_id)
+    logged = {m.step for m in run.client.get_metric_history(run.run_id, METRIC)}
+    for epoch in sorted(set(reported) - logged):
+        run.log_metrics(reported[epoch], step=epoch)
+    trained_all = len(reported) >= epochs_planned
+    if not run.client.get_metric_history(run.run_id, "trial_wall_s"):  # the trial could not close it
+        wall = float((result.metrics or {}).get("time_total_s", 0.0))
+        cpus, gpus = resources_of(setup.experiment.train)
+        run.log_metrics(
+            {"trial_wall_s": wall, "cost_cpu_s": wall * cpus, "cost_gpu_s": wall * gpus}, len(reported)
+        )
+    if trained_all and result.checkpoint is not None:
+        artifacts = {a.path for a in run.client.list_artifacts(run.run_id, "policy")}
+        if POLICY_ARTIFACT not in artifacts:
+            with result.checkpoint.as_directory() as folder:
+                policy = Path(folder) / POLICY_FILE
+                if policy.is_file():
+                    run.log_artifact(policy, "policy")
+    if result.error:
+        status = "FAILED"
+    elif trained_all:
+        status = "FINISHED"
+        if run.client.get_run(run.run_id).data.tags.get("autopose.stopped_early"):
+            run.client.delete_tag(run.run_id, "autopose.stopped_early")  # closed early for want of epochs
+    else:
+        run.set_tags({"autopose.stopped_early": "true"})
+        status = "KILLED"
+    if run.status() != status:
+        run.finish(status)
 
 
 def _fail_orphaned_runs(tracking_uri: str, experiment_id: str, search_name: str) -> None:
@@ -486,19 +730,26 @@ def _fail_orphaned_runs(tracking_uri: str, experiment_id: str, search_name: str)
 
 
 def _outcomes(
-    results, experiment: ExperimentConfig, search_name: str, experiment_id: str
+    results,
+    experiment: ExperimentConfig,
+    search_name: str,
+    experiment_id: str,
+    missing: dict[str, str],
 ) -> list[TrialOutcome]:
-    runs = {
-        run.data.tags.get(TAG_TRIAL): run
-        for run in client(experiment.tracking_uri).search_runs(
-            [experiment_id], filter_string=f"tags.`{TAG_SEARCH}` = '{search_name}'", max_results=5000
-        )
-    }
+    try:
+        runs = {
+            run.data.tags.get(TAG_TRIAL): run
+            for run in client(experiment.tracking_uri).search_runs(
+                [experiment_id], filter_string=f"tags.`{TAG_SEARCH}` = '{search_name}'", max_results=5000
+            )
+        }
+    except Exception:  # the server is away (said already): run ids unknown
+        runs = {}
     outcomes = []
     for result in results:
         planned = result.config.get("trial", {})
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or Path(result.path).name.rsplit("-", 1)[-1]
+        trial_id = _trial_id(result)
         run = runs.get(f"{search_name}/{trial_id}")
         outcomes.append(
             TrialOutcome(
@@ -509,6 +760,7 @@ def _outcomes(
                 status="ERROR" if result.error else "TERMINATED",
                 run_id=run.info.run_id if run is not None else None,
                 error=str(result.error).splitlines()[0][:200] if result.error else None,
+                tracking=missing.get(str(trial_id)),
             )
         )
     return outcomes

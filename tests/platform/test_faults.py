@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
 import pytest
 from mlflow import MlflowClient
 
@@ -158,3 +170,246 @@ def test_search_driver_killed_resume_finishes_without_duplicate_runs(ray_cluster
     # The interrupted trial was started twice (before the kill and on resume), closed once.
     assert len(client.get_metric_history(interrupted, "attempt_started")) == 2
     assert len(client.get_metric_history(finished_before, "attempt_started")) == 1
+
+
+# -- the tracking server goes away ------------------------------------------------------------------------
+def _free_port() -> int:
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start_mlflow_server(db, artifacts, port: int, log):
+    """A real ``mlflow server`` (SQLite backend) in its own process group, answering /health."""
+
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{db}",
+    ]
+    command += ["--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--workers", "1"]
+    # No background job runner: it starts a dozen worker processes the test does not need.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            return server
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                _stop(server)
+                raise AssertionError(f"mlflow server did not start on port {port}") from None
+            time.sleep(0.3)
+
+
+def _stop(server) -> None:
+
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGKILL)  # the server and its uvicorn worker
+    server.wait(timeout=30)
+
+
+def _logged_epochs(db) -> list[int]:
+    """``val_ap`` steps in the server's database, read directly (the server may be down)."""
+
+    try:
+        with sqlite3.connect(db, timeout=5) as connection:
+            rows = connection.execute("SELECT step FROM metrics WHERE key = 'val_ap'").fetchall()
+    except sqlite3.Error:  # not created yet
+        return []
+    return sorted(step for (step,) in rows)
+
+
+@pytest.mark.timeout(300, method="signal")
+def test_tracking_server_lost_mid_search_training_goes_on_and_resume_completes_the_run(
+    ray_cluster, smoke_config, tmp_path, caplog
+):
+    """A real ``mlflow server`` is SIGKILLed once the trial's first epoch is logged: the trial
+    trains to its end, the driver says once that the server went away and, at the end, what the
+    run misses; what was logged stays. Started again on the same port and database, ``--resume``
+    logs the missing epochs to the same run (same steps, each once) and closes it FINISHED."""
+
+    db, artifacts, port = tmp_path / "server.db", tmp_path / "artifacts", _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    epochs = 6
+    overrides = {
+        "experiment": "lost-server",
+        "tracking_uri": uri,
+        "search": {"trials": 0},
+        "baselines": {"random_seeds": [], "handcrafted": False, "none": True},
+        "train": {"epochs": epochs, "steps_per_epoch": 2},
+        "tune": {"max_failures": 0},
+        "examples": 0,
+    }
+    config = load_experiment(smoke_config(overrides))
+    caplog.set_level("WARNING", logger="autopose.platform.tune")
+    with open(tmp_path / "server.log", "ab") as log:
+        server = _start_mlflow_server(db, artifacts, port, log)
+        try:
+            killed_after: list[list[int]] = []
+
+            def kill_after_first_epoch() -> None:
+                deadline = time.monotonic() + 120
+                while not _logged_epochs(db) and time.monotonic() < deadline and server.poll() is None:
+                    time.sleep(0.05)
+                _stop(server)
+                killed_after.append(_logged_epochs(db))
+
+            killer = threading.Thread(target=kill_after_first_epoch, daemon=True)
+            killer.start()
+            started = time.monotonic()
+            (outcome,) = run_search(config, verbose=0)
+            search_s = time.monotonic() - started
+            killer.join(timeout=30)
+            assert server.poll() is not None, "the server was not killed during the search"
+
+            # The trial trained every epoch although the server went away after its first one.
+            assert outcome.status == "TERMINATED" and outcome.error is None
+            assert outcome.val_ap is not None and outcome.tracking is not None
+            lost, still_lost = [r.getMessage() for r in caplog.records if "does not answer" in r.getMessage()]
+            assert uri in lost and "training goes on" in lost
+            assert uri in still_lost and "--resume" in still_lost and "none-0" in still_lost
+            # What was logged before the kill is kept; the rest waits in Tune's results.
+            before = _logged_epochs(db)
+            assert before == killed_after[0] and before[:1] == [0] and len(before) < epochs, before
+            assert search_s < 120, f"a lost server held the search up ({search_s:.0f} s)"
+
+            caplog.clear()
+            server = _start_mlflow_server(db, artifacts, port, log)
+            (resumed,) = run_search(config, resume=True, verbose=0)
+        finally:
+            _stop(server)
+
+    assert resumed.status == "TERMINATED" and resumed.tracking is None and resumed.run_id is not None
+    assert not [r for r in caplog.records if "does not answer" in r.getMessage()]
+    local = MlflowClient(f"sqlite:///{db}")
+    (run,) = local.search_runs([local.get_experiment_by_name("lost-server").experiment_id])
+    assert run.info.run_id == resumed.run_id and run.info.status == "FINISHED"
+    # Every epoch exactly once under its own step, with the values the trial reported to Tune.
+    history = local.get_metric_history(run.info.run_id, "val_ap")
+    assert sorted(m.step for m in history) == list(range(epochs))
+    assert sorted(m.value for m in local.get_metric_history(run.info.run_id, "epoch")) == list(range(epochs))
+    assert run.data.params["kind"] == "none" and "trial_wall_s" in run.data.metrics
+    assert "autopose.stopped_early" not in run.data.tags
+
+
+class _Relay:
+    """A TCP relay on 127.0.0.1 in front of the tracking server that the test can cut and mend on
+    the same port: cut, connections are refused and open ones dropped (a lost network path)."""
+
+    def __init__(self, target_port: int):
+        self.port, self.target_port = _free_port(), target_port
+        self.open: set = set()
+        self.listener = None
+
+    def mend(self) -> None:
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        listener.settimeout(0.1)
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        listener, self.listener = self.listener, None
+        listener.close()
+        for connection in list(self.open):
+            connection.close()
+
+    def _accept(self, listener) -> None:
+
+        while self.listener is listener:
+            try:
+                near, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            far = socket.create_connection(("127.0.0.1", self.target_port))
+            self.open.update((near, far))
+            for source, sink in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            self.open.discard(end)
+            end.close()
+
+
+@pytest.mark.timeout(300, method="signal")
+def test_tracking_server_back_mid_trial_gets_the_waiting_epochs(ray_cluster, smoke_config, tmp_path, caplog):
+    """The path to a real ``mlflow server`` is cut once the trial's first epoch is logged and mended
+    once the trial has reported an epoch it could not log: the trial sends the waiting epochs itself
+    (same steps, each once), the driver says once that the server went away and once that it is back,
+    and the run ends FINISHED and complete without any ``--resume``."""
+
+    db, artifacts = tmp_path / "server.db", tmp_path / "artifacts"
+    epochs = 10
+    with open(tmp_path / "server.log", "ab") as log:
+        server = _start_mlflow_server(db, artifacts, _free_port(), log)
+        relay = _Relay(int(server.args[server.args.index("--port") + 1]))
+        relay.mend()
+        uri = f"http://127.0.0.1:{relay.port}"
+        overrides = {
+            "experiment": "lost-link",
+            "tracking_uri": uri,
+            "search": {"trials": 0},
+            "baselines": {"random_seeds": [], "handcrafted": False, "none": True},
+            "train": {"epochs": epochs, "steps_per_epoch": 2},
+            "tune": {"max_failures": 0},
+            "examples": 0,
+        }
+        config = load_experiment(smoke_config(overrides))
+        caplog.set_level("WARNING", logger="autopose.platform.tune")
+        mended_after: list[int] = []
+
+        def cut_then_mend() -> None:
+            deadline = time.monotonic() + 120
+            while not _logged_epochs(db) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            relay.cut()
+            # Tune's record of the trial: mend once an epoch is reported as waiting to be logged.
+            while time.monotonic() < deadline:
+                rows = [
+                    json.loads(line)
+                    for path in (tmp_path / "runs" / "tune" / "lost-link").glob("*/result.json")
+                    for line in path.read_text().splitlines()
+                ]
+                waiting = [row["epoch"] for row in rows if row.get("tracking_unlogged")]
+                if waiting:
+                    mended_after.append(int(waiting[0]))
+                    break
+                time.sleep(0.05)
+            relay.mend()
+
+        worker = threading.Thread(target=cut_then_mend, daemon=True)
+        worker.start()
+        try:
+            (outcome,) = run_search(config, verbose=0)
+        finally:
+            worker.join(timeout=30)
+            _stop(server)
+
+    assert outcome.status == "TERMINATED" and outcome.tracking is None
+    assert mended_after and mended_after[0] < epochs - 1, f"mended after epoch {mended_after}: too late"
+    said = [r.getMessage() for r in caplog.records if r.name == "autopose.platform.tune"]
+    assert len(said) == 2 and "does not answer" in said[0] and "answers again" in said[1], said
+    assert uri in said[0] and uri in said[1]
+    local = MlflowClient(f"sqlite:///{db}")
+    (run,) = local.search_runs([local.get_experiment_by_name("lost-link").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_id == outcome.run_id
+    assert sorted(m.step for m in local.get_metric_history(run.info.run_id, "val_ap")) == list(range(epochs))
+    assert sorted(m.value for m in local.get_metric_history(run.info.run_id, "epoch")) == list(range(epochs))
+    # The final policy, logged once the server answered again (the server keeps artifacts on disk).
+    assert list(artifacts.glob(f"*/{run.info.run_id}/artifacts/policy/policy.json"))
