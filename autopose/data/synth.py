@@ -43,6 +43,8 @@ BASE_ROTATION = 5.0  # degrees: train figures stand nearly upright
 BASE_OCCLUSION = 0.25  # chance that an object covers part of a figure
 OCCLUDER_LABEL = 255
 VAL_ID_OFFSET = 1_000_000  # val image ids differ from train ids
+HOLDOUT_ID_OFFSET = 2_000_000  # and holdout ids from both
+SPLIT_CODES = {"train": 0, "val": 1, "holdout": 2}  # part of every image's generator seed
 
 LEFT_COLOUR = np.array([225, 70, 40])
 RIGHT_COLOUR = np.array([40, 110, 230])
@@ -308,6 +310,13 @@ def _draw_figure(painter: _Painter, figure: _Figure) -> None:
     painter.detail_disc(kp[K["nose"]], max(0.8, 0.008 * h), figure.skin * 0.7)
 
 
+def _plain_background(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """A smooth, mid-toned colour field: nothing in it looks like a limb."""
+    height, width = size
+    coarse = rng.uniform(60, 200, size=(3, 3, 3))
+    return Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
+
+
 def _background(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     """Smooth noise, stripes, or blobs."""
     height, width = size
@@ -358,11 +367,11 @@ def _draw_occluder(painter: _Painter, rng: np.random.Generator, figure: _Figure)
 
 # -- one image --------------------------------------------------------------------------------
 def _render_image(
-    rng: np.random.Generator, size: tuple[int, int], shift: SynthShift, max_persons: int
+    rng: np.random.Generator, size: tuple[int, int], shift: SynthShift, max_persons: int, clutter: bool = True
 ) -> tuple[Image.Image, list[dict]]:
     """One picture and its persons (keypoints 17×3, bbox, area)."""
     height, width = size
-    picture = _background(rng, size)
+    picture = _background(rng, size) if clutter else _plain_background(rng, size)
     painter = _Painter(picture)
     persons = int(rng.integers(1, max_persons + 1))
     rotation_range = shift.rotation if shift.rotation > 0 else BASE_ROTATION
@@ -381,7 +390,7 @@ def _render_image(
         figures.append(figure)
         silhouettes.append(np.asarray(silhouette_image) > 0)
     painter.silhouette = None
-    occlusion = min(1.0, BASE_OCCLUSION + shift.occlusion)
+    occlusion = min(1.0, (BASE_OCCLUSION if clutter else 0.0) + shift.occlusion)
     for figure in figures:
         if rng.random() < occlusion:
             _draw_occluder(painter, rng, figure)
@@ -427,11 +436,19 @@ class SynthReport:
     train_persons: int
     val_persons: int
     shift: SynthShift = field(default_factory=SynthShift)
+    holdout_images: int = 0
+    holdout_persons: int = 0
 
     def summary(self) -> str:
+        holdout = (
+            f", holdout {self.holdout_images} images / {self.holdout_persons} persons"
+            if self.holdout_images
+            else ""
+        )
         return (
             f"synth written: {self.out} (train {self.train_images} images / {self.train_persons} persons, "
-            f"val {self.val_images} images / {self.val_persons} persons, shift {self.shift.to_text()})"
+            f"val {self.val_images} images / {self.val_persons} persons{holdout}, "
+            f"shift {self.shift.to_text()})"
         )
 
 
@@ -454,17 +471,18 @@ def _write_split(
     size: tuple[int, int],
     max_persons: int,
     progress: bool,
+    clutter: bool = True,
 ) -> int:
     images_dir = folder / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     for stale in images_dir.glob("[0-9]" * 12 + ".jpg"):  # from an earlier, larger run
         stale.unlink()
-    split_code = {"train": 0, "val": 1}[split]
-    id_offset = VAL_ID_OFFSET if split == "val" else 0
+    split_code = SPLIT_CODES[split]
+    id_offset = {"train": 0, "val": VAL_ID_OFFSET, "holdout": HOLDOUT_ID_OFFSET}[split]
     images, annotations = [], []
     for index in tqdm(range(count), desc=f"synth {split}", unit="img", disable=not progress):
         rng = np.random.default_rng([seed, split_code, index])
-        picture, people = _render_image(rng, size, shift, max_persons)
+        picture, people = _render_image(rng, size, shift, max_persons, clutter)
         image_id = id_offset + index + 1
         file_name = f"{image_id:012d}.jpg"
         tmp = images_dir / f".{file_name}.tmp"
@@ -497,6 +515,7 @@ def _write_split(
                 "split": split,
                 "shift": shift.to_text(),
                 "image_size": list(size),
+                "clutter": clutter,
             },
         },
         "licenses": [],
@@ -520,6 +539,8 @@ def generate_synth(
     shift: SynthShift | str | None = None,
     image_size: tuple[int, int] = SYNTH_IMAGE_SIZE,
     max_persons: int = 3,
+    holdout_images: int = 0,
+    clutter: bool = True,
     progress: bool = True,
 ) -> SynthReport:
     """Write ``OUT/{train,val}/images/*.jpg`` and ``OUT/{train,val}/annotations.json``.
@@ -532,6 +553,10 @@ def generate_synth(
         shift: val shift (:class:`SynthShift` or its text form, see :func:`parse_shift`).
         image_size: ``(height, width)`` of every image.
         max_persons: figures per image are drawn from 1…``max_persons``.
+        holdout_images: images of a third split, ``OUT/holdout``, drawn like val (same shift)
+            but from other seeds: what a policy search may tune on without seeing val.
+        clutter: textured backgrounds and occluding objects (``False``: smooth backgrounds,
+            no occluders, a task a small model learns in a few hundred steps).
         progress: tqdm bars on stderr.
 
     Raises:
@@ -544,6 +569,8 @@ def generate_synth(
     val_images = max(1, images // 4) if val_images is None else val_images
     if val_images < 0:
         raise AutoposeError(f"must not be negative, got {val_images}", field="val_images")
+    if holdout_images < 0:
+        raise AutoposeError(f"must not be negative, got {holdout_images}", field="holdout_images")
     if min(image_size) < 32:
         raise AutoposeError(f"image size too small: {image_size}", field="image_size")
     if max_persons < 1:
@@ -552,8 +579,15 @@ def generate_synth(
         raise AutoposeError("exists and is not a folder", path=out, field="out")
     out.mkdir(parents=True, exist_ok=True)
     size = (int(image_size[0]), int(image_size[1]))
-    train_persons = _write_split(
-        out / "train", "train", images, seed, SynthShift(), size, max_persons, progress
+
+    def write(split: str, count: int, split_shift: SynthShift) -> int:
+        return _write_split(
+            out / split, split, count, seed, split_shift, size, max_persons, progress, clutter
+        )
+
+    train_persons = write("train", images, SynthShift())
+    val_persons = write("val", val_images, shift)
+    holdout_persons = write("holdout", holdout_images, shift) if holdout_images else 0
+    return SynthReport(
+        out, images, val_images, train_persons, val_persons, shift, holdout_images, holdout_persons
     )
-    val_persons = _write_split(out / "val", "val", val_images, seed, shift, size, max_persons, progress)
-    return SynthReport(out, images, val_images, train_persons, val_persons, shift)

@@ -210,16 +210,22 @@ class DataConfig:
     build-proxy``) or, for full training, a COCO annotation file with its image
     folder (``train_ann`` + ``train_images``: crops made on the fly by the
     DataLoader workers). Validation always reads a proxy (``val``).
+
+    ``search_val``: the proxy a search trial's policy step reads, a split held out from
+    the val distribution (``autopose data synth --holdout-images``, or part of the target
+    data you will not score on). Null: the policy steps on ``val`` itself, and the search
+    trials' val AP is optimistic against the baselines'.
     """
 
     train: str | None = None
     val: str | None = None
+    search_val: str | None = None
     train_ann: str | None = None
     train_images: str | None = None
     max_val_samples: int | None = None
 
     def _check(self, path, field_: str) -> None:
-        for name in ("train", "val", "train_ann", "train_images"):
+        for name in ("train", "val", "search_val", "train_ann", "train_images"):
             setattr(self, name, absolute_path(getattr(self, name)))
         if (self.train_ann is None) != (self.train_images is None):
             raise AutoposeError(
@@ -233,7 +239,7 @@ class DataConfig:
             )
         if self.val is None:
             raise AutoposeError("the val proxy is required", path=path, field=f"{field_}.val".lstrip("."))
-        for name in ("train", "val", "train_ann"):
+        for name in ("train", "val", "search_val", "train_ann"):
             value = getattr(self, name)
             if value is not None and not Path(value).is_file():
                 hint = " (build it with `autopose data build-proxy`)" if name != "train_ann" else ""

@@ -377,9 +377,19 @@ class Trainer:
             unroll_lr=bilevel.unroll_lr if bilevel.unroll_lr is not None else self.train_config.lr,
             hessian=bilevel.hessian,
         )
-        # The α step's un-augmented batches come from the val proxy: the policy is searched
-        # for the distribution it is scored on (see BilevelSearch).
-        self.search_val_set = ProxyDataset(Path(self.data_config.val), verify=False)
+        # The α step's un-augmented batches come from the val distribution (see BilevelSearch):
+        # from a held-out split of it when there is one, so the scored val split stays unseen.
+        search_val = self.data_config.search_val or self.data_config.val
+        # val was verified when it was opened; a separate split is verified here
+        self.search_val_set = ProxyDataset(Path(search_val), verify=self.data_config.search_val is not None)
+        if self.search_val_set.metadata.num_keypoints != self.model_config.num_joints or tuple(
+            self.search_val_set.metadata.input_size
+        ) != tuple(self.model_config.input_size):
+            raise AutoposeError(
+                "the search_val proxy's crops or keypoints differ from the val proxy's",
+                path=search_val,
+                field="data.search_val",
+            )
         self.search_val_batch = min(
             bilevel.val_batch_size or self.train_config.batch_size, len(self.search_val_set)
         )

@@ -82,6 +82,9 @@ class DemoBudget:
     name: str
     train_images: int
     val_images: int
+    holdout_images: int  # the search's policy step reads these, never the scored val split
+    max_persons: int
+    clutter: bool
     input_size: tuple[int, int]
     width: int  # P2Net-R18 narrowed to this many channels in every neck and head level
     epochs: int
@@ -110,6 +113,9 @@ BUDGETS: dict[str, DemoBudget] = {
         name="full",
         train_images=1000,
         val_images=150,
+        holdout_images=150,
+        max_persons=1,
+        clutter=False,
         input_size=(64, 48),
         width=32,
         epochs=5,
@@ -133,6 +139,9 @@ BUDGETS: dict[str, DemoBudget] = {
         name="tiny",
         train_images=24,
         val_images=8,
+        holdout_images=8,
+        max_persons=3,
+        clutter=True,
         input_size=(64, 48),
         width=16,
         epochs=2,
@@ -214,9 +223,10 @@ def _write_json(path: Path, data: Any) -> None:
 class DemoData:
     """Where the demo's data lives."""
 
-    synth: Path  # OUT/{train,val}/{images,annotations.json}
+    synth: Path  # OUT/{train,val,holdout}/{images,annotations.json}
     train: Path
     val: Path
+    search_val: Path  # the holdout split: what the search's policy step sees instead of val
     coco: Path  # proxy of the real COCO samples (pictures)
 
     @property
@@ -238,10 +248,14 @@ def prepare_synth(workdir: Path, budget: DemoBudget, *, seed: int = 0) -> tuple[
     settings = {
         "train_images": budget.train_images,
         "val_images": budget.val_images,
+        "holdout_images": budget.holdout_images,
+        "max_persons": budget.max_persons,
+        "clutter": budget.clutter,
         "seed": seed,
         "shift": DEMO_SHIFT.to_text(),
     }
-    splits_there = all((folder / split / "annotations.json").is_file() for split in ("train", "val"))
+    splits = ("train", "val", "holdout")
+    splits_there = all((folder / split / "annotations.json").is_file() for split in splits)
     if splits_there and marker.is_file():
         with contextlib.suppress(json.JSONDecodeError, OSError):
             if json.loads(marker.read_text()) == settings:
@@ -250,6 +264,9 @@ def prepare_synth(workdir: Path, budget: DemoBudget, *, seed: int = 0) -> tuple[
         folder,
         images=budget.train_images,
         val_images=budget.val_images,
+        holdout_images=budget.holdout_images,
+        max_persons=budget.max_persons,
+        clutter=budget.clutter,
         seed=seed,
         shift=DEMO_SHIFT,
         progress=False,
@@ -270,10 +287,11 @@ def prepare_proxies(workdir: Path, budget: DemoBudget, synth: Path) -> tuple[Dem
         synth=synth,
         train=folder / f"train-{budget.name}-{height}x{width}.parquet",
         val=folder / f"val-{budget.name}-{height}x{width}.parquet",
+        search_val=folder / f"holdout-{budget.name}-{height}x{width}.parquet",
         coco=folder / f"coco-samples-{EXAMPLE_CROP[0]}x{EXAMPLE_CROP[1]}.parquet",
     )
     reused = 0
-    for split, out in (("train", data.train), ("val", data.val)):
+    for split, out in (("train", data.train), ("val", data.val), ("holdout", data.search_val)):
         report = build_proxy(
             synth / split / "annotations.json",
             synth / split / "images",
@@ -307,7 +325,12 @@ def demo_config(
         "experiment": name or f"autopose-demo-{budget.name}",
         "tracking_uri": f"sqlite:///{(workdir / 'mlflow.db').absolute()}",
         "storage_path": str((workdir / "runs").absolute()),
-        "data": {"train": str(data.train), "val": str(data.val), "max_val_samples": budget.max_val_samples},
+        "data": {
+            "train": str(data.train),
+            "val": str(data.val),
+            "search_val": str(data.search_val),
+            "max_val_samples": budget.max_val_samples,
+        },
         "model": {
             "arch": "p2net_r18",
             "input_size": list(budget.input_size),

@@ -136,3 +136,43 @@ def test_parse_shift():
     with pytest.raises(AutoposeError) as caught:
         parse_shift("brightness=dark")
     assert caught.value.field == "shift.brightness"
+
+
+def test_holdout_split_is_drawn_like_val_from_other_seeds(tmp_path):
+    out = tmp_path / "holdout"
+    report = generate_synth(
+        out,
+        images=6,
+        val_images=12,
+        holdout_images=12,
+        seed=3,
+        shift="rotate=45,brightness=0.6",
+        image_size=SIZE,
+        progress=False,
+    )
+    assert report.holdout_images == 12 and report.holdout_persons > 0
+    assert "holdout 12 images" in report.summary()
+    val, holdout = (json.loads((out / s / "annotations.json").read_text()) for s in ("val", "holdout"))
+    assert not {i["id"] for i in val["images"]} & {i["id"] for i in holdout["images"]}
+    assert _files(out / "val" / "images").keys() != _files(out / "holdout" / "images").keys()
+    train_brightness, _ = _person_pixels(out / "train")
+    holdout_brightness, holdout_tilt = _person_pixels(out / "holdout")
+    assert holdout_brightness < 0.75 * train_brightness and holdout_tilt > 15
+
+
+def test_plain_images_have_no_occluders_and_smooth_backgrounds(tmp_path):
+    busy, plain = tmp_path / "busy", tmp_path / "plain"
+    for out, clutter in ((busy, True), (plain, False)):
+        generate_synth(out, images=20, val_images=0, seed=1, image_size=SIZE, clutter=clutter, progress=False)
+
+    def roughness(folder: Path) -> float:  # mean absolute difference of neighbouring pixels
+        pixels = [np.asarray(Image.open(p), dtype=np.float64) for p in sorted(folder.glob("*.jpg"))]
+        return float(np.mean([np.abs(np.diff(p, axis=1)).mean() for p in pixels]))
+
+    anns = json.loads((plain / "train" / "annotations.json").read_text())["annotations"]
+    visibility = np.concatenate([np.asarray(a["keypoints"]).reshape(17, 3)[:, 2] for a in anns])
+    # without occluders only figures hide each other's keypoints: far fewer marked occluded
+    busy_anns = json.loads((busy / "train" / "annotations.json").read_text())["annotations"]
+    busy_visibility = np.concatenate([np.asarray(a["keypoints"]).reshape(17, 3)[:, 2] for a in busy_anns])
+    assert (visibility == 1).mean() < (busy_visibility == 1).mean()
+    assert roughness(plain / "train" / "images") < 0.6 * roughness(busy / "train" / "images")

@@ -120,6 +120,32 @@ def test_model_input_must_match_the_proxy(smoke_data):
     assert error.value.field == "model.input_size"
 
 
+def test_the_policy_step_reads_the_held_out_split_when_given(smoke_data, tmp_path):
+    from autopose.data import build_proxy
+    from autopose.data.proxy import ProxyDataset
+
+    data, model, train = configs(smoke_data)
+    search = AugmentSpec(kind="search", seed=0, bilevel=BilevelConfig(trials=1))
+    assert len(Trainer(data, model, train, search, SPACE).search_val_set) == len(ProxyDataset(data.val))
+    data.search_val = str(smoke_data["train"])  # stands in for a held-out split: other rows than val
+    trainer = Trainer(data, model, train, search, SPACE)
+    assert (
+        len(trainer.search_val_set) == len(ProxyDataset(smoke_data["train"])) != len(ProxyDataset(data.val))
+    )
+    trainer.run(epochs=1)
+    assert trainer.step == 2
+
+    other = tmp_path / "other-size.parquet"
+    val_source = Path(smoke_data["val"]).parent / "val"
+    build_proxy(
+        val_source / "annotations.json", val_source / "images", other, input_size=(32, 24), progress=False
+    )
+    data.search_val = str(other)
+    with pytest.raises(AutoposeError) as error:
+        Trainer(data, model, train, search, SPACE)
+    assert error.value.field == "data.search_val" and str(other) in str(error.value)
+
+
 def _ddp_worker(rank: int, world: int, store: str, data: dict, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
