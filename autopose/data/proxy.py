@@ -25,10 +25,12 @@ reads the full image and crops it each time (same item layout).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -344,6 +346,32 @@ def _crop_row(
     }
 
 
+def _temporary_prefix(out: Path) -> str:
+    """Builds of ``out`` write ``<prefix><pid>.tmp`` beside it before the rename: hidden, named
+    after the host and process writing it (a folder may be shared between machines)."""
+    return f".{out.name}.{socket.gethostname()}."
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove what builds of ``out`` on this host left when they were killed: their temporary
+    files whose process is gone. A live build's file (another process, or another host's) stays."""
+    prefix = _temporary_prefix(out)
+    for candidate in out.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = candidate.name[len(prefix) : -len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            candidate.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 def build_proxy(
     ann: Path,
     images_dir: Path,
@@ -398,6 +426,7 @@ def build_proxy(
         "jpeg_quality": jpeg_quality,
     }
     fingerprint = _fingerprint(_file_sha256(ann), images_dir, image_paths, settings)
+    _remove_stale_temporaries(out)  # left by a build of out that was killed
 
     if out.exists():
         try:
@@ -422,7 +451,7 @@ def build_proxy(
     hasher = _ContentHasher(schema)
     skipped: list[SkippedFile] = []
     rows_written = images_used = 0
-    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    tmp = out.parent / f"{_temporary_prefix(out)}{os.getpid()}.tmp"
     writer = None
     try:
         writer = pq.ParquetWriter(

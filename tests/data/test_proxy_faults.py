@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -63,5 +64,21 @@ def test_killed_first_build_leaves_no_file_and_a_rerun_succeeds(tmp_path, coco_a
     out = tmp_path / "coco.parquet"
     _killed_build("batch:2", coco_ann, coco_images, out)
     assert not out.exists()
-    report = build_proxy(coco_ann, coco_images, out, input_size=INPUT, progress=False)
+    (stale,) = tmp_path.glob(".coco.parquet.*.tmp")  # the killed build's half-written file
+    # Temporaries the rerun must leave alone: a live build's (this host), another host's, not a pid.
+    host = socket.gethostname()
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live:
+        try:
+            kept = [
+                tmp_path / f".coco.parquet.{host}.{live.pid}.tmp",
+                tmp_path / f".coco.parquet.other-host.{stale.name.rsplit('.', 2)[-2]}.tmp",
+                tmp_path / f".coco.parquet.{host}.notes.tmp",
+            ]
+            for path in kept:
+                path.write_bytes(b"partial")
+            report = build_proxy(coco_ann, coco_images, out, input_size=INPUT, progress=False)
+        finally:
+            live.kill()
     assert verify_proxy(out).num_rows == report.rows == 12
+    assert not stale.exists()  # its process is gone: removed by the rerun
+    assert sorted(tmp_path.iterdir()) == sorted([out, *kept])
