@@ -146,6 +146,7 @@ class _ReportingHooks(TrainHooks):
         self._unlogged: dict[int, dict[str, float]] = {}  # epoch → metrics MLflow has not taken yet
         self._policy_unlogged = False
         self.tracking_errors = 1 if job.tracking_lost else 0
+        self._in_doubt = False  # a call failed: the server may have stored an epoch without answering
 
     def run(self):
         if self._run is None and self.job.run_id is not None:
@@ -198,15 +199,23 @@ class _ReportingHooks(TrainHooks):
         """Send the waiting epochs in order, then the final policy; a lost tracking server
         leaves them waiting for the next epoch and never stops the training."""
         try:
+            if self._in_doubt and self._unlogged:
+                # An epoch is one batch (stored whole or not at all): skip those the server has,
+                # so that a lost answer does not log an epoch twice.
+                stored = self.run().client.get_metric_history(self.run().run_id, "epoch")
+                for epoch in {int(m.step) for m in stored} & set(self._unlogged):
+                    del self._unlogged[epoch]
             for epoch in sorted(self._unlogged):
                 self.run().log_metrics(self._unlogged[epoch], step=epoch)
                 del self._unlogged[epoch]
             if self._policy_unlogged:
                 self._log_policy(trainer)
                 self._policy_unlogged = False
+            self._in_doubt = False
         except Exception as error:  # MlflowException, requests' and OSError kinds: the server is away
             from autopose.platform.tracking import first_line
 
+            self._in_doubt = True
             self.tracking_errors += 1
             # Said once; in a search the driver says it instead (its console is the one read).
             log = logger.warning if self.tracking_errors == 1 and not self.job.in_tune else logger.debug

@@ -683,7 +683,8 @@ def _sync_run(result, setup: TrialSetup, tags: dict[str, str], found, reported, 
         run = open_trial_run(setup, spec, tags)
     else:
         run = TrackedRun.attach(setup.experiment.tracking_uri, found.info.run_id)
-    logged = {m.step for m in run.client.get_metric_history(run.run_id, METRIC)}
+    # Each epoch went as one batch, stored whole or not at all: its "epoch" metric says which are in.
+    logged = {m.step for m in run.client.get_metric_history(run.run_id, "epoch")}
     for epoch in sorted(set(reported) - logged):
         run.log_metrics(reported[epoch], step=epoch)
     trained_all = len(reported) >= epochs_planned

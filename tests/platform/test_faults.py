@@ -413,3 +413,43 @@ def test_tracking_server_back_mid_trial_gets_the_waiting_epochs(ray_cluster, smo
     assert sorted(m.value for m in local.get_metric_history(run.info.run_id, "epoch")) == list(range(epochs))
     # The final policy, logged once the server answered again (the server keeps artifacts on disk).
     assert list(artifacts.glob(f"*/{run.info.run_id}/artifacts/policy/policy.json"))
+
+
+def test_run_orphaned_by_a_killed_driver_is_marked_failed(ray_cluster, smoke_config):
+    """A driver killed before Tune saved a trial leaves that trial's run RUNNING under a trial id
+    no later search knows (the resumed search starts it again under a new id). Once the search's
+    trials end, such a run is closed FAILED and tagged ``autopose.orphaned``; the search's own
+    runs are untouched."""
+    from autopose.platform.tracking import TAG_SEARCH, TrackedRun, ensure_experiment
+
+    overrides = {
+        "experiment": "orphans",
+        "search": {"trials": 0},
+        "baselines": {"random_seeds": [], "handcrafted": False, "none": True},
+        "train": {"epochs": 1, "steps_per_epoch": 1},
+        "examples": 0,
+    }
+    config = load_experiment(smoke_config(overrides))
+    experiment_id = ensure_experiment(config.tracking_uri, "orphans")
+    # What the killed driver's trial left: its run, RUNNING, under a trial id Tune never saved.
+    orphan = TrackedRun.open(
+        config.tracking_uri,
+        experiment_id,
+        run_name="none-0",
+        tags={TAG_TRIAL: "orphans/lost_00000", TAG_SEARCH: "orphans"},
+    )
+    elsewhere = TrackedRun.open(  # a run of another search in the same experiment: not ours to close
+        config.tracking_uri,
+        experiment_id,
+        run_name="none-0",
+        tags={TAG_TRIAL: "other/lost_00000", TAG_SEARCH: "other"},
+    )
+    (outcome,) = run_search(config, verbose=0)
+    assert outcome.status == "TERMINATED"
+
+    client = MlflowClient(config.tracking_uri)
+    assert client.get_run(orphan.run_id).info.status == "FAILED"
+    assert client.get_run(orphan.run_id).data.tags["autopose.orphaned"] == "true"
+    assert client.get_run(outcome.run_id).info.status == "FINISHED"
+    assert "autopose.orphaned" not in client.get_run(outcome.run_id).data.tags
+    assert client.get_run(elsewhere.run_id).info.status == "RUNNING"
