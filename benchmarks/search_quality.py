@@ -16,7 +16,11 @@ seeded from the seed) on local Ray and prints one JSON line:
   sub-policy step; ``rotates_both_ways``: sub-policies rotate by 10° or more each way
   (the val split is turned both ways);
 * the cost: CPU-seconds held by the search trial and by the baselines (wall × CPUs held,
-  MLflow's ``cost_cpu_s``), and the search's wall seconds (first trial start to last end).
+  MLflow's ``cost_cpu_s``), and the search's wall seconds (first trial start to last end);
+* ``matched_ap``: a reference, not a trial of the search: the val AP of a hand-written policy
+  that matches the shift (:data:`SHIFT_MATCHED`: rotate ±30°, darken to 0.6), trained in this
+  process with the trials' budget and seed. It tells how much any policy can gain at this
+  budget (``--no-matched`` skips it).
 
 A final ``summary`` line aggregates the seeds. Finished searches are reused (the
 MLflow store in ``--workdir`` keeps them), so an interrupted run continues.
@@ -51,7 +55,38 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def measure_seed(workdir: Path, data, seed: int) -> dict:
+# Rotate's range is −45…45° and Brightness' 0.1…1.9 in the demo's space (m 0–10 maps linearly).
+SHIFT_MATCHED = {
+    "format": "autopose.policy/1",
+    "space": "demo",
+    "sub_policies": [
+        [{"op": "Rotate", "p": 0.9, "m": 1.667}],  # −30°
+        [{"op": "Rotate", "p": 0.9, "m": 8.333}],  # +30°
+        [{"op": "Brightness", "p": 0.9, "m": 2.778}],  # × 0.6
+        [{"op": "Brightness", "p": 0.9, "m": 2.778}],
+    ],
+}
+
+
+def matched_policy_ap(workdir: Path, config, seed: int) -> float:
+    """Val AP of :data:`SHIFT_MATCHED` under the search's budget (cached in ``workdir``)."""
+    import dataclasses
+
+    from autopose.engine.config import AugmentSpec
+    from autopose.engine.train import Trainer
+
+    cache = workdir / f"matched-seed{seed}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())["val_ap"]
+    train = dataclasses.replace(config.train, threads_per_worker=1)
+    spec = AugmentSpec(kind="policy", seed=seed, policy=SHIFT_MATCHED)
+    result = Trainer(config.data, config.model, train, spec, config.space_dict, device="cpu").run()
+    val_ap = round(result.history[-1]["val_ap"], 4)
+    cache.write_text(json.dumps({"val_ap": val_ap}))
+    return val_ap
+
+
+def measure_seed(workdir: Path, data, seed: int, matched: bool = True) -> dict:
     from autopose.augment import SearchSpace
     from autopose.platform.compare import collect
     from autopose.platform.tracking import POLICY_ARTIFACT, client, download_artifact
@@ -117,6 +152,7 @@ def measure_seed(workdir: Path, data, seed: int) -> dict:
         "baselines_cpu_s": round(sum(r.cost_cpu_s or 0.0 for r in rows if r.kind != "search"), 1),
         "wall_s": round(wall, 1),
         "reused": how == "reused",
+        "matched_ap": matched_policy_ap(workdir, config, seed) if matched else None,
     }
 
 
@@ -124,6 +160,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/autopose-search-quality"))
+    parser.add_argument("--no-matched", dest="matched", action="store_false", help="skip the reference")
     args = parser.parse_args()
     workdir = args.workdir.absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +170,7 @@ def main() -> int:
     results = []
     with quiet_libraries(), local_ray():  # stdout stays JSON lines; progress goes to stderr
         for seed in args.seeds:
-            result = measure_seed(workdir, data, seed)
+            result = measure_seed(workdir, data, seed, args.matched)
             results.append(result)
             print(json.dumps(result), flush=True)
     kinds = sorted({key.rsplit("-", 1)[0] for r in results for key in r["ap"]})
@@ -149,6 +186,9 @@ def main() -> int:
             )
             for kind in kinds
         },
+        "mean_matched_ap": round(statistics.mean(r["matched_ap"] for r in results), 4)
+        if args.matched and results
+        else None,
         "search_beats_none": sum(r["beats_none"] for r in results),
         "search_beats_random": sum(r["beats_random"] for r in results),
         "mean_rank": round(statistics.mean(r["rank"] for r in results), 2),
