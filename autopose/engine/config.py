@@ -363,6 +363,10 @@ class BilevelConfig:
     larger than later ones: Adam's second moment then keeps the policy's steps near zero for
     the rest of a short search (measured in the demo: op probabilities frozen after about
     40 steps). A shorter memory, e.g. ``[0.5, 0.9]``, lets the steps follow the gradient's scale.
+    ``val_batchnorm``: ``batch`` normalizes the unrolled validation pass by its own batch
+    statistics (DARTS); ``running`` by the running statistics, as evaluation does, so that a
+    shift every val image shares (a darker val split) stays visible to the search
+    (see :class:`autopose.engine.search.BilevelSearch`).
 
     With ``tune.search_alg: optuna`` any of ``tau1``, ``tau2``, ``policy_lr``
     may be a ``[low, high]`` range that Optuna samples (log-uniform).
@@ -380,6 +384,7 @@ class BilevelConfig:
     ops_per_sub_policy: int | None = None
     val_batch_size: int | None = None
     policy_betas: tuple[float, float] = (0.5, 0.999)
+    val_batchnorm: Literal["batch", "running"] = "batch"
 
     def _check(self, path, field_: str) -> None:
         _positive(self.trials, "trials", path, field_, allow_zero=True)

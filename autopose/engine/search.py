@@ -73,7 +73,10 @@ validation pass at ``w'``, the passes at ``w ± εv``, the exact product) uses
 batch statistics too — so that all passes evaluate the same function
 ``L_train(·, α)`` that step 2 differentiated, as in DARTS — but leaves the
 running statistics untouched (``track_running_stats`` is switched off for their
-duration). The validation batch is thus normalized by its own statistics.
+duration). The validation batch is thus normalized by its own statistics, unless
+``val_batchnorm="running"``: then the validation pass at ``w'`` uses the running
+statistics, as evaluation does, which keeps a shift that a whole val batch shares
+(brightness, contrast) visible to the search.
 
 Distributed: the weights' gradient is synchronised by DDP in step 2 (``w'`` and
 ``v`` then agree across ranks up to each rank's validation batch); the policy's
@@ -118,6 +121,20 @@ def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
             m.train(training)
 
 
+@contextlib.contextmanager
+def running_batchnorm_stats(model: nn.Module) -> Iterator[None]:
+    """Running statistics (as in evaluation), left un-updated, for the duration."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.training for m in norms]
+    try:
+        for m in norms:
+            m.train(False)
+        yield
+    finally:
+        for m, training in zip(norms, saved, strict=True):
+            m.train(training)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module inside DDP / DataParallel (functional passes bypass the wrapper)."""
     return model.module if isinstance(getattr(model, "module", None), nn.Module) else model
@@ -147,6 +164,12 @@ class BilevelSearch:
         differentiate_targets: keep the gradient through the heatmap targets (on by
             default; see "What is detached, and what is not").
         fd_radius: the finite difference's step in weight space, ``ε‖v‖`` (DARTS: 0.01).
+        val_batchnorm: how BatchNorm normalizes the validation pass at ``w'``: ``"batch"``
+            (its own batch statistics, as DARTS) or ``"running"`` (the running statistics,
+            as the model is scored). Batch statistics normalize away whatever a whole batch
+            shares: a val split that is uniformly darker than train looks like train to
+            ``L_val`` (conv1 is linear and has no bias, its BatchNorm removes the scale), so
+            the search cannot see that shift; running statistics keep it.
     """
 
     def __init__(
@@ -162,7 +185,10 @@ class BilevelSearch:
         central: bool = True,
         differentiate_targets: bool = True,
         fd_radius: float = FD_RADIUS,
+        val_batchnorm: Literal["batch", "running"] = "batch",
     ):
+        if val_batchnorm not in ("batch", "running"):
+            raise ValueError(f"val_batchnorm must be 'batch' or 'running', got {val_batchnorm!r}")
         if hessian not in ("finite_difference", "exact"):
             raise ValueError(f"hessian must be 'finite_difference' or 'exact', got {hessian!r}")
         if not unroll_lr > 0:
@@ -178,6 +204,7 @@ class BilevelSearch:
         self.central = central
         self.differentiate_targets = differentiate_targets
         self.fd_radius = float(fd_radius)
+        self.val_batchnorm = val_batchnorm
 
     # -- pieces ----------------------------------------------------------------------------------
     @property
@@ -221,7 +248,8 @@ class BilevelSearch:
             (w.detach() - self.unroll_lr * g).requires_grad_(True)
             for w, g in zip(weights, train_grad, strict=True)
         ]
-        with frozen_batchnorm_stats(self._net):
+        statistics = running_batchnorm_stats if self.val_batchnorm == "running" else frozen_batchnorm_stats
+        with statistics(self._net):
             loss = self._loss_at(names, unrolled, images, heatmaps, weight)
             v = torch.autograd.grad(loss, unrolled, allow_unused=True)
         v = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, v, strict=True)]

@@ -376,6 +376,7 @@ class Trainer:
             policy_optimizer=self.policy_optimizer,
             unroll_lr=bilevel.unroll_lr if bilevel.unroll_lr is not None else self.train_config.lr,
             hessian=bilevel.hessian,
+            val_batchnorm=bilevel.val_batchnorm,
         )
         # The α step's un-augmented batches come from the val distribution (see BilevelSearch):
         # from a held-out split of it when there is one, so the scored val split stays unseen.

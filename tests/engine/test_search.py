@@ -301,3 +301,25 @@ def test_toy_search_finds_rotation_when_validation_is_rotated():
     )
     angle = toy_space().value("Rotate", policy.magnitudes()["Rotate"])
     assert 30.0 < angle <= 45.0
+
+
+def test_running_statistics_let_the_search_see_a_darker_val_split():
+    """With batch statistics, the validation pass normalizes away a scale every val image shares
+    (conv without bias, then BatchNorm): a val split at half the brightness gives the same
+    hypergradient. With ``val_batchnorm="running"`` it is normalized as evaluation normalizes
+    it, and the darker split changes the hypergradient; the running statistics stay untouched."""
+    model, policy, train, val, noise = setup(seed=2, dtype=torch.float64, warmup=30)
+    darker = (val[0] * 0.5, val[1], val[2])
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+
+    def relative_change(mode: str) -> float:
+        search = make_search(model, policy, torch.float64, val_batchnorm=mode)
+        bright, dark = (flat(search.hypergradient(train, batch, noise)) for batch in (val, darker))
+        return float((bright - dark).norm() / bright.norm())
+
+    assert relative_change("batch") < 1e-3
+    assert relative_change("running") > 0.05
+    for key, value in buffers.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="val_batchnorm"):
+        make_search(model, policy, val_batchnorm="eval")
