@@ -225,13 +225,14 @@ def _logged_epochs(db) -> list[int]:
 
 
 @pytest.mark.timeout(300, method="signal")
-def test_tracking_server_lost_mid_search_training_goes_on_and_resume_completes_the_run(
+def test_tracking_server_lost_mid_search_training_goes_on_and_resume_completes_the_runs(
     ray_cluster, smoke_config, tmp_path, caplog
 ):
-    """A real ``mlflow server`` is SIGKILLed once the trial's first epoch is logged: the trial
-    trains to its end, the driver says once that the server went away and, at the end, what the
-    run misses; what was logged stays. Started again on the same port and database, ``--resume``
-    logs the missing epochs to the same run (same steps, each once) and closes it FINISHED."""
+    """A real ``mlflow server`` is SIGKILLed once the first trial's first epoch is logged: that trial
+    trains to its end, the next one starts and trains without a run, the driver says once that the
+    server went away and, at the end, what the runs miss; what was logged stays. Started again on
+    the same port and database, ``--resume`` logs the missing epochs to the same run (same steps,
+    each once), opens the run the second trial could not, and closes both FINISHED."""
 
     db, artifacts, port = tmp_path / "server.db", tmp_path / "artifacts", _free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -240,9 +241,9 @@ def test_tracking_server_lost_mid_search_training_goes_on_and_resume_completes_t
         "experiment": "lost-server",
         "tracking_uri": uri,
         "search": {"trials": 0},
-        "baselines": {"random_seeds": [], "handcrafted": False, "none": True},
+        "baselines": {"random_seeds": [0], "handcrafted": False, "none": True},
         "train": {"epochs": epochs, "steps_per_epoch": 2},
-        "tune": {"max_failures": 0},
+        "tune": {"max_failures": 0, "max_concurrent": 1},
         "examples": 0,
     }
     config = load_experiment(smoke_config(overrides))
@@ -262,17 +263,19 @@ def test_tracking_server_lost_mid_search_training_goes_on_and_resume_completes_t
             killer = threading.Thread(target=kill_after_first_epoch, daemon=True)
             killer.start()
             started = time.monotonic()
-            (outcome,) = run_search(config, verbose=0)
+            outcomes = run_search(config, verbose=0)
             search_s = time.monotonic() - started
             killer.join(timeout=30)
             assert server.poll() is not None, "the server was not killed during the search"
 
-            # The trial trained every epoch although the server went away after its first one.
-            assert outcome.status == "TERMINATED" and outcome.error is None
-            assert outcome.val_ap is not None and outcome.tracking is not None
-            lost, still_lost = [r.getMessage() for r in caplog.records if "does not answer" in r.getMessage()]
-            assert uri in lost and "training goes on" in lost
-            assert uri in still_lost and "--resume" in still_lost and "none-0" in still_lost
+            # Both trials trained every epoch although the server went away after the first one.
+            assert [o.status for o in outcomes] == ["TERMINATED"] * 2, [o.error for o in outcomes]
+            assert all(o.val_ap is not None and o.tracking is not None for o in outcomes)
+            said = [r.getMessage() for r in caplog.records if r.name == "autopose.platform.tune"]
+            assert len(said) == 2, said  # once when it went away, once at the end: not per epoch
+            assert "does not answer" in said[0] and uri in said[0] and "training goes on" in said[0]
+            assert "still does not answer" in said[1] and uri in said[1] and "--resume" in said[1]
+            assert all(f"{o.kind}-{o.seed}-{o.trial_id}" in said[1] for o in outcomes)
             # What was logged before the kill is kept; the rest waits in Tune's results.
             before = _logged_epochs(db)
             assert before == killed_after[0] and before[:1] == [0] and len(before) < epochs, before
@@ -280,21 +283,26 @@ def test_tracking_server_lost_mid_search_training_goes_on_and_resume_completes_t
 
             caplog.clear()
             server = _start_mlflow_server(db, artifacts, port, log)
-            (resumed,) = run_search(config, resume=True, verbose=0)
+            resumed = run_search(config, resume=True, verbose=0)
         finally:
             _stop(server)
 
-    assert resumed.status == "TERMINATED" and resumed.tracking is None and resumed.run_id is not None
+    assert [(o.status, o.tracking) for o in resumed] == [("TERMINATED", None)] * 2
     assert not [r for r in caplog.records if "does not answer" in r.getMessage()]
     local = MlflowClient(f"sqlite:///{db}")
-    (run,) = local.search_runs([local.get_experiment_by_name("lost-server").experiment_id])
-    assert run.info.run_id == resumed.run_id and run.info.status == "FINISHED"
-    # Every epoch exactly once under its own step, with the values the trial reported to Tune.
-    history = local.get_metric_history(run.info.run_id, "val_ap")
-    assert sorted(m.step for m in history) == list(range(epochs))
-    assert sorted(m.value for m in local.get_metric_history(run.info.run_id, "epoch")) == list(range(epochs))
-    assert run.data.params["kind"] == "none" and "trial_wall_s" in run.data.metrics
-    assert "autopose.stopped_early" not in run.data.tags
+    runs = local.search_runs([local.get_experiment_by_name("lost-server").experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted(o.run_id for o in resumed)
+    assert sorted(r.data.tags[TAG_TRIAL] for r in runs) == sorted(
+        f"lost-server/{o.trial_id}" for o in resumed
+    )
+    for run in runs:
+        assert run.info.status == "FINISHED" and "autopose.stopped_early" not in run.data.tags
+        # Every epoch exactly once under its own step, with the values the trial reported to Tune.
+        history = local.get_metric_history(run.info.run_id, "val_ap")
+        assert sorted(m.step for m in history) == list(range(epochs))
+        epoch_values = sorted(m.value for m in local.get_metric_history(run.info.run_id, "epoch"))
+        assert epoch_values == list(range(epochs))
+        assert run.data.params["kind"] in ("none", "random") and "trial_wall_s" in run.data.metrics
 
 
 class _Relay:
