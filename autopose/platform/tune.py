@@ -564,7 +564,15 @@ def run_search(
     with bounded_http(**QUICK_TRACKING_ENV):
         missing = sync_runs(results, setup)
         if missing is None:
-            _fail_orphaned_runs(experiment.tracking_uri, experiment_id, search_name)
+            try:
+                _fail_orphaned_runs(experiment.tracking_uri, experiment_id, search_name)
+            except Exception as error:  # the server went away just now: --resume does it later
+                logger.warning(
+                    "autopose: MLflow tracking server at %s stopped answering (%s): runs an earlier "
+                    "killed driver left RUNNING are not marked FAILED yet; --resume does it",
+                    experiment.tracking_uri,
+                    first_line(error),
+                )
             missing = {}
         else:
             troubled = ", ".join(sorted(_result_name(r) for r in results if _trial_id(r) in missing))
@@ -662,9 +670,9 @@ def sync_runs(results, setup: TrialSetup) -> dict[str, str] | None:
         reported = _reported_epochs(rows)
         if not reported:
             continue  # never trained an epoch: nothing to log
-        if runs is None:
-            if _tracking_trouble(rows):
-                missing[trial_id] = "epochs after the server went away, and its close"
+        if runs is None:  # nothing can be checked: the trial's close at least is in doubt
+            trouble = _tracking_trouble(rows)
+            missing[trial_id] = "epochs after the server went away, and its close" if trouble else "its close"
             continue
         tags = trial_tags(setup, trial_spec(result.config, experiment), trial_id)
         found = runs.get(tags[TAG_TRIAL])
