@@ -17,10 +17,12 @@ seeded from the seed) on local Ray and prints one JSON line:
   (the val split is turned both ways);
 * the cost: CPU-seconds held by the search trial and by the baselines (wall × CPUs held,
   MLflow's ``cost_cpu_s``), and the search's wall seconds (first trial start to last end);
-* ``matched_ap``: a reference, not a trial of the search: the val AP of a hand-written policy
-  that matches the shift (:data:`SHIFT_MATCHED`: rotate ±30°, darken to 0.6), trained in this
-  process with the trials' budget and seed. It tells how much any policy can gain at this
-  budget (``--no-matched`` skips it).
+* retrained policies, each trained in this process from scratch with the trials' budget and
+  seed (``--no-retrain`` skips them): ``exported_ap``, the searched policy as it is exported
+  (what ``promote`` trains: the search-then-retrain protocol of AutoAugment-style searches),
+  with ``exported_rank`` among the trials' and ``exported_beats_none`` / ``exported_beats_random``;
+  ``matched_ap``, a hand-written policy that matches the shift (:data:`SHIFT_MATCHED`: rotate
+  ±30°, darken to 0.6), which tells how much a policy can gain at this budget at all.
 
 A final ``summary`` line aggregates the seeds. Finished searches are reused (the
 MLflow store in ``--workdir`` keeps them), so an interrupted run continues.
@@ -68,25 +70,27 @@ SHIFT_MATCHED = {
 }
 
 
-def matched_policy_ap(workdir: Path, config, seed: int) -> float:
-    """Val AP of :data:`SHIFT_MATCHED` under the search's budget (cached in ``workdir``)."""
+def retrained_ap(workdir: Path, config, seed: int, policy: dict, name: str) -> float:
+    """Val AP of ``policy`` trained under the search's budget (cached in ``workdir``)."""
     import dataclasses
 
     from autopose.engine.config import AugmentSpec
     from autopose.engine.train import Trainer
 
-    cache = workdir / f"matched-seed{seed}.json"
+    cache = workdir / f"{name}-seed{seed}.json"
     if cache.is_file():
-        return json.loads(cache.read_text())["val_ap"]
+        saved = json.loads(cache.read_text())
+        if saved.get("policy") == policy:
+            return saved["val_ap"]
     train = dataclasses.replace(config.train, threads_per_worker=1)
-    spec = AugmentSpec(kind="policy", seed=seed, policy=SHIFT_MATCHED)
+    spec = AugmentSpec(kind="policy", seed=seed, policy=policy)
     result = Trainer(config.data, config.model, train, spec, config.space_dict, device="cpu").run()
     val_ap = round(result.history[-1]["val_ap"], 4)
-    cache.write_text(json.dumps({"val_ap": val_ap}))
+    cache.write_text(json.dumps({"val_ap": val_ap, "policy": policy}))
     return val_ap
 
 
-def measure_seed(workdir: Path, data, seed: int, matched: bool = True) -> dict:
+def measure_seed(workdir: Path, data, seed: int, retrain: bool = True) -> dict:
     from autopose.augment import SearchSpace
     from autopose.platform.compare import collect
     from autopose.platform.tracking import POLICY_ARTIFACT, client, download_artifact
@@ -129,7 +133,7 @@ def measure_seed(workdir: Path, data, seed: int, matched: bool = True) -> dict:
     randoms = [r.val_ap or 0.0 for r in rows if r.kind == "random"]
     none = next(r.val_ap or 0.0 for r in rows if r.kind == "none")
     search_ap = search.val_ap or 0.0
-    return {
+    result = {
         "seed": seed,
         "search": config.experiment,
         "ap": {f"{r.kind}-{r.seed}": round(r.val_ap or 0.0, 4) for r in rows},
@@ -152,15 +156,26 @@ def measure_seed(workdir: Path, data, seed: int, matched: bool = True) -> dict:
         "baselines_cpu_s": round(sum(r.cost_cpu_s or 0.0 for r in rows if r.kind != "search"), 1),
         "wall_s": round(wall, 1),
         "reused": how == "reused",
-        "matched_ap": matched_policy_ap(workdir, config, seed) if matched else None,
     }
+    if retrain:
+        exported_ap = retrained_ap(workdir, config, seed, document, "exported")
+        result.update(
+            exported_ap=exported_ap,
+            exported_rank=1 + sum(1 for r in rows if (r.val_ap or 0.0) > exported_ap),
+            exported_beats_none=exported_ap > none,
+            exported_beats_random=all(exported_ap > ap for ap in randoms),
+            matched_ap=retrained_ap(workdir, config, seed, SHIFT_MATCHED, "matched"),
+        )
+    return result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/autopose-search-quality"))
-    parser.add_argument("--no-matched", dest="matched", action="store_false", help="skip the reference")
+    parser.add_argument(
+        "--no-retrain", dest="retrain", action="store_false", help="skip the retrained policies"
+    )
     args = parser.parse_args()
     workdir = args.workdir.absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +185,7 @@ def main() -> int:
     results = []
     with quiet_libraries(), local_ray():  # stdout stays JSON lines; progress goes to stderr
         for seed in args.seeds:
-            result = measure_seed(workdir, data, seed, args.matched)
+            result = measure_seed(workdir, data, seed, args.retrain)
             results.append(result)
             print(json.dumps(result), flush=True)
     kinds = sorted({key.rsplit("-", 1)[0] for r in results for key in r["ap"]})
@@ -186,9 +201,17 @@ def main() -> int:
             )
             for kind in kinds
         },
-        "mean_matched_ap": round(statistics.mean(r["matched_ap"] for r in results), 4)
-        if args.matched and results
-        else None,
+        **(
+            {
+                "mean_exported_ap": round(statistics.mean(r["exported_ap"] for r in results), 4),
+                "exported_beats_none": sum(r["exported_beats_none"] for r in results),
+                "exported_beats_random": sum(r["exported_beats_random"] for r in results),
+                "mean_exported_rank": round(statistics.mean(r["exported_rank"] for r in results), 2),
+                "mean_matched_ap": round(statistics.mean(r["matched_ap"] for r in results), 4),
+            }
+            if args.retrain and results
+            else {}
+        ),
         "search_beats_none": sum(r["beats_none"] for r in results),
         "search_beats_random": sum(r["beats_random"] for r in results),
         "mean_rank": round(statistics.mean(r["rank"] for r in results), 2),
