@@ -79,6 +79,12 @@ class DemoBudget:
     hypergradient is so small that Adam's ε mutes it. ``unroll_lr = 0.1`` moves them by a
     fraction of a real Adam step (ζ = 2 overshoots: the unrolled val loss grew 100-fold).
     ``policy_betas = (0.5, 0.9)``: see :class:`autopose.engine.config.BilevelConfig`.
+
+    Why the full budget's data and batches look as they do: on cluttered images with up to
+    three figures, 200 steps of 32 crops left every model at val AP ≈ 0.01, where no policy
+    could gain, not even one written to match the shift. One figure per image on a smooth
+    background (``clutter=False``) and batches of 8 (three times the updates for the same
+    crops) reach val AP 0.05–0.07 in the same time, where a shift-matched policy gains +50 %.
     """
 
     name: str
