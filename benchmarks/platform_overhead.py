@@ -46,22 +46,12 @@ def emit(**record) -> None:
 
 
 def make_data(folder: Path) -> dict[str, str]:
-    from autopose.data import build_proxy
-    from autopose.data.synth import generate_synth
+    from autopose.data import build_synth_proxies, generate_synth
 
     generate_synth(folder, images=24, val_images=6, seed=0, shift="rotate=45", progress=False)
-    paths = {}
-    for split in ("train", "val"):
-        out = folder / f"{split}.parquet"
-        build_proxy(
-            folder / split / "annotations.json",
-            folder / split / "images",
-            out,
-            input_size=(64, 48),
-            progress=False,
-        )
-        paths[split] = str(out)
-    return paths
+    paths = {split: folder / f"{split}.parquet" for split in ("train", "val")}
+    build_synth_proxies(folder, paths, input_size=(64, 48))
+    return {split: str(path) for split, path in paths.items()}
 
 
 def write_config(

@@ -26,7 +26,14 @@ from autopose.data.proxy import (
     read_proxy_metadata,
     verify_proxy,
 )
-from autopose.data.synth import DEMO_SHIFT, SynthReport, SynthShift, generate_synth, parse_shift
+from autopose.data.synth import (
+    DEMO_SHIFT,
+    SynthReport,
+    SynthShift,
+    build_synth_proxies,
+    generate_synth,
+    parse_shift,
+)
 from autopose.data.transforms import (
     box_to_center_scale,
     crop_matrix,
@@ -55,6 +62,7 @@ __all__ = [
     "SynthShift",
     "box_to_center_scale",
     "build_proxy",
+    "build_synth_proxies",
     "crop_matrix",
     "decode_batch",
     "flip_pairs_from_names",

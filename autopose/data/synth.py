@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from autopose.data.coco import COCO_KEYPOINTS, COCO_SKELETON
+from autopose.data.proxy import ProxyReport, build_proxy
 from autopose.errors import AutoposeError
 
 SYNTH_IMAGE_SIZE = (240, 320)  # (height, width)
@@ -591,3 +592,30 @@ def generate_synth(
     return SynthReport(
         out, images, val_images, train_persons, val_persons, shift, holdout_images, holdout_persons
     )
+
+
+def build_synth_proxies(
+    synth: Path, outputs: dict[str, Path], *, input_size: tuple[int, int], progress: bool = False
+) -> dict[str, ProxyReport]:
+    """Parquet proxies of splits that :func:`generate_synth` wrote.
+
+    Args:
+        synth: the folder given to :func:`generate_synth` (``synth/<split>/{annotations.json,images}``).
+        outputs: split name (``train``, ``val``, ``holdout``) → the ``.parquet`` file to write.
+        input_size: crop ``(height, width)``.
+        progress: tqdm bars on stderr.
+
+    Returns:
+        Each split's :class:`~autopose.data.proxy.ProxyReport` (``reused`` when a finished
+        proxy of the same inputs was there).
+    """
+    return {
+        split: build_proxy(
+            synth / split / "annotations.json",
+            synth / split / "images",
+            out,
+            input_size=input_size,
+            progress=progress,
+        )
+        for split, out in outputs.items()
+    }

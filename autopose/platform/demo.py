@@ -289,7 +289,7 @@ PROXY_COUNT = 4  # train, val, holdout, COCO samples
 def prepare_proxies(workdir: Path, budget: DemoBudget, synth: Path) -> tuple[DemoData, int]:
     """Parquet proxies of train, val, holdout and the COCO samples (``build_proxy`` reuses a finished
     file of the same inputs). Returns the paths and how many were reused."""
-    from autopose.data import build_proxy
+    from autopose.data import build_proxy, build_synth_proxies
 
     height, width = budget.input_size
     folder = workdir / "data"
@@ -301,16 +301,9 @@ def prepare_proxies(workdir: Path, budget: DemoBudget, synth: Path) -> tuple[Dem
         search_val=folder / f"holdout-{budget.name}-{height}x{width}.parquet",
         coco=folder / f"coco-samples-{EXAMPLE_CROP[0]}x{EXAMPLE_CROP[1]}.parquet",
     )
-    reused = 0
-    for split, out in (("train", data.train), ("val", data.val), ("holdout", data.search_val)):
-        report = build_proxy(
-            synth / split / "annotations.json",
-            synth / split / "images",
-            out,
-            input_size=budget.input_size,
-            progress=False,
-        )
-        reused += int(report.reused)
+    splits = {"train": data.train, "val": data.val, "holdout": data.search_val}
+    reports = build_synth_proxies(synth, splits, input_size=budget.input_size)
+    reused = sum(report.reused for report in reports.values())
     report = build_proxy(COCO_ANN, COCO_SAMPLES, data.coco, input_size=EXAMPLE_CROP, progress=False)
     reused += int(report.reused)
     return data, reused
@@ -401,27 +394,13 @@ def demo_config(
 def quiet_libraries() -> Iterator[None]:
     """Keep the console to the demo's own lines: Tune's legacy (silent at verbose 0) output
     instead of its status boxes, no MLflow download bars or INFO lines. Restored afterwards."""
-    import logging
-
     import mlflow  # noqa: F401  (its import configures its loggers: set their levels after it)
 
-    saved_env = {k: os.environ.get(k) for k in ("RAY_AIR_NEW_OUTPUT", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    loggers = [logging.getLogger(name) for name in ("mlflow", "alembic", "ray.tune", "ray.train")]
-    saved_levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
+    from autopose.platform.tracking import scoped_settings
+
+    environment = {"RAY_AIR_NEW_OUTPUT": "0", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    with scoped_settings(environment, ("mlflow", "alembic", "ray.tune", "ray.train")):
         yield
-    finally:
-        for logger, level in zip(loggers, saved_levels, strict=True):
-            logger.setLevel(level)
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @contextlib.contextmanager

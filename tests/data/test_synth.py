@@ -176,3 +176,15 @@ def test_plain_images_have_no_occluders_and_smooth_backgrounds(tmp_path):
     busy_visibility = np.concatenate([np.asarray(a["keypoints"]).reshape(17, 3)[:, 2] for a in busy_anns])
     assert (visibility == 1).mean() < (busy_visibility == 1).mean()
     assert roughness(plain / "train" / "images") < 0.6 * roughness(busy / "train" / "images")
+
+
+def test_synth_proxies_one_per_split_reused_when_built(synth, tmp_path):
+    from autopose.data import ProxyDataset, build_synth_proxies
+
+    outputs = {split: tmp_path / f"{split}.parquet" for split in ("train", "val")}
+    first = build_synth_proxies(synth, outputs, input_size=(64, 48))
+    assert set(first) == {"train", "val"} and not any(r.reused for r in first.values())
+    for split, path in outputs.items():
+        persons = len(json.loads((synth / split / "annotations.json").read_text())["annotations"])
+        assert len(ProxyDataset(path)) == persons
+    assert all(r.reused for r in build_synth_proxies(synth, outputs, input_size=(64, 48)).values())
