@@ -82,24 +82,31 @@ def quick_tracking_failures() -> None:
 
 
 @contextlib.contextmanager
-def bounded_http(**settings: str) -> Iterator[None]:
-    """MLflow HTTP settings (``MLFLOW_HTTP_REQUEST_*`` names) for the calls inside, without
-    urllib3's retry warnings; both restored afterwards (the driver may be someone's notebook)."""
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
-    # urllib3 warns at every retry: a lost server would fill the console with them.
-    retries = logging.getLogger("urllib3.connectionpool")
-    level = retries.level
-    retries.setLevel(logging.ERROR)
+def scoped_settings(environment: dict[str, str], quiet_loggers: tuple[str, ...] = ()) -> Iterator[None]:
+    """Environment variables set and loggers raised to ERROR for the calls inside; both
+    restored afterwards (the caller may be someone's notebook)."""
+    saved = {key: os.environ.get(key) for key in environment}
+    os.environ.update(environment)
+    loggers = [logging.getLogger(name) for name in quiet_loggers]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        retries.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def bounded_http(**settings: str) -> contextlib.AbstractContextManager[None]:
+    """MLflow HTTP settings (``MLFLOW_HTTP_REQUEST_*`` names) for the calls inside, without
+    urllib3's retry warnings (a lost server would fill the console with one per retry)."""
+    return scoped_settings(settings, ("urllib3.connectionpool",))
 
 
 def _quick_http() -> contextlib.AbstractContextManager[None]:
