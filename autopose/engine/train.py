@@ -219,6 +219,28 @@ def discrete_augment(augment: Any) -> Augment:
 
 
 # -- the trainer -----------------------------------------------------------------------------------------
+def _check_proxy_fits(
+    dataset: ProxyDataset, name: str, model: ModelConfig, *, path: str, field: str | None = None
+) -> None:
+    """The proxy's crops and keypoints are what the model takes (``field``: where the error
+    points; by default at the model setting that disagrees)."""
+    meta = dataset.metadata
+    height, width = model.input_size
+    if tuple(meta.input_size) != (height, width):
+        raise AutoposeError(
+            f"the {name} proxy holds {meta.input_size[0]}x{meta.input_size[1]} crops, the model takes "
+            f"{height}x{width}: rebuild it with --input {height}x{width}",
+            path=path,
+            field=field or "model.input_size",
+        )
+    if meta.num_keypoints != model.num_joints:
+        raise AutoposeError(
+            f"the {name} proxy has {meta.num_keypoints} keypoints, model.num_joints is {model.num_joints}",
+            path=path,
+            field=field or "model.num_joints",
+        )
+
+
 class Trainer:
     """One training run, without Ray (see the module docstring).
 
@@ -253,20 +275,7 @@ class Trainer:
         meta = self.val_set.metadata
         self.keypoint_names, self.flip_pairs = tuple(meta.keypoint_names), tuple(meta.flip_pairs)
         self.dataset_name = meta.dataset
-        if tuple(meta.input_size) != tuple(model.input_size):
-            raise AutoposeError(
-                f"the val proxy holds {meta.input_size[0]}x{meta.input_size[1]} crops, the model takes "
-                f"{model.input_size[0]}x{model.input_size[1]}: rebuild it with --input "
-                f"{model.input_size[0]}x{model.input_size[1]}",
-                path=data.val,
-                field="model.input_size",
-            )
-        if meta.num_keypoints != model.num_joints:
-            raise AutoposeError(
-                f"the val proxy has {meta.num_keypoints} keypoints, model.num_joints is {model.num_joints}",
-                path=data.val,
-                field="model.num_joints",
-            )
+        _check_proxy_fits(self.val_set, "val", model, path=data.val)
         self.train_set = self._train_dataset()
         self.codec = HeatmapCodec(tuple(model.input_size))
         self.space = search_space_from(space)
@@ -380,16 +389,13 @@ class Trainer:
         )
         # The α step's un-augmented batches come from the val distribution (see BilevelSearch):
         # from a held-out split of it when there is one, so the scored val split stays unseen.
-        search_val = self.data_config.search_val or self.data_config.val
-        # val was verified when it was opened; a separate split is verified here
-        self.search_val_set = ProxyDataset(Path(search_val), verify=self.data_config.search_val is not None)
-        if self.search_val_set.metadata.num_keypoints != self.model_config.num_joints or tuple(
-            self.search_val_set.metadata.input_size
-        ) != tuple(self.model_config.input_size):
-            raise AutoposeError(
-                "the search_val proxy's crops or keypoints differ from the val proxy's",
-                path=search_val,
-                field="data.search_val",
+        search_val = self.data_config.search_val
+        if search_val is None:
+            self.search_val_set = self.val_set
+        else:
+            self.search_val_set = ProxyDataset(Path(search_val))
+            _check_proxy_fits(
+                self.search_val_set, "search_val", self.model_config, path=search_val, field="data.search_val"
             )
         self.search_val_batch = min(
             bilevel.val_batch_size or self.train_config.batch_size, len(self.search_val_set)
