@@ -255,14 +255,19 @@ class BilevelSearch:
         v = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, v, strict=True)]
         return v, loss.detach()
 
+    def _input_leaves(self, images: Tensor, heatmaps: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Detached leaves that take ``∇ L_train``: the images, and the targets if they are kept
+        differentiable; returns them and the target tensor the loss should read."""
+        leaves = [images.detach().requires_grad_(True)]
+        if self.differentiate_targets:
+            leaves.append(heatmaps.detach().requires_grad_(True))
+        return leaves, (leaves[1] if self.differentiate_targets else heatmaps)
+
     def _input_gradients(
         self, names: list[str], weights: Sequence[Tensor], images: Tensor, heatmaps: Tensor, weight: Tensor
     ) -> tuple[Tensor, ...]:
         """``∇ L_train`` with respect to the augmented images (and targets, if kept) at ``weights``."""
-        leaves = [images.detach().requires_grad_(True)]
-        if self.differentiate_targets:
-            leaves.append(heatmaps.detach().requires_grad_(True))
-        target = leaves[1] if self.differentiate_targets else heatmaps
+        leaves, target = self._input_leaves(images, heatmaps)
         with frozen_batchnorm_stats(self._net):
             loss = self._loss_at(names, [w.detach() for w in weights], leaves[0], target, weight)
             return torch.autograd.grad(loss, leaves)
@@ -348,10 +353,7 @@ class BilevelSearch:
         try:
             names, weights = self._weights()
             augmented, heatmaps, weight = self.augment(train, noise)
-            leaves = [augmented.detach().requires_grad_(True)]
-            if self.differentiate_targets:
-                leaves.append(heatmaps.detach().requires_grad_(True))
-            target = leaves[1] if self.differentiate_targets else heatmaps
+            leaves, target = self._input_leaves(augmented, heatmaps)
             with frozen_batchnorm_stats(self._net):
                 loss = self._loss_at(names, weights, leaves[0], target, weight)
                 grads = torch.autograd.grad(loss, [*weights, *leaves], allow_unused=True)
