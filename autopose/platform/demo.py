@@ -562,7 +562,7 @@ class FullTraining:
 
 
 def finished_full_training(config: ExperimentConfig, parent_run: str) -> FullTraining | None:
-    from autopose.platform.tracking import FULL_TRAIN_KIND, TAG_KIND, TAG_PARENT, client
+    from autopose.platform.tracking import FULL_TRAIN_KIND, TAG_CHECKPOINT, TAG_KIND, TAG_PARENT, client
 
     mlflow_client = client(config.tracking_uri)
     found = mlflow_client.get_experiment_by_name(config.experiment)
@@ -573,7 +573,7 @@ def finished_full_training(config: ExperimentConfig, parent_run: str) -> FullTra
         filter_string=f"tags.`{TAG_KIND}` = '{FULL_TRAIN_KIND}' and tags.`{TAG_PARENT}` = '{parent_run}'",
         max_results=10,
     ):
-        checkpoint = run.data.tags.get("autopose.checkpoint")
+        checkpoint = run.data.tags.get(TAG_CHECKPOINT)
         if run.info.status == "FINISHED" and checkpoint and Path(checkpoint).is_file():
             return FullTraining(
                 run.info.run_id, parent_run, checkpoint, run.data.metrics.get("final_val_ap"), True

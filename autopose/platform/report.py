@@ -34,6 +34,7 @@ from autopose.platform.tracking import (
     SEARCH_KINDS,
     TAG_KIND,
     TAG_PARENT,
+    TAG_PROMOTED,
     TAG_SEED,
     client,
     download_artifact,
@@ -314,7 +315,7 @@ def write_report(
         "ops": plot_search_ops(search_runs, uri, folder / "search_ops.png", value_of, shift_ops),
         "cost": plot_cost(rows, walls, folder / "cost.png"),
     }
-    promoted = [r for r in trial_runs if r.data.tags.get("autopose.promoted") == "true"]
+    promoted = [r for r in trial_runs if r.data.tags.get(TAG_PROMOTED) == "true"]
     shown = search_runs + [r for r in promoted if r not in search_runs]
     shown += [r for r in trial_runs if r.data.tags.get(TAG_KIND) == "handcrafted" and r not in shown][:1]
     examples_png = policy_pictures(shown, uri, config.space_dict, data_coco_proxy, folder, examples)

@@ -29,6 +29,7 @@ from autopose.platform.tracking import (
     CONFIG_ARTIFACT,
     FULL_TRAIN_KIND,
     MLFLOW_PARENT,
+    TAG_CHECKPOINT,
     TAG_KIND,
     TAG_PARENT,
     TAG_SEED,
@@ -168,7 +169,7 @@ def run_training(
         cpus, gpus = resources_of(train)
         metrics.update({"trial_wall_s": wall, "cost_cpu_s": wall * cpus, "cost_gpu_s": wall * gpus})
         run.log_metrics(metrics, step=train.epochs)
-        run.set_tags({"autopose.checkpoint": checkpoint})
+        run.set_tags({TAG_CHECKPOINT: checkpoint})
     except BaseException:
         run.finish("FAILED")
         raise

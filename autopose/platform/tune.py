@@ -52,8 +52,10 @@ from autopose.platform.tracking import (
     QUICK_TRACKING_ENV,
     TAG_KIND,
     TAG_NODE,
+    TAG_ORPHANED,
     TAG_SEARCH,
     TAG_SEED,
+    TAG_STOPPED_EARLY,
     TAG_TRIAL,
     TrackedRun,
     bounded_http,
@@ -197,7 +199,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             if status == "STOPPED":  # stopped by Tune: complete when its last epoch is logged
                 complete = _epochs_logged(run) >= experiment.train.epochs
                 if not complete:
-                    run.set_tags({"autopose.stopped_early": "true"})
+                    run.set_tags({TAG_STOPPED_EARLY: "true"})
                 status = "FINISHED" if complete else "KILLED"
             run.log_metrics({"attempt_wall_s": time.perf_counter() - started}, step=attempt)
             total_wall = sum(m.value for m in run.client.get_metric_history(run.run_id, "attempt_wall_s"))
@@ -301,7 +303,7 @@ class CloseRuns(ray.tune.Callback):
         )
         complete = _epochs_logged(run) >= self.epochs
         if not complete:
-            run.set_tags({"autopose.stopped_early": "true"})
+            run.set_tags({TAG_STOPPED_EARLY: "true"})
         run.finish("FINISHED" if complete else "KILLED")
 
 
@@ -713,10 +715,10 @@ def _sync_run(result, setup: TrialSetup, tags: dict[str, str], found, reported, 
         status = "FAILED"
     elif trained_all:
         status = "FINISHED"
-        if run.client.get_run(run.run_id).data.tags.get("autopose.stopped_early"):
-            run.client.delete_tag(run.run_id, "autopose.stopped_early")  # closed early for want of epochs
+        if run.client.get_run(run.run_id).data.tags.get(TAG_STOPPED_EARLY):
+            run.client.delete_tag(run.run_id, TAG_STOPPED_EARLY)  # closed early for want of epochs
     else:
-        run.set_tags({"autopose.stopped_early": "true"})
+        run.set_tags({TAG_STOPPED_EARLY: "true"})
         status = "KILLED"
     if run.status() != status:
         run.finish(status)
@@ -734,7 +736,7 @@ def _fail_orphaned_runs(tracking_uri: str, experiment_id: str, search_name: str)
         filter_string=f"tags.`{TAG_SEARCH}` = '{search_name}' and attributes.status = 'RUNNING'",
         max_results=5000,
     ):
-        mlflow_client.set_tag(run.info.run_id, "autopose.orphaned", "true")
+        mlflow_client.set_tag(run.info.run_id, TAG_ORPHANED, "true")
         mlflow_client.set_terminated(run.info.run_id, status="FAILED")
 
 
