@@ -24,6 +24,8 @@ import yaml
 
 from autopose.errors import AutoposeError
 
+RUN_URI_PREFIX = "runs:/"  # train.init_from naming an MLflow run instead of a file
+
 
 # -- the generic loader ----------------------------------------------------------------
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -306,6 +308,9 @@ class TrainConfig:
     ``steps_per_epoch`` caps an epoch (null: one pass over the data). The learning
     rate is multiplied by ``lr_gamma`` at each epoch in ``lr_milestones`` (SimpleBaseline
     and HRNet: ×0.1 at epochs 90 and 120 of 140).
+    ``init_from``: the weights the run starts from (a warm start; optimizer and epochs
+    start fresh): an autopose checkpoint file, or ``runs:/<run id>`` of an MLflow run that
+    recorded one (resolved by the platform before training starts).
     """
 
     epochs: int = 10
@@ -325,8 +330,17 @@ class TrainConfig:
     threads_per_worker: int | None = None
     max_failures: int = 1
     checkpoint_every: int = 1
+    init_from: str | None = None
 
     def _check(self, path, field_: str) -> None:
+        if self.init_from is not None and not self.init_from.startswith(RUN_URI_PREFIX):
+            self.init_from = absolute_path(self.init_from)
+            if not Path(self.init_from).is_file():
+                raise AutoposeError(
+                    f"checkpoint not found: {self.init_from} (a checkpoint file or runs:/<run id>)",
+                    path=path,
+                    field=f"{field_}.init_from".lstrip("."),
+                )
         for name in ("epochs", "batch_size", "val_batch_size", "checkpoint_every"):
             _positive(getattr(self, name), name, path, field_)
         _positive(self.steps_per_epoch, "steps_per_epoch", path, field_)

@@ -51,7 +51,14 @@ from autopose.augment import (
 )
 from autopose.data import CocoCropDataset, HeatmapCodec, ProxyDataset, load_coco
 from autopose.engine.checkpoint import load_checkpoint, save_checkpoint
-from autopose.engine.config import AugmentSpec, BilevelConfig, DataConfig, ModelConfig, TrainConfig
+from autopose.engine.config import (
+    RUN_URI_PREFIX,
+    AugmentSpec,
+    BilevelConfig,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+)
 from autopose.engine.inference import evaluate_proxy
 from autopose.errors import AutoposeError
 
@@ -277,6 +284,14 @@ class Trainer:
         self.dataset_name = meta.dataset
         _check_proxy_fits(self.val_set, "val", model, path=data.val)
         self.train_set = self._train_dataset()
+        # A split held out from the val distribution: the search's policy step reads it, and every
+        # run scores it once at the end (``holdout_ap``) so that choices can be made without val.
+        self.holdout_set: ProxyDataset | None = None
+        if data.search_val is not None:
+            self.holdout_set = ProxyDataset(Path(data.search_val))
+            _check_proxy_fits(
+                self.holdout_set, "search_val", model, path=data.search_val, field="data.search_val"
+            )
         self.codec = HeatmapCodec(tuple(model.input_size))
         self.space = search_space_from(space)
 
@@ -290,6 +305,8 @@ class Trainer:
             pretrained=model.pretrained,
             **model.build_kwargs(),
         ).to(self.device)
+        if train.init_from is not None:
+            self._load_initial_weights(train.init_from)
         self.loss_fn = PoseLoss(ohkm_topk=train.ohkm_topk)
         self.model: nn.Module = self.net
         if self.world_size > 1:
@@ -337,6 +354,28 @@ class Trainer:
 
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
+
+    def _load_initial_weights(self, path: str) -> None:
+        """Start from another run's weights (``train.init_from``); the checkpoint must hold
+        the same network."""
+        if path.startswith(RUN_URI_PREFIX):
+            raise AutoposeError(
+                f"{path} names an MLflow run: the platform resolves it to its checkpoint first",
+                field="train.init_from",
+            )
+        model_state, meta = load_checkpoint(path)
+        config = self.model_config
+        mine = (config.arch, tuple(config.input_size), config.num_joints, config.build_kwargs())
+        theirs = (meta["arch"], tuple(meta["input_size"]), meta["num_joints"], meta["model_kwargs"])
+        if mine != theirs:
+            raise AutoposeError(
+                f"the checkpoint holds {theirs[0]} {theirs[1][0]}x{theirs[1][1]} with {theirs[2]} joints "
+                f"and options {theirs[3]}, the model is {mine[0]} {mine[1][0]}x{mine[1][1]} with "
+                f"{mine[2]} joints and options {mine[3]}",
+                path=path,
+                field="train.init_from",
+            )
+        self.net.load_state_dict(model_state)
 
     def _train_dataset(self) -> Dataset:
         data = self.data_config
@@ -389,14 +428,7 @@ class Trainer:
         )
         # The α step's un-augmented batches come from the val distribution (see BilevelSearch):
         # from a held-out split of it when there is one, so the scored val split stays unseen.
-        search_val = self.data_config.search_val
-        if search_val is None:
-            self.search_val_set = self.val_set
-        else:
-            self.search_val_set = ProxyDataset(Path(search_val))
-            _check_proxy_fits(
-                self.search_val_set, "search_val", self.model_config, path=search_val, field="data.search_val"
-            )
+        self.search_val_set = self.holdout_set if self.holdout_set is not None else self.val_set
         self.search_val_batch = min(
             bilevel.val_batch_size or self.train_config.batch_size, len(self.search_val_set)
         )
@@ -559,30 +591,35 @@ class Trainer:
                 totals[key] = totals.get(key, 0.0) + value
         return {key: value / max(count, 1) for key, value in totals.items()}
 
+    def _proxy_ap(self, rows: Dataset) -> dict[str, float]:
+        if self.data_config.max_val_samples is not None and self.data_config.max_val_samples < len(rows):
+            rows = Subset(rows, range(self.data_config.max_val_samples))
+        loader = DataLoader(rows, batch_size=self.train_config.val_batch_size, shuffle=False)
+        scores = evaluate_proxy(
+            self.net,
+            loader,
+            self.codec,
+            flip_pairs=self.flip_pairs,
+            batch_size=self.train_config.val_batch_size,
+            keypoint_names=self.keypoint_names,
+        )
+        return {k: (0.0 if math.isnan(v) else float(v)) for k, v in scores.items()}
+
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """OKS AP of the current weights on the val proxy (rank 0 computes, all ranks get it)."""
+    def evaluate(self, *, holdout: bool = False) -> dict[str, float]:
+        """OKS AP of the current weights on the val proxy (rank 0 computes, all ranks get it);
+        with ``holdout`` also on the held-out split (``holdout_ap``), when there is one."""
         metrics: dict[str, float] = {}
         if self.is_main:
-            rows: Dataset = self.val_set
-            if self.data_config.max_val_samples is not None and self.data_config.max_val_samples < len(rows):
-                rows = Subset(rows, range(self.data_config.max_val_samples))
-            loader = DataLoader(rows, batch_size=self.train_config.val_batch_size, shuffle=False)
-            scores = evaluate_proxy(
-                self.net,
-                loader,
-                self.codec,
-                flip_pairs=self.flip_pairs,
-                batch_size=self.train_config.val_batch_size,
-                keypoint_names=self.keypoint_names,
-            )
+            scores = self._proxy_ap(self.val_set)
             metrics = {
                 "val_ap": scores["AP"],
                 "val_ap50": scores["AP50"],
                 "val_ap75": scores["AP75"],
                 "val_ar": scores["AR"],
             }
-            metrics = {k: (0.0 if math.isnan(v) else float(v)) for k, v in metrics.items()}
+            if holdout and self.holdout_set is not None:
+                metrics["holdout_ap"] = self._proxy_ap(self.holdout_set)["AP"]
         if self.world_size > 1:
             shared = [metrics]
             dist.broadcast_object_list(shared, src=0)
@@ -603,7 +640,8 @@ class Trainer:
             started = time.perf_counter()
             losses = self.train_epoch()
             train_s = time.perf_counter() - started
-            metrics = {**losses, **self.evaluate(), **self.policy_metrics()}
+            is_last = self.epoch + 1 >= self.train_config.epochs
+            metrics = {**losses, **self.evaluate(holdout=is_last), **self.policy_metrics()}
             epoch_s = time.perf_counter() - started
             self.wall_s += epoch_s
             samples = self.steps_per_epoch * self.train_config.batch_size * self.world_size

@@ -18,6 +18,7 @@ Layout (every section optional except ``data``; see search_spaces/smoke.yaml)::
     baselines:  {random_seeds, handcrafted, none, randaugment, trivialaugment}
     tune:       {max_concurrent, search_alg, scheduler, max_failures, ...}
     full_train: {epochs, num_workers, backend, registered_model, alias, ...}
+    warm_start: {epochs, steps_per_epoch, batch_size, lr, seed}   # a base model every trial starts from
 """
 
 from __future__ import annotations
@@ -125,6 +126,33 @@ class FullTrainConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    """A base model every trial fine-tunes from (``warm_start``), trained once without
+    augmentation on ``data.train`` and cached by the content of what it depends on (the
+    training data, the model, this budget), so every trial and every search of the same
+    setting reuses it. Fields left null take the value from ``train``.
+
+    Why: trials trained from scratch under a search's budget stop while every learning curve
+    still climbs steeply, and the ranking of their policies is mostly noise; cheap policy
+    searches pre-train or warm up the network first (DeepAA, MADAO).
+    """
+
+    epochs: int = 5
+    steps_per_epoch: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int = 0
+
+    def _check(self, path, field_: str) -> None:
+        if self.epochs <= 0:
+            raise AutoposeError("must be > 0", path=path, field=f"{field_}.epochs")
+        for name in ("steps_per_epoch", "batch_size", "lr"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise AutoposeError("must be > 0", path=path, field=f"{field_}.{name}")
+
+
+@dataclass
 class ExperimentConfig:
     """The whole experiment (see the module docstring for the YAML layout)."""
 
@@ -139,10 +167,18 @@ class ExperimentConfig:
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     tune: TuneSettings = field(default_factory=TuneSettings)
     full_train: FullTrainConfig = field(default_factory=FullTrainConfig)
+    warm_start: WarmStartConfig | None = None
     examples: int = 8
     # filled by load_experiment: where the config came from, the space as a plain mapping
     source: str | None = field(default=None, init=False)
     space_dict: dict[str, Any] = field(default_factory=dict, init=False)
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        """``dataclasses.replace`` that keeps what :func:`load_experiment` filled in (the source
+        file, the space mapping), which ``replace`` alone would reset."""
+        copy_ = dataclasses.replace(self, **changes)
+        copy_.source, copy_.space_dict = self.source, self.space_dict
+        return copy_
 
     # -- derived -------------------------------------------------------------------------
     def trial_plan(self) -> list[AugmentSpec]:
@@ -175,6 +211,22 @@ class ExperimentConfig:
             gpus_per_worker=full.gpus_per_worker,
             threads_per_worker=full.threads_per_worker,
             max_failures=full.max_failures,
+        )
+
+    def warm_start_config(self) -> TrainConfig:
+        """``train`` with the ``warm_start`` overrides applied: the base model's budget."""
+        warm = self.warm_start or WarmStartConfig()
+        return dataclasses.replace(
+            self.train,
+            epochs=warm.epochs,
+            steps_per_epoch=warm.steps_per_epoch
+            if warm.steps_per_epoch is not None
+            else self.train.steps_per_epoch,
+            batch_size=warm.batch_size if warm.batch_size is not None else self.train.batch_size,
+            lr=warm.lr if warm.lr is not None else self.train.lr,
+            lr_milestones=[],
+            seed=warm.seed,
+            init_from=None,
         )
 
     def full_train_data(self) -> DataConfig:
@@ -302,6 +354,12 @@ def load_experiment(
         raise AutoposeError("must be ≥ 0", path=path, field="examples")
     config.space_dict = load_space_mapping(config.space, path=path)
     _check_search_alg(config, path)
+    if config.warm_start is not None and "://" in config.storage_path:
+        raise AutoposeError(
+            "warm_start caches its base model in a folder every node reads: give a shared folder",
+            path=path,
+            field="storage_path",
+        )
     return config
 
 

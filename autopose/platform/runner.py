@@ -29,12 +29,14 @@ Where checkpoints go, and how a restarted run finds them:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -333,6 +335,23 @@ def fit(
         raise
     except ray.train.TrainingFailedError as error:
         raise AutoposeError(f"training run {name} failed: {_first_line(error)}") from error
+
+
+@contextlib.contextmanager
+def local_checkpoint(result, job: TrainingJob) -> Iterator[Path]:
+    """The final checkpoint as a local file (downloaded for the time of the block when the
+    storage is remote). In-process runs keep their checkpoint file themselves."""
+    if result.checkpoint is None:
+        path = Path(job.checkpoint_dir or "") / CHECKPOINT_FILE
+        if not path.is_file():
+            raise AutoposeError("training finished without a checkpoint", path=path)
+        yield path
+        return
+    with result.checkpoint.as_directory() as folder:
+        path = Path(folder) / CHECKPOINT_FILE
+        if not path.is_file():
+            raise AutoposeError("training finished without a checkpoint", path=result.checkpoint.path)
+        yield path
 
 
 def _first_line(error: BaseException) -> str:

@@ -11,11 +11,9 @@ under ``full_train.registered_model`` with the alias ``full_train.alias``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from autopose.engine.config import AugmentSpec, to_plain
 from autopose.errors import AutoposeError
 from autopose.platform.cluster import ray_session
 from autopose.platform.config import BASELINE_KINDS, ExperimentConfig, check_name, storage_join
-from autopose.platform.runner import CHECKPOINT_FILE, TrainingJob, fit, resources_of
+from autopose.platform.runner import CHECKPOINT_FILE, TrainingJob, fit, local_checkpoint, resources_of
 from autopose.platform.tracking import (
     CONFIG_ARTIFACT,
     FULL_TRAIN_KIND,
@@ -161,7 +159,7 @@ def run_training(
     try:
         with ray_session(address):
             result = fit(job, name=run_name, storage_path=storage, backend=experiment.full_train.backend)
-        with _local_checkpoint(result, job) as local:
+        with local_checkpoint(result, job) as local:
             metrics = _evaluate(local, experiment)
             model_uri, version = _register(local, experiment, run.run_id)
         checkpoint = _checkpoint_location(result, job)
@@ -190,23 +188,6 @@ def _checkpoint_location(result, job: TrainingJob) -> str:
     if result.checkpoint is not None:
         return f"{result.checkpoint.path.rstrip('/')}/{CHECKPOINT_FILE}"
     return str(Path(job.checkpoint_dir or "") / CHECKPOINT_FILE)
-
-
-@contextlib.contextmanager
-def _local_checkpoint(result, job: TrainingJob) -> Iterator[Path]:
-    """The final checkpoint as a local file (downloaded for the time of the block when the
-    storage is remote). In-process runs keep their checkpoint file themselves."""
-    if result.checkpoint is None:
-        path = Path(job.checkpoint_dir or "") / CHECKPOINT_FILE
-        if not path.is_file():
-            raise AutoposeError("training finished without a checkpoint", path=path)
-        yield path
-        return
-    with result.checkpoint.as_directory() as folder:
-        path = Path(folder) / CHECKPOINT_FILE
-        if not path.is_file():
-            raise AutoposeError("training finished without a checkpoint", path=result.checkpoint.path)
-        yield path
 
 
 def _evaluate(checkpoint: Path, experiment: ExperimentConfig) -> dict[str, float]:

@@ -66,6 +66,7 @@ from autopose.platform.tracking import (
     flatten,
     quick_tracking_failures,
 )
+from autopose.platform.warm_start import prepare_warm_start
 
 logger = logging.getLogger(__name__)
 
@@ -559,6 +560,8 @@ def run_search(
                 "or choose another --experiment name",
                 field="--experiment",
             )
+        # Every trial starts from the same weights: the base model, trained once (or cached).
+        setup.experiment = prepare_warm_start(experiment, experiment_id, search_name, say=logger.info)
         # The driver's own MLflow calls (the callbacks, the clean-up) must not stall the search
         # for minutes each when the server goes away.
         with bounded_http(**QUICK_TRACKING_ENV):

@@ -193,3 +193,43 @@ def test_trains_on_coco_crops_made_on_the_fly(smoke_data, coco_ann, coco_images)
     assert len(trainer.train_set) == 12  # the bundled persons with keypoints
     result = trainer.run()
     assert result.steps == 1 and math.isfinite(result.history[-1]["train_loss"])
+
+
+# -- the warm start and the holdout split ------------------------------------------------------------
+def test_a_warm_start_begins_from_the_checkpoints_weights_with_a_fresh_optimizer(smoke_data, tmp_path):
+    data, model, train = configs(smoke_data, epochs=1)
+    base = Trainer(data, model, train, AugmentSpec(kind="none"), SPACE)
+    base.run()
+    path = base.save(tmp_path / "base.pt")
+    _, _, warm = configs(smoke_data, epochs=1, init_from=str(path), seed=5)
+    trainer = Trainer(data, model, warm, AugmentSpec(kind="random", seed=1), SPACE)
+    for name, value in weights(base).items():
+        torch.testing.assert_close(trainer.net.state_dict()[name], value, rtol=0, atol=0)
+    assert trainer.step == 0 and trainer.epoch == 0 and not trainer.optimizer.state
+    cold = Trainer(data, model, configs(smoke_data, epochs=1, seed=5)[2], AugmentSpec(kind="none"), SPACE)
+    assert any(not torch.equal(cold.net.state_dict()[k], v) for k, v in weights(base).items())
+
+
+def test_a_warm_start_of_another_network_is_refused_naming_the_field(smoke_data, tmp_path):
+    data, model, train = configs(smoke_data, epochs=1)
+    path = Trainer(data, model, train, AugmentSpec(kind="none"), SPACE).save(tmp_path / "base.pt")
+    wider = ModelConfig(arch="p2net_r18", input_size=(64, 48), options={**TINY, "refine_channels": 32})
+    _, _, warm = configs(smoke_data, init_from=str(path))
+    with pytest.raises(AutoposeError, match="refine_channels") as error:
+        Trainer(data, wider, warm, AugmentSpec(kind="none"), SPACE)
+    assert error.value.field == "train.init_from"
+    with pytest.raises(AutoposeError, match="platform resolves") as error:
+        Trainer(data, model, configs(smoke_data, init_from="runs:/abc")[2], AugmentSpec(kind="none"), SPACE)
+    with pytest.raises(AutoposeError, match="checkpoint not found") as error:
+        configs(smoke_data, init_from=str(tmp_path / "missing.pt"))[2]._check(None, "train")
+    assert error.value.field == "train.init_from"
+
+
+def test_the_holdout_split_is_scored_once_at_the_end(smoke_data):
+    data, model, train = configs(smoke_data, epochs=2)
+    data = DataConfig(train=data.train, val=data.val, search_val=data.val)
+    hooks = Recorder()
+    Trainer(data, model, train, AugmentSpec(kind="none"), SPACE).run(hooks)
+    assert ["holdout_ap" in r.metrics for r in hooks.reports] == [False, True]
+    # the holdout here is the val split itself: the same crops, the same AP
+    assert hooks.reports[-1].metrics["holdout_ap"] == hooks.reports[-1].metrics["val_ap"]
