@@ -146,7 +146,13 @@ def _search(args: argparse.Namespace) -> int:
     from autopose.platform.tune import run_search
 
     name = args.experiment or experiment.experiment
-    outcomes = run_search(experiment, name=args.experiment, address=args.address, resume=args.resume)
+    outcomes = run_search(
+        experiment,
+        name=args.experiment,
+        address=args.address,
+        resume=args.resume,
+        say=lambda text: print(f"autopose: {text}", file=sys.stderr, flush=True),
+    )
     if any(o.tracking for o in outcomes):
         # The tracking server is still away (run_search said so): the results come from Tune.
         for o in sorted(outcomes, key=lambda o: -1.0 if o.val_ap is None else -o.val_ap):
@@ -233,7 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--val-images", type=int, default=None, help="images in the val split (default: images/4)"
     )
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--shift", default="none", help="val shift: none, or e.g. rotate=45,brightness=0.5")
+    synth.add_argument(
+        "--shift",
+        default="none",
+        help="val shift: none, or KEY=VALUE,... with keys rotate, scale, brightness, contrast, occlusion, "
+        "blur, box_scale, box_offset (e.g. rotate=45,brightness=0.5)",
+    )
     synth.add_argument("--size", default="240x320", help="image size HxW")
     synth.add_argument("--max-persons", type=int, default=3, help="figures per image: 1 to this many")
     synth.add_argument(

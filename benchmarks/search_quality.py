@@ -1,227 +1,249 @@
-"""Does the search find the shift? The demo's data and budget, searched with several seeds.
+"""The known-answer suite: does a policy, searched or not, answer a shift whose answer is known?
 
-The demo's val split differs from train by a known shift (figures turned up to ±45°
-and darker: ``DEMO_SHIFT``). For each seed this runs the demo's search (one
-differentiable-search trial beside random ×2, hand-crafted and none, every trial
-seeded from the seed) on local Ray and prints one JSON line:
+For every shift of :data:`autopose.data.synth.KNOWN_SHIFTS` (the demo's combined one, and
+rotation, darkness, zoom-out, blur, offset alone) and every seed, every policy kind of
+:mod:`autopose.platform.known_answer` fine-tunes the same warm start under the demo's trial
+budget, and is scored on the val split (pycocotools OKS AP, flip test on):
 
-* ``ap``: val AP of every trial; ``rank``: the search trial's place among them
-  (1 = best); ``beats_none`` / ``beats_random`` (both random policies);
-* ``op_prob`` / ``op_m`` / ``op_value``: the searched policy's op probabilities,
-  normalized magnitudes and magnitudes in the op's units at the end of the search;
-  ``shift_weight``: the probability on the ops that match the shift (Rotate,
-  Brightness) against ``uniform_shift_weight``, what a policy that learned nothing has;
-* ``brightness_darkens``: Brightness' factor went below 1 (the val split is darker);
-* ``exported``: the final discrete policy, ``[op, p, value in the op's units]`` per
-  sub-policy step; ``rotates_both_ways``: sub-policies rotate by 10° or more each way
-  (the val split is turned both ways);
-* the cost: CPU-seconds held by the search trial and by the baselines (wall × CPUs held,
-  MLflow's ``cost_cpu_s``), and the search's wall seconds (first trial start to last end);
-* retrained policies, each trained in this process from scratch with the trials' budget and
-  seed (``--no-retrain`` skips them): ``exported_ap``, the searched policy as it is exported
-  (what ``promote`` trains: the search-then-retrain protocol of AutoAugment-style searches),
-  with ``exported_rank`` among the trials' and ``exported_beats_none`` / ``exported_beats_random``;
-  ``matched_ap``, a hand-written policy that matches the shift (:data:`SHIFT_MATCHED`: rotate
-  ±30°, darken to 0.6), which tells how much a policy can gain at this budget at all.
+* the base model: trained once without augmentation on the train split (the same for every
+  shift: only val and holdout are shifted), by the platform's own warm start
+  (:func:`autopose.platform.warm_start.prepare_warm_start`, cached by content, an MLflow run
+  in ``WORKDIR/mlflow.db``);
+* none, AdaBN on none, the best of ``--randoms`` random policies (chosen on holdout),
+  hand-crafted, RandAugment, TrivialAugment, the shift-matched policy, the search trial and
+  its exported policy retrained; trained in this machine's processes (``--jobs`` at once, one
+  thread each) by the engine's Trainer, the same loop a Tune trial runs.
 
-A final ``summary`` line aggregates the seeds. Finished searches are reused (the
-MLflow store in ``--workdir`` keeps them), so an interrupted run continues.
+Prints one JSON line per (shift, seed), one per shift with the summary, one ``overall``,
+then the Markdown table on stderr. Every training's result is cached in
+``WORKDIR/results`` (an interrupted run continues). ``--shifts`` and ``--seeds`` pick a part.
 
-    .venv/bin/python benchmarks/search_quality.py [--seeds 0 1 2] [--workdir /tmp/autopose-search-quality]
+    .venv/bin/python benchmarks/search_quality.py [--shifts combined rotation] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import dataclasses
 import json
+import multiprocessing
 import os
 import platform
-import statistics
 import sys
-import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
+from autopose.data.synth import KNOWN_SHIFTS, MATCHED_OPS
 from autopose.platform.demo import (
     BUDGETS,
-    SHIFT_OPS,
     demo_config,
     local_ray,
     prepare_proxies,
     prepare_synth,
     quiet_libraries,
-    run_demo_search,
 )
+from autopose.platform.known_answer import markdown_table, matched_policy, search_found_shift, summarize
+
+RANDOMS = 3  # a search trial costs about 3–4 baseline trials (measured: ``search_cost`` below)
 
 
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-# Rotate's range is −45…45° and Brightness' 0.1…1.9 in the demo's space (m 0–10 maps linearly).
-SHIFT_MATCHED = {
-    "format": "autopose.policy/1",
-    "space": "demo",
-    "sub_policies": [
-        [{"op": "Rotate", "p": 0.9, "m": 1.667}],  # −30°
-        [{"op": "Rotate", "p": 0.9, "m": 8.333}],  # +30°
-        [{"op": "Brightness", "p": 0.9, "m": 2.778}],  # × 0.6
-        [{"op": "Brightness", "p": 0.9, "m": 2.778}],
-    ],
-}
+# -- one training, in a worker process ------------------------------------------------------------------
+def train_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one policy from the warm start; val and holdout AP, CPU seconds, and for ``none``
+    the AdaBN val AP, for ``search`` the learned op weights and the exported policy."""
+    import torch
 
-
-def retrained_ap(workdir: Path, config, seed: int, policy: dict, name: str) -> float:
-    """Val AP of ``policy`` trained under the search's budget (cached in ``workdir``)."""
-    import dataclasses
-
-    from autopose.engine.config import AugmentSpec
+    from autopose.augment import SearchSpace
+    from autopose.data import ProxyDataset
+    from autopose.engine.adaptation import adapt_batchnorm
+    from autopose.engine.inference import evaluate_proxy
     from autopose.engine.train import Trainer
 
-    cache = workdir / f"{name}-seed{seed}.json"
-    if cache.is_file():
-        saved = json.loads(cache.read_text())
-        if saved.get("policy") == policy:
-            return saved["val_ap"]
-    train = dataclasses.replace(config.train, threads_per_worker=1)
-    spec = AugmentSpec(kind="policy", seed=seed, policy=policy)
-    result = Trainer(config.data, config.model, train, spec, config.space_dict, device="cpu").run()
-    val_ap = round(result.history[-1]["val_ap"], 4)
-    cache.write_text(json.dumps({"val_ap": val_ap, "policy": policy}))
-    return val_ap
+    torch.set_num_threads(1)
+    started = time.process_time()
+    trainer = Trainer(job["data"], job["model"], job["train"], job["spec"], job["space"], device="cpu")
+    history = trainer.run().history
+    result: dict[str, Any] = {
+        "val_ap": round(history[-1]["val_ap"], 4),
+        "holdout_ap": round(history[-1].get("holdout_ap", 0.0), 4),
+        "val_curve": [round(h["val_ap"], 4) for h in history],
+    }
+    if job["adabn"]:
+        adapted = adapt_batchnorm(trainer.net, ProxyDataset(Path(job["data"].search_val)))
+        scores = evaluate_proxy(
+            adapted,
+            trainer.val_set,
+            trainer.codec,
+            flip_pairs=trainer.flip_pairs,
+            keypoint_names=trainer.keypoint_names,
+        )
+        result["adabn_val_ap"] = round(scores["AP"], 4)
+    if job["spec"].kind == "search":
+        space = SearchSpace.from_dict(job["space"])
+        document = trainer.policy_document()
+        result["policy"] = document
+        result["op_prob"] = {k: round(v, 4) for k, v in trainer.augment.op_probabilities().items()}
+        result["exported"] = [
+            [step["op"], round(step["p"], 3), round(space.value(step["op"], step["m"]), 3)]
+            for steps in document["sub_policies"]
+            for step in steps
+        ]
+    result["cpu_s"] = round(time.process_time() - started, 1)
+    return result
 
 
-def measure_seed(workdir: Path, data, seed: int, retrain: bool = True) -> dict:
-    from autopose.augment import SearchSpace
-    from autopose.platform.compare import collect
-    from autopose.platform.tracking import POLICY_ARTIFACT, client, download_artifact
+# -- the suite ------------------------------------------------------------------------------------------
+def _jobs(config, seed: int, shift: str, randoms: int) -> dict[str, dict[str, Any]]:
+    """Every training of one (shift, seed) but the exported policy's (it needs the search's)."""
+    from autopose.engine.config import AugmentSpec
+
+    train = dataclasses.replace(config.train, seed=seed, threads_per_worker=1)
+    common = {"data": config.data, "model": config.model, "train": train, "space": config.space_dict}
+    specs = {
+        "none": AugmentSpec(kind="none", seed=seed),
+        **{f"random-{i}": AugmentSpec(kind="random", seed=100 * seed + i) for i in range(randoms)},
+        "handcrafted": AugmentSpec(kind="handcrafted", seed=seed),
+        "randaugment": AugmentSpec(kind="randaugment", seed=seed),
+        "trivialaugment": AugmentSpec(kind="trivialaugment", seed=seed),
+        "matched": AugmentSpec(kind="policy", seed=seed, policy=matched_policy(shift)),
+        "search": AugmentSpec(kind="search", seed=seed, bilevel=config.search.resolved()),
+    }
+    return {label: {**common, "spec": spec, "adabn": label == "none"} for label, spec in specs.items()}
+
+
+def _cell(shift: str, seed: int, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    randoms = {k: v for k, v in results.items() if k.startswith("random-")}
+    best_random = max(randoms, key=lambda k: randoms[k]["holdout_ap"])  # chosen on holdout
+    search = results["search"]
+    ap = {
+        "none": results["none"]["val_ap"],
+        "adabn": results["none"]["adabn_val_ap"],
+        "random": randoms[best_random]["val_ap"],
+        **{k: results[k]["val_ap"] for k in ("handcrafted", "randaugment", "trivialaugment", "matched")},
+        "search": search["val_ap"],
+        "exported": results["exported"]["val_ap"],
+    }
+    baseline_cpu = [results[k]["cpu_s"] for k in ("none", *randoms)]
+    return {
+        "shift": shift,
+        "seed": seed,
+        "ap": ap,
+        "holdout_ap": {k: v["holdout_ap"] for k, v in results.items()},
+        "random_chosen": best_random,
+        "random_val_ap": {k: v["val_ap"] for k, v in randoms.items()},
+        "op_prob": search["op_prob"],
+        "exported": search["exported"],
+        "found": search_found_shift(search["op_prob"], search["exported"], MATCHED_OPS[shift]),
+        "search_cost": round(search["cpu_s"] / (sum(baseline_cpu) / len(baseline_cpu)), 2),
+        "cpu_s": {k: v["cpu_s"] for k, v in results.items()},
+    }
+
+
+def run_suite(
+    workdir: Path, shifts: list[str], seeds: list[int], randoms: int, jobs: int
+) -> list[dict[str, Any]]:
+    from autopose.platform.tracking import ensure_experiment
+    from autopose.platform.warm_start import prepare_warm_start
 
     budget = BUDGETS["full"]
-    config = demo_config(
-        workdir,
-        budget,
-        data,
-        name=f"search-quality-seed{seed}",
-        seed=seed,
-        random_seeds=(2 * seed, 2 * seed + 1),
-    )
-    how, _ = run_demo_search(config, _say)
-    _, rows = collect(config.tracking_uri, config.experiment, search=config.experiment)
-    # The search's wall time from its runs (first start to last end): also right for a reused search.
-    infos = [client(config.tracking_uri).get_run(r.run_id).info for r in rows]
-    wall = (max(i.end_time or i.start_time for i in infos) - min(i.start_time for i in infos)) / 1000
-    search = next(r for r in rows if r.kind == "search")
-    metrics = client(config.tracking_uri).get_run(search.run_id).data.metrics
-    space = SearchSpace.from_dict(config.space_dict)
-    op_prob = {
-        k.split("/", 1)[1]: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith("op_prob/")
-    }
-    op_m = {k.split("/", 1)[1]: round(v, 3) for k, v in sorted(metrics.items()) if k.startswith("op_m/")}
-    op_value = {op: round(space.value(op, m), 3) for op, m in op_m.items() if op in space.op_names}
-    with tempfile.TemporaryDirectory() as folder:
-        document = json.loads(
-            download_artifact(config.tracking_uri, search.run_id, POLICY_ARTIFACT, folder).read_text()
-        )
-    # The exported policy, sub-policy by sub-policy: op_m above averages the sub-policies, so two
-    # that rotate in opposite directions cancel there.
-    exported = [
-        [step["op"], round(step["p"], 3), round(space.value(step["op"], step["m"]), 3)]
-        for steps in document["sub_policies"]
-        for step in steps
-    ]
-    rotations = [value for op, _, value in exported if op == "Rotate"]
-    ranked = sorted(rows, key=lambda r: -(r.val_ap or 0.0))
-    randoms = [r.val_ap or 0.0 for r in rows if r.kind == "random"]
-    none = next(r.val_ap or 0.0 for r in rows if r.kind == "none")
-    search_ap = search.val_ap or 0.0
-    result = {
-        "seed": seed,
-        "search": config.experiment,
-        "ap": {f"{r.kind}-{r.seed}": round(r.val_ap or 0.0, 4) for r in rows},
-        "rank": 1 + sum(1 for r in ranked if (r.val_ap or 0.0) > search_ap),
-        "trials": len(rows),
-        "beats_none": search_ap > none,
-        "beats_random": all(search_ap > ap for ap in randoms),
-        "op_prob": op_prob,
-        "op_m": op_m,
-        "op_value": op_value,
-        "shift_weight": round(sum(op_prob.get(op, 0.0) for op in SHIFT_OPS), 4),
-        "uniform_shift_weight": round(
-            len([op for op in SHIFT_OPS if op in op_prob]) / max(len(op_prob), 1), 4
-        ),
-        "brightness_darkens": op_value.get("Brightness", 1.0) < 1.0,
-        "exported": exported,
-        "rotate_sub_policies_deg": rotations,
-        "rotates_both_ways": any(v <= -10 for v in rotations) and any(v >= 10 for v in rotations),
-        "search_cpu_s": round(search.cost_cpu_s or 0.0, 1),
-        "baselines_cpu_s": round(sum(r.cost_cpu_s or 0.0 for r in rows if r.kind != "search"), 1),
-        "wall_s": round(wall, 1),
-        "reused": how == "reused",
-    }
-    if retrain:
-        exported_ap = retrained_ap(workdir, config, seed, document, "exported")
-        result.update(
-            exported_ap=exported_ap,
-            exported_rank=1 + sum(1 for r in rows if (r.val_ap or 0.0) > exported_ap),
-            exported_beats_none=exported_ap > none,
-            exported_beats_random=all(exported_ap > ap for ap in randoms),
-            matched_ap=retrained_ap(workdir, config, seed, SHIFT_MATCHED, "matched"),
-        )
-    return result
+    configs = {}
+    for shift in shifts:
+        synth, _ = prepare_synth(workdir, budget, shift=shift)
+        data, _ = prepare_proxies(workdir, budget, synth)
+        configs[shift] = demo_config(workdir, budget, data, name=f"known-answer-{shift}")
+    # One base model for every shift and seed: the train split is the same, so is its key.
+    with quiet_libraries(), local_ray():
+        for shift, config in configs.items():
+            experiment_id = ensure_experiment(config.tracking_uri, config.experiment)
+            configs[shift] = prepare_warm_start(config, experiment_id, config.experiment, say=_say)
+    cache = workdir / "results"
+    pending: dict[tuple[str, int, str], dict[str, Any]] = {}
+    done: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    for shift in shifts:
+        for seed in seeds:
+            done[(shift, seed)] = {}
+            for label, job in _jobs(configs[shift], seed, shift, randoms).items():
+                pending[(shift, seed, label)] = job
+
+    def cached(key: tuple[str, int, str]) -> Path:
+        return cache / key[0] / f"seed{key[1]}" / f"{key[2]}.json"
+
+    cells = []
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        running: dict[concurrent.futures.Future, tuple[str, int, str]] = {}
+
+        def submit(key: tuple[str, int, str], job: dict[str, Any]) -> None:
+            if cached(key).is_file():
+                finish(key, json.loads(cached(key).read_text()))
+            else:
+                running[pool.submit(train_one, job)] = key
+
+        def finish(key: tuple[str, int, str], result: dict[str, Any]) -> None:
+            shift, seed, label = key
+            done[(shift, seed)][label] = result
+            if label == "search":  # now its exported policy can be retrained
+                exported = dataclasses.replace(
+                    pending[key]["spec"], kind="policy", policy=result["policy"], bilevel=None
+                )
+                submit((shift, seed, "exported"), {**pending[key], "spec": exported, "adabn": False})
+            if len(done[(shift, seed)]) == len(_jobs(configs[shift], seed, shift, randoms)) + 1:
+                cell = _cell(shift, seed, done[(shift, seed)])
+                cells.append(cell)
+                print(json.dumps(cell), flush=True)
+
+        # The search trials first: they are the longest, and their exported policies wait on them.
+        for key in sorted(pending, key=lambda k: (k[2] != "search", k)):
+            submit(key, pending[key])
+        while running:
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                key = running.pop(future)
+                result = future.result()
+                cached(key).parent.mkdir(parents=True, exist_ok=True)
+                cached(key).write_text(json.dumps(result))
+                _say(f"{key[0]} seed {key[1]} {key[2]}: val AP {result['val_ap']} ({result['cpu_s']} CPU-s)")
+                finish(key, result)
+    return cells
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shifts", nargs="+", default=list(KNOWN_SHIFTS), choices=list(KNOWN_SHIFTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/autopose-search-quality"))
     parser.add_argument(
-        "--no-retrain", dest="retrain", action="store_false", help="skip the retrained policies"
+        "--randoms", type=int, default=RANDOMS, help="random policies per cell (equal compute)"
     )
+    parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/autopose-known-answer"))
     args = parser.parse_args()
     workdir = args.workdir.absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    budget = BUDGETS["full"]
-    synth, _ = prepare_synth(workdir, budget)
-    data, _ = prepare_proxies(workdir, budget, synth)
-    results = []
-    with quiet_libraries(), local_ray():  # stdout stays JSON lines; progress goes to stderr
-        for seed in args.seeds:
-            result = measure_seed(workdir, data, seed, args.retrain)
-            results.append(result)
-            print(json.dumps(result), flush=True)
-    kinds = sorted({key.rsplit("-", 1)[0] for r in results for key in r["ap"]})
-    summary = {
-        "summary": True,
-        "seeds": [r["seed"] for r in results],
-        "mean_ap": {
-            kind: round(
-                statistics.mean(
-                    v for r in results for k, v in r["ap"].items() if k.rsplit("-", 1)[0] == kind
-                ),
-                4,
-            )
-            for kind in kinds
-        },
-        **(
+    started = time.perf_counter()
+    cells = run_suite(workdir, args.shifts, args.seeds, args.randoms, args.jobs)
+    summary = summarize(cells)
+    for shift, row in summary.items():
+        print(json.dumps({"summary": shift, **row}), flush=True)
+    print(
+        json.dumps(
             {
-                "mean_exported_ap": round(statistics.mean(r["exported_ap"] for r in results), 4),
-                "exported_beats_none": sum(r["exported_beats_none"] for r in results),
-                "exported_beats_random": sum(r["exported_beats_random"] for r in results),
-                "mean_exported_rank": round(statistics.mean(r["exported_rank"] for r in results), 2),
-                "mean_matched_ap": round(statistics.mean(r["matched_ap"] for r in results), 4),
+                "suite": True,
+                "shifts": args.shifts,
+                "seeds": args.seeds,
+                "randoms": args.randoms,
+                "wall_s": round(time.perf_counter() - started, 1),
+                "machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}",
             }
-            if args.retrain and results
-            else {}
         ),
-        "search_beats_none": sum(r["beats_none"] for r in results),
-        "search_beats_random": sum(r["beats_random"] for r in results),
-        "mean_rank": round(statistics.mean(r["rank"] for r in results), 2),
-        "mean_shift_weight": round(statistics.mean(r["shift_weight"] for r in results), 4),
-        "uniform_shift_weight": results[0]["uniform_shift_weight"] if results else None,
-        "brightness_darkens": sum(r["brightness_darkens"] for r in results),
-        "rotates_both_ways": sum(r["rotates_both_ways"] for r in results),
-        "machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}",
-    }
-    print(json.dumps(summary), flush=True)
+        flush=True,
+    )
+    _say(markdown_table(summary))
     return 0
 
 

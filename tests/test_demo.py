@@ -32,8 +32,12 @@ def _runs(workdir: Path) -> list:
     return client.search_runs([experiment.experiment_id], max_results=100)
 
 
+def _trials(runs: list) -> list:
+    return [r for r in runs if r.data.tags.get("autopose.kind") not in ("full-train", "base")]
+
+
 def test_every_trial_kind_finished_with_a_finite_val_ap(demo_run):
-    trials = [r for r in _runs(demo_run) if r.data.tags.get("autopose.kind") != "full-train"]
+    trials = _trials(_runs(demo_run))
     assert {r.data.tags["autopose.kind"] for r in trials} == KINDS
     for run in trials:
         assert run.info.status == "FINISHED"
@@ -46,7 +50,7 @@ def test_every_trial_kind_finished_with_a_finite_val_ap(demo_run):
 
 def test_the_best_trial_is_promoted_and_trained_on_two_workers(demo_run):
     runs = _runs(demo_run)
-    trials = [r for r in runs if r.data.tags.get("autopose.kind") != "full-train"]
+    trials = _trials(runs)
     full = [r for r in runs if r.data.tags.get("autopose.kind") == "full-train"]
     assert len(full) == 1 and full[0].info.status == "FINISHED"
     parent = next(r for r in trials if r.info.run_id == full[0].data.tags["autopose.parent_run"])
@@ -69,6 +73,15 @@ def test_the_report_shows_existing_pictures(demo_run):
     assert "mlflow ui --backend-store-uri sqlite:///" in text
     for run in _runs(demo_run):
         assert run.info.run_id in text or run.data.tags.get("autopose.kind") == "full-train"
+    assert "<h2>Against no augmentation</h2>" in text and "<td>none</td>" in text
+
+
+def test_every_trial_fine_tunes_the_one_base_model(demo_run):
+    runs = _runs(demo_run)
+    (base,) = [r for r in runs if r.data.tags.get("autopose.kind") == "base"]
+    assert base.info.status == "FINISHED"
+    checkpoint = base.data.tags["autopose.checkpoint"]
+    assert all(r.data.params["train.init_from"] == checkpoint for r in _trials(runs))
 
 
 def test_a_second_run_reuses_every_finished_stage(demo_run, capsys):

@@ -235,6 +235,50 @@ def policy_pictures(
     return pictures
 
 
+def known_answer_cell(
+    trial_runs: Sequence[Any], documents: dict[str, dict[str, Any]], space: Any, shift: str, seed: int
+) -> dict[str, Any] | None:
+    """The search's trials as one cell of the known-answer table (see
+    :mod:`autopose.platform.known_answer`): each kind's val AP, the random policies represented
+    by the one best on the holdout split, and whether the search found ``shift``.
+
+    Args:
+        trial_runs: the search's MLflow runs.
+        documents: ``kind-seed`` → the run's policy document (the search's export).
+        space: the :class:`~autopose.augment.SearchSpace` (op values of the export).
+        shift: a name of :data:`~autopose.data.synth.KNOWN_SHIFTS`.
+        seed: the search's seed.
+
+    Returns:
+        None without a ``none`` trial (nothing to pair with).
+    """
+    from autopose.data.synth import MATCHED_OPS
+    from autopose.platform.known_answer import search_found_shift
+
+    by_kind: dict[str, list[Any]] = {}
+    for run in sorted(trial_runs, key=lambda r: int(r.data.tags.get(TAG_SEED, 0))):
+        if run.data.metrics.get("val_ap") is not None:
+            by_kind.setdefault(run.data.tags.get(TAG_KIND), []).append(run)
+    if "none" not in by_kind:
+        return None
+    ap = {kind: runs[0].data.metrics["val_ap"] for kind, runs in by_kind.items() if kind != "random"}
+    if "random" in by_kind:  # chosen on holdout, reported on val (val AP where no holdout was scored)
+        metrics = [r.data.metrics for r in by_kind["random"]]
+        ap["random"] = max(metrics, key=lambda m: m.get("holdout_ap", m["val_ap"]))["val_ap"]
+    cell: dict[str, Any] = {"shift": shift, "seed": seed, "ap": ap}
+    if "search" in by_kind:
+        search = by_kind["search"][0]
+        op_prob = {k.split("/", 1)[1]: v for k, v in search.data.metrics.items() if k.startswith("op_prob/")}
+        document = documents.get(f"search-{search.data.tags.get(TAG_SEED, 0)}", {})
+        exported = [
+            [step["op"], step["p"], space.value(step["op"], step["m"])]
+            for steps in document.get("sub_policies", [])
+            for step in steps
+        ]
+        cell["found"] = search_found_shift(op_prob, exported, MATCHED_OPS[shift])
+    return cell
+
+
 # -- the page ----------------------------------------------------------------------------------------------
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -286,8 +330,10 @@ def write_report(
     budget: dict[str, Any],
     shift_ops: Sequence[str] = (),
     examples: int = 6,
+    shift: str = "combined",
 ) -> Path:
-    """Write ``folder/index.html`` and its PNGs; returns the HTML file."""
+    """Write ``folder/index.html`` and its PNGs; returns the HTML file (``shift``: the val
+    split's shift, a name of :data:`~autopose.data.synth.KNOWN_SHIFTS`)."""
     from autopose.augment import SearchSpace
 
     folder = Path(folder)
@@ -337,6 +383,14 @@ def write_report(
         + "</code></p>"
     )
 
+    bases = [r for r in runs.values() if r.data.tags.get(TAG_KIND) == "base"]
+    for base in bases:
+        parts.append(
+            f"<p>Warm start: every trial fine-tuned the base model of run <code>{base.info.run_id}</code> "
+            f"({config.warm_start_config().epochs} epochs × {config.warm_start_config().steps_per_epoch} "
+            f"steps without augmentation, trained once and cached; val AP "
+            f"{_fmt(base.data.metrics.get('val_ap'))}).</p>"
+        )
     parts.append("<h2>Policies by val AP</h2>")
     parts.append(
         _table(
@@ -356,6 +410,22 @@ def write_report(
             ],
         )
     )
+    cell = known_answer_cell(
+        trial_runs, {label: doc for label, _, doc in examples_png}, space, shift, train.seed
+    )
+    if cell is not None:
+        from autopose.platform.known_answer import summarize, table
+
+        parts.append("<h2>Against no augmentation</h2>")
+        parts.append(
+            "<p>The known-answer table of <code>benchmarks/search_quality.py</code> for what this search "
+            "ran (one seed): val AP, in brackets the difference to none. Random policies are represented "
+            "by the one best on the holdout split. The benchmark adds AdaBN, RandAugment, "
+            "TrivialAugment, the shift-matched policy and the exported policy retrained, over seeds and "
+            "single-factor shifts.</p>"
+        )
+        header, lines = table(summarize([cell]))
+        parts.append(_table(header, [[html.escape(c) for c in line] for line in lines]))
     parts.append(f"<img src='{pictures['ap'].name}' alt='val AP by policy kind'>")
     parts.append(f"<img src='{pictures['curves'].name}' alt='val AP per epoch'>")
 

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -519,6 +520,7 @@ def run_search(
     address: str | None = None,
     resume: bool = False,
     verbose: int = 1,
+    say: Callable[[str], None] = logger.info,
 ) -> list[TrialOutcome]:
     """Run (or with ``resume`` finish) the search the config describes.
 
@@ -528,6 +530,7 @@ def run_search(
         address: Ray address (default: the running Ray, ``$RAY_ADDRESS``, or a new local one).
         resume: finish an interrupted search of the same name.
         verbose: Tune's console output (0 silent, 1 the trial table).
+        say: where the driver's own progress lines go (the warm start's base model).
 
     Returns:
         One :class:`TrialOutcome` per trial; ``tracking`` says what its MLflow run still
@@ -561,7 +564,7 @@ def run_search(
                 field="--experiment",
             )
         # Every trial starts from the same weights: the base model, trained once (or cached).
-        setup.experiment = prepare_warm_start(experiment, experiment_id, search_name, say=logger.info)
+        setup.experiment = prepare_warm_start(experiment, experiment_id, search_name, say=say)
         # The driver's own MLflow calls (the callbacks, the clean-up) must not stall the search
         # for minutes each when the server goes away.
         with bounded_http(**QUICK_TRACKING_ENV):

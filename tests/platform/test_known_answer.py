@@ -1,0 +1,76 @@
+"""The known-answer yardstick: matched policies, the found-the-shift check, the paired summary."""
+
+from __future__ import annotations
+
+import pytest
+
+from autopose.augment import Policy, SearchSpace
+from autopose.data.synth import KNOWN_SHIFTS, MATCHED_OPS
+from autopose.platform.demo import DEMO_SPACE
+from autopose.platform.known_answer import (
+    KINDS,
+    markdown_table,
+    matched_policy,
+    right_direction,
+    search_found_shift,
+    summarize,
+)
+
+
+@pytest.mark.parametrize("shift", list(KNOWN_SHIFTS))
+def test_every_matched_policy_is_a_policy_of_the_demo_space_using_the_shifts_ops(shift):
+    space = SearchSpace.from_dict(DEMO_SPACE)
+    document = Policy.from_dict(matched_policy(shift), space=space).to_dict()
+    used = {step["op"] for sub in document["sub_policies"] for step in sub}
+    assert used and used <= set(MATCHED_OPS[shift])
+
+
+def test_matched_magnitudes_land_on_the_intended_values():
+    space = SearchSpace.from_dict(DEMO_SPACE)
+    values = [space.value(s["op"], s["m"]) for sub in matched_policy("combined")["sub_policies"] for s in sub]
+    assert values == pytest.approx([-30.0, 30.0, 0.6, 0.6], abs=1e-9)
+
+
+def test_right_direction_per_op():
+    assert right_direction("Rotate", [-30.0, 25.0]) and not right_direction("Rotate", [30.0, 25.0])
+    assert right_direction("Brightness", [0.6, 0.7]) and not right_direction("Brightness", [0.6, 1.3])
+    assert right_direction("TranslateX", [-0.1, 0.1]) and not right_direction("TranslateX", [0.1])
+    assert not right_direction("Scale", [])
+
+
+def test_the_search_found_the_shift_only_with_the_top_weight_moved_the_right_way():
+    exported = [["Rotate", 0.8, -30.0], ["Rotate", 0.7, 28.0], ["Brightness", 0.5, 1.2]]
+    assert search_found_shift({"Rotate": 0.5, "Cutout": 0.2}, exported, ("Rotate", "Brightness"))
+    assert not search_found_shift({"Rotate": 0.1, "Cutout": 0.6}, exported, ("Rotate", "Brightness"))
+    assert not search_found_shift({"Brightness": 0.6}, exported, ("Rotate", "Brightness"))  # brighter
+
+
+def test_summary_pairs_every_kind_with_none_by_seed():
+    cells = [
+        {
+            "shift": "rotation",
+            "seed": 0,
+            "ap": {"none": 0.30, "matched": 0.40, "exported": 0.31},
+            "found": True,
+        },
+        {
+            "shift": "rotation",
+            "seed": 1,
+            "ap": {"none": 0.20, "matched": 0.32, "exported": 0.25},
+            "found": False,
+        },
+        {"shift": "blur", "seed": 0, "ap": {"none": 0.50, "matched": 0.49, "exported": 0.55}, "found": False},
+    ]
+    summary = summarize(cells)
+    assert set(summary) == {"rotation", "blur", "overall"}
+    matched = summary["rotation"]["kinds"]["matched"]
+    assert matched["mean"] == pytest.approx(0.36) and matched["gain"] == pytest.approx(0.11)
+    assert matched["gain_sd"] == pytest.approx(0.0141, abs=1e-4) and matched["ahead"] == 2
+    assert summary["rotation"]["exported_rank"] == pytest.approx(2.0)  # behind matched both times
+    assert summary["blur"]["exported_rank"] == 1 and summary["rotation"]["found"] == 1
+    assert summary["overall"]["kinds"]["none"]["n"] == 3 and summary["overall"]["seeds"] == 3
+    table = markdown_table(summary)
+    assert table.splitlines()[0].startswith("| kind | rotation (n=2)")
+    assert "| matched | 0.360 (+0.110 ± 0.014, 2/2)" in table
+    assert [line.split(" |")[0] for line in table.splitlines()[2:5]] == ["| none", "| matched", "| exported"]
+    assert set(KINDS) >= {"none", "adabn", "random", "matched", "search", "exported"}
