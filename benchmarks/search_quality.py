@@ -198,8 +198,10 @@ def run_suite(
                 cells.append(cell)
                 print(json.dumps(cell), flush=True)
 
-        # The search trials first: they are the longest, and their exported policies wait on them.
-        for key in sorted(pending, key=lambda k: (k[2] != "search", k)):
+        # Seed by seed, shift by shift, so that an interrupted suite leaves whole cells; in each cell
+        # the search first: it is the longest, and its exported policy waits on it.
+        order = {shift: index for index, shift in enumerate(shifts)}
+        for key in sorted(pending, key=lambda k: (k[1], order[k[0]], k[2] != "search", k[2])):
             submit(key, pending[key])
         while running:
             finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
