@@ -591,7 +591,7 @@ def _render_image(
         pelvis_y = rng.uniform(low, high) if low < high else height / 2
         pelvis = np.array([rng.uniform(0.15, 0.85) * width, pelvis_y])
         figure = _pose_figure(rng, pelvis, figure_height, rng.uniform(-rotation_range, rotation_range))
-        # drawn whatever the shift, so that a shift leaves every other draw as it was
+        # the box offset's side, drawn whatever the shift: a shift leaves every other draw as it was
         side = 1.0 if rng.random() < 0.5 else -1.0
         if shift.moves_boxes:
             # loaders clip boxes to the image: move the figure so that its recorded box fits
@@ -601,12 +601,14 @@ def _render_image(
         painter.silhouette = ImageDraw.Draw(silhouette_image)
         painter.label = index + 1
         _draw_figure(painter, figure)
-        torso_image = Image.new("L", (width, height), 0)
+        torso = None  # where the figure's own torso covers its arms
         if not figure.faces_camera:
+            torso_image = Image.new("L", (width, height), 0)
             ImageDraw.Draw(torso_image).polygon([tuple(p) for p in figure.torso()], fill=255)
+            torso = np.asarray(torso_image) > 0
         figures.append(figure)
         silhouettes.append(np.asarray(silhouette_image) > 0)
-        torsos.append(np.asarray(torso_image) > 0)
+        torsos.append(torso)
         sides.append(side)
     painter.silhouette = None
     occlusion = min(1.0, (BASE_OCCLUSION if clutter else 0.0) + shift.occlusion)
@@ -629,7 +631,8 @@ def _render_image(
             col, row = round(x), round(y)
             if 0 <= col < width and 0 <= row < height:
                 # an arm behind the figure's own torso is hidden by it, though its pixel is the figure's
-                seen = labels[row, col] == index + 1 and not (k in _HIDDEN_BEHIND_TORSO and torso[row, col])
+                behind = torso is not None and k in _HIDDEN_BEHIND_TORSO and torso[row, col]
+                seen = labels[row, col] == index + 1 and not behind
                 keypoints[k] = (x, y, 2.0 if seen else 1.0)
         if not keypoints[:, 2].any():
             continue
