@@ -175,35 +175,37 @@ def run_suite(
         return cache / key[0] / f"seed{key[1]}" / f"{key[2]}.json"
 
     cells = []
+    # Seed by seed, shift by shift, so that an interrupted suite leaves whole cells; in each cell
+    # the search first (the longest), and its exported policy as soon as the search is done.
+    order = {shift: index for index, shift in enumerate(shifts)}
+    queue = sorted(pending, key=lambda k: (k[1], order[k[0]], k[2] != "search", k[2]))
+
+    def finish(key: tuple[str, int, str], result: dict[str, Any]) -> None:
+        shift, seed, label = key
+        done[(shift, seed)][label] = result
+        if label == "search":  # now its exported policy can be retrained
+            exported = dataclasses.replace(
+                pending[key]["spec"], kind="policy", policy=result["policy"], bilevel=None
+            )
+            pending[(shift, seed, "exported")] = {**pending[key], "spec": exported, "adabn": False}
+            queue.insert(0, (shift, seed, "exported"))
+        if len(done[(shift, seed)]) == len(_jobs(configs[shift], seed, shift, randoms)) + 1:
+            cell = _cell(shift, seed, done[(shift, seed)])
+            cells.append(cell)
+            print(json.dumps(cell), flush=True)
+
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         running: dict[concurrent.futures.Future, tuple[str, int, str]] = {}
-
-        def submit(key: tuple[str, int, str], job: dict[str, Any]) -> None:
-            if cached(key).is_file():
-                finish(key, json.loads(cached(key).read_text()))
-            else:
-                running[pool.submit(train_one, job)] = key
-
-        def finish(key: tuple[str, int, str], result: dict[str, Any]) -> None:
-            shift, seed, label = key
-            done[(shift, seed)][label] = result
-            if label == "search":  # now its exported policy can be retrained
-                exported = dataclasses.replace(
-                    pending[key]["spec"], kind="policy", policy=result["policy"], bilevel=None
-                )
-                submit((shift, seed, "exported"), {**pending[key], "spec": exported, "adabn": False})
-            if len(done[(shift, seed)]) == len(_jobs(configs[shift], seed, shift, randoms)) + 1:
-                cell = _cell(shift, seed, done[(shift, seed)])
-                cells.append(cell)
-                print(json.dumps(cell), flush=True)
-
-        # Seed by seed, shift by shift, so that an interrupted suite leaves whole cells; in each cell
-        # the search first: it is the longest, and its exported policy waits on it.
-        order = {shift: index for index, shift in enumerate(shifts)}
-        for key in sorted(pending, key=lambda k: (k[1], order[k[0]], k[2] != "search", k[2])):
-            submit(key, pending[key])
-        while running:
+        while queue or running:
+            while queue and len(running) < jobs:
+                key = queue.pop(0)
+                if cached(key).is_file():
+                    finish(key, json.loads(cached(key).read_text()))
+                else:
+                    running[pool.submit(train_one, pending[key])] = key
+            if not running:
+                continue
             finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in finished:
                 key = running.pop(future)
