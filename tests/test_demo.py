@@ -82,6 +82,8 @@ def test_every_trial_fine_tunes_the_one_base_model(demo_run):
     assert base.info.status == "FINISHED"
     checkpoint = base.data.tags["autopose.checkpoint"]
     assert all(r.data.params["train.init_from"] == checkpoint for r in _trials(runs))
+    (full,) = [r for r in runs if r.data.tags.get("autopose.kind") == "full-train"]
+    assert full.data.params["train.init_from"] == checkpoint  # promoted: trained on from the same base
 
 
 def test_a_second_run_reuses_every_finished_stage(demo_run, capsys):
