@@ -44,7 +44,13 @@ from autopose.platform.demo import (
     prepare_synth,
     quiet_libraries,
 )
-from autopose.platform.known_answer import markdown_table, matched_policy, search_found_shift, summarize
+from autopose.platform.known_answer import (
+    exported_steps,
+    markdown_table,
+    matched_policy,
+    search_found_shift,
+    summarize,
+)
 
 RANDOMS = 3  # a search trial costs about 3–4 baseline trials (measured: ``search_cost`` below)
 
@@ -90,9 +96,7 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
         result["policy"] = document
         result["op_prob"] = {k: round(v, 4) for k, v in trainer.augment.op_probabilities().items()}
         result["exported"] = [
-            [step["op"], round(step["p"], 3), round(space.value(step["op"], step["m"]), 3)]
-            for steps in document["sub_policies"]
-            for step in steps
+            [op, round(p, 3), round(value, 3)] for op, p, value in exported_steps(document, space)
         ]
     result["cpu_s"] = round(time.process_time() - started, 1)
     return result
@@ -165,10 +169,13 @@ def run_suite(
     cache = workdir / "results"
     pending: dict[tuple[str, int, str], dict[str, Any]] = {}
     done: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    planned: dict[tuple[str, int], int] = {}  # trainings per cell, the exported policy's included
     for shift in shifts:
         for seed in seeds:
             done[(shift, seed)] = {}
-            for label, job in _jobs(configs[shift], seed, shift, randoms).items():
+            jobs_of_cell = _jobs(configs[shift], seed, shift, randoms)
+            planned[(shift, seed)] = len(jobs_of_cell) + 1
+            for label, job in jobs_of_cell.items():
                 pending[(shift, seed, label)] = job
 
     def cached(key: tuple[str, int, str]) -> Path:
@@ -189,7 +196,7 @@ def run_suite(
             )
             pending[(shift, seed, "exported")] = {**pending[key], "spec": exported, "adabn": False}
             queue.insert(0, (shift, seed, "exported"))
-        if len(done[(shift, seed)]) == len(_jobs(configs[shift], seed, shift, randoms)) + 1:
+        if len(done[(shift, seed)]) == planned[(shift, seed)]:
             cell = _cell(shift, seed, done[(shift, seed)])
             cells.append(cell)
             print(json.dumps(cell), flush=True)

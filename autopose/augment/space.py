@@ -121,6 +121,14 @@ class SearchSpace:
         r = self.ops[self.index(op)]
         return r.low + (r.high - r.low) * float(magnitude) / MAX_MAGNITUDE
 
+    def magnitude(self, op: str, value: float) -> float:
+        """The normalized magnitude (0–10) at which ``op`` takes the real ``value``: the inverse
+        of :meth:`value` (``ValueError`` for an op without magnitude)."""
+        r = self.ops[self.index(op)]
+        if r.high == r.low:
+            raise ValueError(f"{op} has no magnitude")
+        return (float(value) - r.low) / (r.high - r.low) * MAX_MAGNITUDE
+
     def subset(self, ops: Sequence[str], name: str | None = None) -> SearchSpace:
         """The same space restricted to ``ops`` (tests and demos use small spaces)."""
         keep = tuple(self.ops[self.index(op)] for op in ops)

@@ -38,7 +38,7 @@ def adapt_batchnorm(
         The adapted copy, on the model's device.
     """
     adapted = copy.deepcopy(model)
-    norms = [m for m in adapted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = _norms(adapted)
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average over every batch

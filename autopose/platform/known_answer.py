@@ -40,27 +40,17 @@ KINDS = (
     "exported",
 )
 
-# The demo space's ranges (autopose.platform.demo.DEMO_SPACE): m in 0–10 maps linearly onto them.
-_RANGES = {
-    "TranslateX": (-0.25, 0.25),
-    "Rotate": (-45.0, 45.0),
-    "Scale": (0.7, 1.35),
-    "Brightness": (0.1, 1.9),
-    "Sharpness": (0.1, 1.9),
-    "Cutout": (0.0, 0.5),
-}
-
-
-def _m(op: str, value: float) -> float:
-    low, high = _RANGES[op]
-    return 10.0 * (value - low) / (high - low)
-
 
 def _policy(steps: Sequence[tuple[str, float]], p: float = 0.9) -> dict[str, Any]:
+    """A policy of the demo's space, one sub-policy per ``(op, value in the op's units)``."""
+    from autopose.augment import SearchSpace
+    from autopose.platform.demo import DEMO_SPACE
+
+    space = SearchSpace.from_dict(DEMO_SPACE)
     return {
         "format": "autopose.policy/1",
-        "space": "demo",
-        "sub_policies": [[{"op": op, "p": p, "m": _m(op, value)}] for op, value in steps],
+        "space": space.name,
+        "sub_policies": [[{"op": op, "p": p, "m": space.magnitude(op, value)}] for op, value in steps],
     }
 
 
@@ -92,6 +82,16 @@ def right_direction(op: str, values: Sequence[float]) -> bool:
     if op == "TranslateX":
         return any(v <= -0.05 for v in values) and any(v >= 0.05 for v in values)
     return all(v < 0.95 for v in values)
+
+
+def exported_steps(document: Mapping[str, Any], space: Any) -> list[list[Any]]:
+    """``[op, p, value in the op's units]`` per step of a policy document, sub-policy by
+    sub-policy (``space``: its :class:`~autopose.augment.SearchSpace`)."""
+    return [
+        [step["op"], step["p"], space.value(step["op"], step["m"])]
+        for steps in document.get("sub_policies", [])
+        for step in steps
+    ]
 
 
 def search_found_shift(

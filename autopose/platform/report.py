@@ -253,7 +253,7 @@ def known_answer_cell(
         None without a ``none`` trial (nothing to pair with).
     """
     from autopose.data.synth import MATCHED_OPS
-    from autopose.platform.known_answer import search_found_shift
+    from autopose.platform.known_answer import exported_steps, search_found_shift
 
     by_kind: dict[str, list[Any]] = {}
     for run in sorted(trial_runs, key=lambda r: int(r.data.tags.get(TAG_SEED, 0))):
@@ -270,12 +270,7 @@ def known_answer_cell(
         search = by_kind["search"][0]
         op_prob = {k.split("/", 1)[1]: v for k, v in search.data.metrics.items() if k.startswith("op_prob/")}
         document = documents.get(f"search-{search.data.tags.get(TAG_SEED, 0)}", {})
-        exported = [
-            [step["op"], step["p"], space.value(step["op"], step["m"])]
-            for steps in document.get("sub_policies", [])
-            for step in steps
-        ]
-        cell["found"] = search_found_shift(op_prob, exported, MATCHED_OPS[shift])
+        cell["found"] = search_found_shift(op_prob, exported_steps(document, space), MATCHED_OPS[shift])
     return cell
 
 
@@ -383,11 +378,11 @@ def write_report(
         + "</code></p>"
     )
 
-    bases = [r for r in runs.values() if r.data.tags.get(TAG_KIND) == "base"]
-    for base in bases:
+    base_train = config.warm_start_config()
+    for base in (r for r in runs.values() if r.data.tags.get(TAG_KIND) == "base"):
         parts.append(
             f"<p>Warm start: every trial fine-tuned the base model of run <code>{base.info.run_id}</code> "
-            f"({config.warm_start_config().epochs} epochs × {config.warm_start_config().steps_per_epoch} "
+            f"({base_train.epochs} epochs × {base_train.steps_per_epoch} "
             f"steps without augmentation, trained once and cached; val AP "
             f"{_fmt(base.data.metrics.get('val_ap'))}).</p>"
         )

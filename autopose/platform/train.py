@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autopose.engine.config import RUN_URI_PREFIX, AugmentSpec, to_plain
+from autopose.engine.config import AugmentSpec, to_plain
 from autopose.errors import AutoposeError
 from autopose.platform.cluster import ray_session
 from autopose.platform.config import BASELINE_KINDS, ExperimentConfig, check_name, storage_join
@@ -119,10 +119,8 @@ def run_training(
     check_tracking(experiment.tracking_uri)
     experiment_name = check_name(name or experiment.experiment, field="--experiment")
     experiment_id = ensure_experiment(experiment.tracking_uri, experiment_name)
-    if experiment.warm_start is not None or (experiment.train.init_from or "").startswith(RUN_URI_PREFIX):
-        # The full training starts where the trials did: the base model (cached, or trained now).
-        with ray_session(address):
-            experiment = prepare_warm_start(experiment, experiment_id, experiment_name)
+    # The full training starts where the trials did: the base model (cached, or trained now).
+    experiment = prepare_warm_start(experiment, experiment_id, experiment_name, address=address)
     key = f"{parent_run}-{_policy_key(spec)}" if parent_run else _policy_key(spec)
     tags = {
         TAG_TRIAL: f"{FULL_TRAIN_KIND}/{key}",

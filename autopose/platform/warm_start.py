@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -26,6 +25,8 @@ from pathlib import Path
 
 from autopose.engine.config import RUN_URI_PREFIX, AugmentSpec, TrainConfig, to_plain
 from autopose.errors import AutoposeError
+from autopose.files import atomic_write
+from autopose.platform.cluster import ray_session
 from autopose.platform.config import ExperimentConfig, storage_join
 from autopose.platform.runner import CHECKPOINT_FILE, TrainingJob, fit, local_checkpoint, resources_of
 from autopose.platform.tracking import (
@@ -97,10 +98,12 @@ def prepare_warm_start(
     experiment_id: str,
     search_name: str,
     say: Callable[[str], None] = lambda _: None,
+    address: str | None = None,
 ) -> ExperimentConfig:
     """The config the trials run with: ``train.init_from`` set to the base model (trained now
     or taken from the cache) when there is a ``warm_start`` section; a ``runs:/`` warm start
-    resolved to its file. The base's MLflow run is in ``experiment_id``.
+    resolved to its file; else the config as it is. The base's MLflow run is in
+    ``experiment_id``. Ray is needed (the running one, or ``address``) only to train the base.
 
     Raises:
         AutoposeError: the ``runs:/`` run is unknown or has no checkpoint, or the base's
@@ -129,7 +132,7 @@ def prepare_warm_start(
         say(f"base model {key} reused from {cached}")
     else:
         say(f"base model {key}: training it once ({experiment.warm_start.epochs} epochs, no augmentation)")
-        _train_base(experiment, experiment_id, tags, cached)
+        _train_base(experiment, experiment_id, tags, cached, address)
     train = dataclasses.replace(experiment.train, init_from=str(cached))
     return experiment.replace(train=train)
 
@@ -155,7 +158,9 @@ def _open_base_run(experiment: ExperimentConfig, experiment_id: str, tags: dict[
     return run
 
 
-def _train_base(experiment: ExperimentConfig, experiment_id: str, tags: dict[str, str], cached: Path) -> None:
+def _train_base(
+    experiment: ExperimentConfig, experiment_id: str, tags: dict[str, str], cached: Path, address: str | None
+) -> None:
     train: TrainConfig = experiment.warm_start_config()
     run = _open_base_run(experiment, experiment_id, tags)
     job = TrainingJob(
@@ -171,13 +176,18 @@ def _train_base(experiment: ExperimentConfig, experiment_id: str, tags: dict[str
     )
     started = time.perf_counter()
     try:
-        result = fit(
-            job,
-            name=f"base-{tags[TAG_BASE]}",
-            storage_path=storage_join(experiment.storage_path, "base", "train"),
-        )
-        with local_checkpoint(result, job) as local:
-            _copy_atomically(local, cached)
+        with ray_session(address):
+            result = fit(
+                job,
+                name=f"base-{tags[TAG_BASE]}",
+                storage_path=storage_join(experiment.storage_path, "base", "train"),
+            )
+        with (
+            local_checkpoint(result, job) as local,
+            open(local, "rb") as source,
+            atomic_write(cached, "wb") as target,
+        ):
+            shutil.copyfileobj(source, target)
         wall = time.perf_counter() - started
         cpus, gpus = resources_of(train)
         run.log_metrics(
@@ -203,10 +213,3 @@ def _log_cached_base(
         run.log_metrics(metrics, step=epoch)
     run.set_tags({TAG_CHECKPOINT: str(cached), TAG_REUSED: "true"})
     run.finish("FINISHED")
-
-
-def _copy_atomically(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.parent / f".{target.name}.{os.getpid()}.tmp"
-    shutil.copyfile(source, temporary)
-    os.replace(temporary, target)

@@ -95,3 +95,18 @@ def test_unreadable_files(tmp_path):
     with pytest.raises(AutoposeError, match="not valid YAML") as error:
         load_search_space(broken)
     assert error.value.path == str(broken)
+
+
+def test_magnitude_is_the_inverse_of_value():
+    space = SearchSpace.from_dict(
+        {
+            "name": "t",
+            "num_sub_policies": 1,
+            "ops_per_sub_policy": 1,
+            "ops": {"Rotate": [-45.0, 45.0], "Equalize": None},
+        }
+    )
+    for m in (0.0, 2.5, 5.0, 10.0):
+        assert space.magnitude("Rotate", space.value("Rotate", m)) == pytest.approx(m, abs=1e-12)
+    with pytest.raises(ValueError, match="no magnitude"):
+        space.magnitude("Equalize", 0.0)
