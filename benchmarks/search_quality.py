@@ -12,7 +12,9 @@ budget, and is scored on the val split (pycocotools OKS AP, flip test on):
 * none, AdaBN on none, the best of ``--randoms`` random policies (chosen on holdout),
   hand-crafted, RandAugment, TrivialAugment, the shift-matched policy, the search trial and
   its exported policy retrained; trained in this machine's processes (``--jobs`` at once, one
-  thread each) by the engine's Trainer, the same loop a Tune trial runs.
+  thread each) by the engine's Trainer, the same loop a Tune trial runs. The kinds that never
+  look at held-out data (none, random, hand-crafted, RandAugment, TrivialAugment) train the
+  same weights for every shift, so each is trained once per seed and scored on every shift.
 
 Prints one JSON line per (shift, seed), one per shift with the summary, one ``overall``,
 then the Markdown table on stderr. Every training's result is cached in
@@ -61,8 +63,10 @@ def _say(text: str) -> None:
 
 # -- one training, in a worker process ------------------------------------------------------------------
 def train_one(job: dict[str, Any]) -> dict[str, Any]:
-    """Train one policy from the warm start; val and holdout AP, CPU seconds, and for ``none``
-    the AdaBN val AP, for ``search`` the learned op weights and the exported policy."""
+    """Train one policy from the warm start and score it on every shift of ``job["shifts"]``
+    (``{shift: (val proxy, holdout proxy)}``): val and holdout AP, for ``none`` also the AdaBN
+    val AP, for ``search`` the learned op weights and the exported policy. ``train_cpu_s``
+    counts the training alone (its own per-epoch val included), ``cpu_s`` the scoring too."""
     import torch
 
     from autopose.augment import SearchSpace
@@ -74,22 +78,26 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     started = time.process_time()
     trainer = Trainer(job["data"], job["model"], job["train"], job["spec"], job["space"], device="cpu")
-    history = trainer.run().history
-    result: dict[str, Any] = {
-        "val_ap": round(history[-1]["val_ap"], 4),
-        "holdout_ap": round(history[-1].get("holdout_ap", 0.0), 4),
-        "val_curve": [round(h["val_ap"], 4) for h in history],
-    }
-    if job["adabn"]:
-        adapted = adapt_batchnorm(trainer.net, ProxyDataset(Path(job["data"].search_val)))
-        scores = evaluate_proxy(
-            adapted,
-            trainer.val_set,
-            trainer.codec,
-            flip_pairs=trainer.flip_pairs,
-            keypoint_names=trainer.keypoint_names,
-        )
-        result["adabn_val_ap"] = round(scores["AP"], 4)
+    trainer.run()
+    train_cpu = time.process_time() - started
+    scores: dict[str, dict[str, float]] = {}
+    for shift, (val_path, holdout_path) in job["shifts"].items():
+        val, holdout = ProxyDataset(Path(val_path)), ProxyDataset(Path(holdout_path))
+        scores[shift] = {
+            "val_ap": round(trainer.proxy_scores(val)["AP"], 4),
+            "holdout_ap": round(trainer.proxy_scores(holdout)["AP"], 4),
+        }
+        if job["adabn"]:
+            adapted = adapt_batchnorm(trainer.net, holdout)
+            adapted_scores = evaluate_proxy(
+                adapted,
+                val,
+                trainer.codec,
+                flip_pairs=trainer.flip_pairs,
+                keypoint_names=trainer.keypoint_names,
+            )
+            scores[shift]["adabn_val_ap"] = round(adapted_scores["AP"], 4)
+    result: dict[str, Any] = {"scores": scores}
     if job["spec"].kind == "search":
         space = SearchSpace.from_dict(job["space"])
         document = trainer.policy_document()
@@ -98,54 +106,78 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
         result["exported"] = [
             [op, round(p, 3), round(value, 3)] for op, p, value in exported_steps(document, space)
         ]
+    result["train_cpu_s"] = round(train_cpu, 1)
     result["cpu_s"] = round(time.process_time() - started, 1)
     return result
 
 
 # -- the suite ------------------------------------------------------------------------------------------
-def _jobs(config, seed: int, shift: str, randoms: int) -> dict[str, dict[str, Any]]:
-    """Every training of one (shift, seed) but the exported policy's (it needs the search's)."""
+# Every shift shares the train split (only val and holdout are shifted), so a policy that does not
+# look at held-out data trains the same weights for every shift: it is trained once per seed and
+# scored on every shift's splits. The search (its upper level reads the holdout split), the matched
+# policy and the exported one depend on the shift.
+EVERY_SHIFT = "every-shift"
+SHIFT_FREE = ("none", "handcrafted", "randaugment", "trivialaugment")
+
+
+def _splits(config) -> tuple[str, str]:
+    return (str(config.data.val), str(config.data.search_val))
+
+
+def _jobs(configs: dict[str, Any], seed: int, randoms: int) -> dict[tuple[str, int, str], dict[str, Any]]:
+    """Every training of one seed but the exported policies' (they need their search's), keyed
+    ``(shift or EVERY_SHIFT, seed, label)``."""
     from autopose.engine.config import AugmentSpec
 
-    train = dataclasses.replace(config.train, seed=seed, threads_per_worker=1)
-    common = {"data": config.data, "model": config.model, "train": train, "space": config.space_dict}
-    specs = {
-        "none": AugmentSpec(kind="none", seed=seed),
+    first = next(iter(configs.values()))
+    train = dataclasses.replace(first.train, seed=seed, threads_per_worker=1)
+
+    def job(config, spec: AugmentSpec, shifts: dict[str, tuple[str, str]]) -> dict[str, Any]:
+        common = {"data": config.data, "model": config.model, "train": train, "space": config.space_dict}
+        return {**common, "spec": spec, "shifts": shifts, "adabn": spec.kind == "none"}
+
+    every = {shift: _splits(config) for shift, config in configs.items()}
+    shared = {
+        **{label: AugmentSpec(kind=label, seed=seed) for label in SHIFT_FREE},
         **{f"random-{i}": AugmentSpec(kind="random", seed=100 * seed + i) for i in range(randoms)},
-        "handcrafted": AugmentSpec(kind="handcrafted", seed=seed),
-        "randaugment": AugmentSpec(kind="randaugment", seed=seed),
-        "trivialaugment": AugmentSpec(kind="trivialaugment", seed=seed),
-        "matched": AugmentSpec(kind="policy", seed=seed, policy=matched_policy(shift)),
-        "search": AugmentSpec(kind="search", seed=seed, bilevel=config.search.resolved()),
     }
-    return {label: {**common, "spec": spec, "adabn": label == "none"} for label, spec in specs.items()}
+    jobs = {(EVERY_SHIFT, seed, label): job(first, spec, every) for label, spec in shared.items()}
+    for shift, config in configs.items():
+        own = {shift: _splits(config)}
+        matched = AugmentSpec(kind="policy", seed=seed, policy=matched_policy(shift))
+        search = AugmentSpec(kind="search", seed=seed, bilevel=config.search.resolved())
+        jobs[(shift, seed, "matched")] = job(config, matched, own)
+        jobs[(shift, seed, "search")] = job(config, search, own)
+    return jobs
 
 
 def _cell(shift: str, seed: int, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    randoms = {k: v for k, v in results.items() if k.startswith("random-")}
-    best_random = max(randoms, key=lambda k: randoms[k]["holdout_ap"])  # chosen on holdout
+    """One (shift, seed) row from its trainings' results (``label -> result``)."""
+    scores = {label: result["scores"][shift] for label, result in results.items()}
+    randoms = [k for k in results if k.startswith("random-")]
+    best_random = max(randoms, key=lambda k: scores[k]["holdout_ap"])  # chosen on holdout
     search = results["search"]
     ap = {
-        "none": results["none"]["val_ap"],
-        "adabn": results["none"]["adabn_val_ap"],
-        "random": randoms[best_random]["val_ap"],
-        **{k: results[k]["val_ap"] for k in ("handcrafted", "randaugment", "trivialaugment", "matched")},
-        "search": search["val_ap"],
-        "exported": results["exported"]["val_ap"],
+        "none": scores["none"]["val_ap"],
+        "adabn": scores["none"]["adabn_val_ap"],
+        "random": scores[best_random]["val_ap"],
+        **{k: scores[k]["val_ap"] for k in ("handcrafted", "randaugment", "trivialaugment", "matched")},
+        "search": scores["search"]["val_ap"],
+        "exported": scores["exported"]["val_ap"],
     }
-    baseline_cpu = [results[k]["cpu_s"] for k in ("none", *randoms)]
+    baseline_cpu = [results[k]["train_cpu_s"] for k in ("none", *randoms)]
     return {
         "shift": shift,
         "seed": seed,
         "ap": ap,
-        "holdout_ap": {k: v["holdout_ap"] for k, v in results.items()},
+        "holdout_ap": {k: v["holdout_ap"] for k, v in scores.items()},
         "random_chosen": best_random,
-        "random_val_ap": {k: v["val_ap"] for k, v in randoms.items()},
+        "random_val_ap": {k: scores[k]["val_ap"] for k in randoms},
         "op_prob": search["op_prob"],
         "exported": search["exported"],
         "found": search_found_shift(search["op_prob"], search["exported"], MATCHED_OPS[shift]),
-        "search_cost": round(search["cpu_s"] / (sum(baseline_cpu) / len(baseline_cpu)), 2),
-        "cpu_s": {k: v["cpu_s"] for k, v in results.items()},
+        "search_cost": round(search["train_cpu_s"] / (sum(baseline_cpu) / len(baseline_cpu)), 2),
+        "train_cpu_s": {k: v["train_cpu_s"] for k, v in results.items()},
     }
 
 
@@ -168,38 +200,44 @@ def run_suite(
             configs[shift] = prepare_warm_start(config, experiment_id, config.experiment, say=_say)
     cache = workdir / "results"
     pending: dict[tuple[str, int, str], dict[str, Any]] = {}
-    done: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
-    planned: dict[tuple[str, int], int] = {}  # trainings per cell, the exported policy's included
-    for shift in shifts:
-        for seed in seeds:
-            done[(shift, seed)] = {}
-            jobs_of_cell = _jobs(configs[shift], seed, shift, randoms)
-            planned[(shift, seed)] = len(jobs_of_cell) + 1
-            for label, job in jobs_of_cell.items():
-                pending[(shift, seed, label)] = job
+    for seed in seeds:
+        pending.update(_jobs(configs, seed, randoms))
+    done: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}  # (group, seed) -> label -> result
+    planned = {seed: len([k for k in pending if k[1] == seed]) + len(shifts) for seed in seeds}
 
-    def cached(key: tuple[str, int, str]) -> Path:
-        return cache / key[0] / f"seed{key[1]}" / f"{key[2]}.json"
+    def cached(key: tuple[str, int, str]) -> dict[str, Any] | None:
+        path = cache / key[0] / f"seed{key[1]}" / f"{key[2]}.json"
+        if not path.is_file():
+            return None
+        result = json.loads(path.read_text())
+        # a shared training scored on fewer shifts than this run asks for is trained again
+        return result if set(pending[key]["shifts"]) <= set(result.get("scores", {})) else None
+
+    def store(key: tuple[str, int, str], result: dict[str, Any]) -> None:
+        path = cache / key[0] / f"seed{key[1]}" / f"{key[2]}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result))
 
     cells = []
-    # Seed by seed, shift by shift, so that an interrupted suite leaves whole cells; in each cell
-    # the search first (the longest), and its exported policy as soon as the search is done.
+    # Seed by seed, so that an interrupted suite leaves whole seeds; the searches first (the
+    # longest), each exported policy as soon as its search is done.
     order = {shift: index for index, shift in enumerate(shifts)}
-    queue = sorted(pending, key=lambda k: (k[1], order[k[0]], k[2] != "search", k[2]))
+    queue = sorted(pending, key=lambda k: (k[1], k[2] != "search", order.get(k[0], -1), k[2]))
 
     def finish(key: tuple[str, int, str], result: dict[str, Any]) -> None:
-        shift, seed, label = key
-        done[(shift, seed)][label] = result
+        group, seed, label = key
+        done.setdefault((group, seed), {})[label] = result
         if label == "search":  # now its exported policy can be retrained
             exported = dataclasses.replace(
                 pending[key]["spec"], kind="policy", policy=result["policy"], bilevel=None
             )
-            pending[(shift, seed, "exported")] = {**pending[key], "spec": exported, "adabn": False}
-            queue.insert(0, (shift, seed, "exported"))
-        if len(done[(shift, seed)]) == planned[(shift, seed)]:
-            cell = _cell(shift, seed, done[(shift, seed)])
-            cells.append(cell)
-            print(json.dumps(cell), flush=True)
+            pending[(group, seed, "exported")] = {**pending[key], "spec": exported, "adabn": False}
+            queue.insert(0, (group, seed, "exported"))
+        if sum(len(done.get((g, seed), {})) for g in (EVERY_SHIFT, *shifts)) == planned[seed]:
+            for shift in shifts:
+                cell = _cell(shift, seed, {**done[(EVERY_SHIFT, seed)], **done[(shift, seed)]})
+                cells.append(cell)
+                print(json.dumps(cell), flush=True)
 
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
@@ -207,8 +245,9 @@ def run_suite(
         while queue or running:
             while queue and len(running) < jobs:
                 key = queue.pop(0)
-                if cached(key).is_file():
-                    finish(key, json.loads(cached(key).read_text()))
+                result = cached(key)
+                if result is not None:
+                    finish(key, result)
                 else:
                     running[pool.submit(train_one, pending[key])] = key
             if not running:
@@ -217,9 +256,9 @@ def run_suite(
             for future in finished:
                 key = running.pop(future)
                 result = future.result()
-                cached(key).parent.mkdir(parents=True, exist_ok=True)
-                cached(key).write_text(json.dumps(result))
-                _say(f"{key[0]} seed {key[1]} {key[2]}: val AP {result['val_ap']} ({result['cpu_s']} CPU-s)")
+                store(key, result)
+                val = ", ".join(f"{s} {v['val_ap']}" for s, v in result["scores"].items())
+                _say(f"seed {key[1]} {key[2]} ({key[0]}): val AP {val} ({result['cpu_s']} CPU-s)")
                 finish(key, result)
     return cells
 

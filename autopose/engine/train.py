@@ -591,7 +591,9 @@ class Trainer:
                 totals[key] = totals.get(key, 0.0) + value
         return {key: value / max(count, 1) for key, value in totals.items()}
 
-    def _proxy_ap(self, rows: Dataset) -> dict[str, float]:
+    def proxy_scores(self, rows: Dataset) -> dict[str, float]:
+        """pycocotools' keypoint scores (``AP``, ``AP50``, ``AP75``, ``AR`` …; NaN read as 0) of
+        the network as it is on proxy ``rows``, flip test on, capped at ``data.max_val_samples``."""
         if self.data_config.max_val_samples is not None and self.data_config.max_val_samples < len(rows):
             rows = Subset(rows, range(self.data_config.max_val_samples))
         loader = DataLoader(rows, batch_size=self.train_config.val_batch_size, shuffle=False)
@@ -611,7 +613,7 @@ class Trainer:
         with ``holdout`` also on the held-out split (``holdout_ap``), when there is one."""
         metrics: dict[str, float] = {}
         if self.is_main:
-            scores = self._proxy_ap(self.val_set)
+            scores = self.proxy_scores(self.val_set)
             metrics = {
                 "val_ap": scores["AP"],
                 "val_ap50": scores["AP50"],
@@ -619,7 +621,7 @@ class Trainer:
                 "val_ar": scores["AR"],
             }
             if holdout and self.holdout_set is not None:
-                metrics["holdout_ap"] = self._proxy_ap(self.holdout_set)["AP"]
+                metrics["holdout_ap"] = self.proxy_scores(self.holdout_set)["AP"]
         if self.world_size > 1:
             shared = [metrics]
             dist.broadcast_object_list(shared, src=0)
