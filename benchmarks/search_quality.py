@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from autopose.data.synth import KNOWN_SHIFTS, MATCHED_OPS
+from autopose.errors import AutoposeError
 from autopose.platform.demo import (
     BUDGETS,
     demo_config,
@@ -124,9 +125,32 @@ def _splits(config) -> tuple[str, str]:
     return (str(config.data.val), str(config.data.search_val))
 
 
-def _jobs(configs: dict[str, Any], seed: int, randoms: int) -> dict[tuple[str, int, str], dict[str, Any]]:
+def search_settings(overrides: list[str], configs: dict[str, Any] | None) -> tuple[Any, str]:
+    """The search's :class:`~autopose.engine.config.BilevelConfig`: the demo's (the engine's
+    defaults without ``configs``) with ``KEY=VALUE`` overrides (values read as YAML), and the
+    label suffix its results are cached under (empty without overrides, else ``[key=value,…]``,
+    so that variants never read each other's)."""
+    import yaml
+
+    from autopose.engine.config import BilevelConfig, build_dataclass, to_plain
+
+    changes = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AutoposeError(f"expected KEY=VALUE, got {item!r}", field="--search")
+        changes[key] = yaml.safe_load(value)
+    base = to_plain(next(iter(configs.values())).search) if configs else {}
+    bilevel = build_dataclass(BilevelConfig, {**base, **changes}, field="--search").resolved()
+    suffix = "" if not changes else "[" + ",".join(f"{k}={v}" for k, v in sorted(changes.items())) + "]"
+    return bilevel, suffix
+
+
+def _jobs(
+    configs: dict[str, Any], seed: int, randoms: int, bilevel: Any, variant: str
+) -> dict[tuple[str, int, str], dict[str, Any]]:
     """Every training of one seed but the exported policies' (they need their search's), keyed
-    ``(shift or EVERY_SHIFT, seed, label)``."""
+    ``(shift or EVERY_SHIFT, seed, label)``; the search's label is ``search`` + ``variant``."""
     from autopose.engine.config import AugmentSpec
 
     first = next(iter(configs.values()))
@@ -145,14 +169,15 @@ def _jobs(configs: dict[str, Any], seed: int, randoms: int) -> dict[tuple[str, i
     for shift, config in configs.items():
         own = {shift: _splits(config)}
         matched = AugmentSpec(kind="policy", seed=seed, policy=matched_policy(shift))
-        search = AugmentSpec(kind="search", seed=seed, bilevel=config.search.resolved())
+        search = AugmentSpec(kind="search", seed=seed, bilevel=bilevel)
         jobs[(shift, seed, "matched")] = job(config, matched, own)
-        jobs[(shift, seed, "search")] = job(config, search, own)
+        jobs[(shift, seed, f"search{variant}")] = job(config, search, own)
     return jobs
 
 
-def _cell(shift: str, seed: int, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _cell(shift: str, seed: int, results: dict[str, dict[str, Any]], variant: str) -> dict[str, Any]:
     """One (shift, seed) row from its trainings' results (``label -> result``)."""
+    results = {label.removesuffix(variant): result for label, result in results.items()}
     scores = {label: result["scores"][shift] for label, result in results.items()}
     randoms = [k for k in results if k.startswith("random-")]
     best_random = max(randoms, key=lambda k: scores[k]["holdout_ap"])  # chosen on holdout
@@ -169,6 +194,7 @@ def _cell(shift: str, seed: int, results: dict[str, dict[str, Any]]) -> dict[str
     return {
         "shift": shift,
         "seed": seed,
+        "search_variant": variant,
         "ap": ap,
         "holdout_ap": {k: v["holdout_ap"] for k, v in scores.items()},
         "random_chosen": best_random,
@@ -182,8 +208,10 @@ def _cell(shift: str, seed: int, results: dict[str, dict[str, Any]]) -> dict[str
 
 
 def run_suite(
-    workdir: Path, shifts: list[str], seeds: list[int], randoms: int, jobs: int
+    workdir: Path, shifts: list[str], seeds: list[int], randoms: int, jobs: int, search: list[str] = ()
 ) -> list[dict[str, Any]]:
+    """Every cell of ``shifts`` × ``seeds`` (see the module docstring); ``search``: ``KEY=VALUE``
+    overrides of the search's settings (see :func:`search_settings`)."""
     from autopose.platform.tracking import ensure_experiment
     from autopose.platform.warm_start import prepare_warm_start
 
@@ -198,10 +226,11 @@ def run_suite(
         for shift, config in configs.items():
             experiment_id = ensure_experiment(config.tracking_uri, config.experiment)
             configs[shift] = prepare_warm_start(config, experiment_id, config.experiment, say=_say)
+    bilevel, variant = search_settings(list(search), configs)
     cache = workdir / "results"
     pending: dict[tuple[str, int, str], dict[str, Any]] = {}
     for seed in seeds:
-        pending.update(_jobs(configs, seed, randoms))
+        pending.update(_jobs(configs, seed, randoms, bilevel, variant))
     done: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}  # (group, seed) -> label -> result
     planned = {seed: len([k for k in pending if k[1] == seed]) + len(shifts) for seed in seeds}
 
@@ -222,20 +251,21 @@ def run_suite(
     # Seed by seed, so that an interrupted suite leaves whole seeds; the searches first (the
     # longest), each exported policy as soon as its search is done.
     order = {shift: index for index, shift in enumerate(shifts)}
-    queue = sorted(pending, key=lambda k: (k[1], k[2] != "search", order.get(k[0], -1), k[2]))
+    searches = f"search{variant}"
+    queue = sorted(pending, key=lambda k: (k[1], k[2] != searches, order.get(k[0], -1), k[2]))
 
     def finish(key: tuple[str, int, str], result: dict[str, Any]) -> None:
         group, seed, label = key
         done.setdefault((group, seed), {})[label] = result
-        if label == "search":  # now its exported policy can be retrained
+        if label == searches:  # now its exported policy can be retrained
             exported = dataclasses.replace(
                 pending[key]["spec"], kind="policy", policy=result["policy"], bilevel=None
             )
-            pending[(group, seed, "exported")] = {**pending[key], "spec": exported, "adabn": False}
-            queue.insert(0, (group, seed, "exported"))
+            pending[(group, seed, f"exported{variant}")] = {**pending[key], "spec": exported, "adabn": False}
+            queue.insert(0, (group, seed, f"exported{variant}"))
         if sum(len(done.get((g, seed), {})) for g in (EVERY_SHIFT, *shifts)) == planned[seed]:
             for shift in shifts:
-                cell = _cell(shift, seed, {**done[(EVERY_SHIFT, seed)], **done[(shift, seed)]})
+                cell = _cell(shift, seed, {**done[(EVERY_SHIFT, seed)], **done[(shift, seed)]}, variant)
                 cells.append(cell)
                 print(json.dumps(cell), flush=True)
 
@@ -270,13 +300,25 @@ def main() -> int:
     parser.add_argument(
         "--randoms", type=int, default=RANDOMS, help="random policies per cell (equal compute)"
     )
+    parser.add_argument(
+        "--search",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the search's settings (a variant: cached apart from the others)",
+    )
     parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/autopose-known-answer"))
     args = parser.parse_args()
+    try:
+        search_settings(args.search, None)  # a bad override is one line, before anything runs
+    except AutoposeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     workdir = args.workdir.absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    cells = run_suite(workdir, args.shifts, args.seeds, args.randoms, args.jobs)
+    cells = run_suite(workdir, args.shifts, args.seeds, args.randoms, args.jobs, args.search)
     summary = summarize(cells)
     for shift, row in summary.items():
         print(json.dumps({"summary": shift, **row}), flush=True)
@@ -287,6 +329,7 @@ def main() -> int:
                 "shifts": args.shifts,
                 "seeds": args.seeds,
                 "randoms": args.randoms,
+                "search": args.search,
                 "wall_s": round(time.perf_counter() - started, 1),
                 "machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}",
             }
