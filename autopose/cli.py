@@ -47,7 +47,13 @@ def _data_build_proxy(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise AutoposeError(str(error), field="--input") from None
     report = build_proxy(
-        args.ann, args.images, args.out, max_images=args.max_images, seed=args.seed, input_size=input_size
+        args.ann,
+        args.images,
+        args.out,
+        max_images=args.max_images,
+        seed=args.seed,
+        input_size=input_size,
+        exclude=args.exclude,
     )
     print(report.summary())
     return 0
@@ -265,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--max-images", type=int, default=5000)
     proxy.add_argument("--seed", type=int, default=0)
     proxy.add_argument("--input", default="256x192", help="crop size HxW")
+    proxy.add_argument(
+        "--exclude",
+        type=Path,
+        help="a proxy whose images this one must not hold (a held-out split of the same images)",
+    )
     proxy.set_defaults(handler=_data_build_proxy)
 
     info = verbs.add_parser("model-info", help="parameters and GFLOPs of an architecture")

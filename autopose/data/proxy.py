@@ -289,6 +289,18 @@ def _load_source(ann: Path, images_dir: Path, aspect_ratio: float) -> _Source:
     return _Source(name, names, flip_pairs, skeleton, instances)
 
 
+def _images_of(proxy: Path) -> tuple[set[str], str]:
+    """The image files (relative to its image folder) a proxy holds, and its content hash."""
+    if not proxy.is_file():
+        raise AutoposeError("proxy to exclude not found", path=proxy, field="exclude")
+    metadata = read_proxy_metadata(proxy)
+    try:
+        sources = pq.read_table(proxy, columns=["source"]).column("source").to_pylist()
+    except (OSError, KeyError, pa.ArrowException) as error:
+        raise AutoposeError(f"cannot read its images: {error}", path=proxy, field="exclude") from None
+    return set(sources), metadata.content_hash
+
+
 def _sample_images(instances: list[PersonInstance], max_images: int, seed: int) -> list[str]:
     """Image paths holding persons, ``max_images`` of them drawn with the seed, in id order."""
     by_image = {}
@@ -382,6 +394,7 @@ def build_proxy(
     input_size: tuple[int, int] = (256, 192),
     progress: bool = True,
     jpeg_quality: int = JPEG_QUALITY,
+    exclude: Path | None = None,
 ) -> ProxyReport:
     """Write (or reuse) the Parquet proxy of a keypoint dataset.
 
@@ -394,6 +407,10 @@ def build_proxy(
         input_size: crop ``(height, width)``.
         progress: show a tqdm bar (stderr).
         jpeg_quality: quality of the stored crops.
+        exclude: another proxy whose images (by file, relative to the image folder) this one
+            must not hold: a held-out split of the same images, e.g. train2017 images for the
+            search's policy step that the train proxy does not hold. The images are drawn
+            among the rest.
 
     Returns:
         A :class:`ProxyReport`. When ``out`` already holds a proxy of the same inputs
@@ -417,13 +434,16 @@ def build_proxy(
     if not images_dir.is_dir():
         raise AutoposeError("image folder does not exist", path=images_dir, field="images")
 
+    excluded, excluded_hash = _images_of(Path(exclude)) if exclude is not None else (set(), None)
     source = _load_source(ann, images_dir, aspect_ratio=width / height)
-    image_paths = _sample_images(source.instances, max_images, seed)
+    instances = [i for i in source.instances if os.path.relpath(i.image_path, images_dir) not in excluded]
+    image_paths = _sample_images(instances, max_images, seed)
     settings = {
         "max_images": max_images,
         "seed": seed,
         "input_size": [height, width],
         "jpeg_quality": jpeg_quality,
+        **({"exclude": excluded_hash} if excluded_hash is not None else {}),
     }
     fingerprint = _fingerprint(_file_sha256(ann), images_dir, image_paths, settings)
     _remove_stale_temporaries(out)  # left by a build of out that was killed
@@ -445,7 +465,7 @@ def build_proxy(
             pass  # not a usable proxy of these inputs: build a new one over it
 
     by_image: dict[str, list[PersonInstance]] = {}
-    for inst in source.instances:
+    for inst in instances:
         by_image.setdefault(inst.image_path, []).append(inst)
     schema = _schema(len(source.keypoint_names))
     hasher = _ContentHasher(schema)

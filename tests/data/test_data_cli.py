@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
+
 from autopose.cli import main
 from autopose.data import ProxyDataset, read_proxy_metadata
 
@@ -82,3 +84,52 @@ def test_bad_arguments_exit_2(tmp_path, capsys, coco_ann, coco_images):
     assert main(["data", "synth", "--out", str(tmp_path / "s"), "--images", "2", "--shift", "fog=3"]) == 2
     assert "fog" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_build_proxy_exclude_draws_a_held_out_split_among_the_other_images(tmp_path, capsys):
+    out = tmp_path / "synth"
+    assert (
+        main(["data", "synth", "--out", str(out), "--images", "10", "--val-images", "2", "--size", "96x128"])
+        == 0
+    )
+    ann, images = out / "train" / "annotations.json", out / "train" / "images"
+    common = ["data", "build-proxy", "--ann", str(ann), "--images", str(images), "--input", "64x48"]
+    train = tmp_path / "train.parquet"
+    assert main([*common, "--out", str(train), "--max-images", "6"]) == 0
+    holdout = tmp_path / "holdout.parquet"
+    assert main([*common, "--out", str(holdout), "--max-images", "10", "--exclude", str(train)]) == 0
+    capsys.readouterr()
+
+    def images_of(proxy):
+        return set(pq.read_table(proxy, columns=["source"]).column("source").to_pylist())
+
+    assert images_of(train).isdisjoint(images_of(holdout))
+    # the 4 images the train proxy left, all of them (fewer than --max-images remain)
+    every = {f"{image['file_name']}" for image in json.loads(ann.read_text())["images"]}
+    assert images_of(train) | images_of(holdout) == every
+    assert read_proxy_metadata(holdout).images_used == 4
+    # the same command again reuses it; another excluded proxy is another proxy
+    assert main([*common, "--out", str(holdout), "--max-images", "10", "--exclude", str(train)]) == 0
+    assert capsys.readouterr().out.startswith("proxy reused")
+    assert main([*common, "--out", str(holdout), "--max-images", "10"]) == 0
+    assert capsys.readouterr().out.startswith("proxy written")
+    assert images_of(holdout) == every
+
+
+def test_build_proxy_exclude_that_is_not_a_proxy_exits_2_before_writing(tmp_path, capsys):
+    out = tmp_path / "synth"
+    assert (
+        main(["data", "synth", "--out", str(out), "--images", "2", "--val-images", "1", "--size", "96x128"])
+        == 0
+    )
+    not_a_proxy = tmp_path / "notes.parquet"
+    not_a_proxy.write_text("hello")
+    proxy = tmp_path / "proxy.parquet"
+    argv = ["data", "build-proxy", "--ann", str(out / "train" / "annotations.json")]
+    argv += ["--images", str(out / "train" / "images"), "--out", str(proxy), "--input", "64x48"]
+    for exclude in (not_a_proxy, tmp_path / "missing.parquet"):
+        capsys.readouterr()
+        assert main([*argv, "--exclude", str(exclude)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(exclude) in err
+        assert not proxy.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["notes.parquet", "synth"]

@@ -68,6 +68,10 @@ def test_round_trip_through_the_logged_mapping(smoke_config):
         (lambda c: c["model"].update(input_size=[66, 48]), "model.input_size", "multiples of 4"),
         (lambda c: c["data"].update(val="/nonexistent/val.parquet"), "data.val", "file not found"),
         (lambda c: c["search"].update(tau1=[0.5, 2.0]), "search.tau1", "optuna"),
+        (lambda c: c["search"].update(policy_every=0), "search.policy_every", "≥ 1"),
+        (lambda c: c["search"].update(policy_every=1.5), "search.policy_every", "expected int"),
+        (lambda c: c["search"].update(batchnorm_path=-0.5), "search.batchnorm_path", "≥ 0"),
+        (lambda c: c["search"].update(policy_optimizer="sgd"), "search.policy_optimizer", "'normalized'"),
         (lambda c: c["tune"].update(scheduler="hyperband"), "tune.scheduler", "'asha'"),
     ],
 )
@@ -79,6 +83,19 @@ def test_bad_config_fails_naming_file_and_field(smoke_config, change, field, wor
     assert error.value.field == field
     assert words in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_the_search_options_come_from_the_search_section_and_default_to_todays_search(smoke_config):
+    defaults = load_experiment(smoke_config()).search
+    assert (defaults.batchnorm_path, defaults.policy_every, defaults.policy_optimizer) == (0.0, 1, "adam")
+    options = {"batchnorm_path": 0.5, "policy_every": 4, "policy_optimizer": "normalized"}
+    config = load_experiment(smoke_config({"search": options}))
+    (spec, *_) = (s for s in config.trial_plan() if s.kind == "search")
+    assert (spec.bilevel.batchnorm_path, spec.bilevel.policy_every, spec.bilevel.policy_optimizer) == (
+        0.5,
+        4,
+        "normalized",
+    )
 
 
 def test_unknown_op_in_a_space_file_names_that_file(smoke_config, tmp_path):
@@ -183,10 +200,17 @@ def test_policy_argument_of_train(smoke_config, tmp_path):
 def test_the_coco_cluster_config_is_valid(smoke_data, coco_ann, coco_images):
     """search_spaces/p2net_coco.yaml, with its cluster paths swapped for local files."""
     local = {
-        "data": {"train": str(smoke_data["train"]), "val": str(smoke_data["val"])},
+        "data": {
+            "train": str(smoke_data["train"]),
+            "val": str(smoke_data["val"]),
+            "search_val": str(smoke_data["val"]),
+        },
         "model": {"pretrained": None},
         "full_train": {"train_ann": str(coco_ann), "train_images": str(coco_images)},
     }
+    shipped = yaml.safe_load((REPO / "search_spaces" / "p2net_coco.yaml").read_text())
+    # the cluster loop never ranks trials on the split its search stepped on
+    assert shipped["data"]["search_val"] not in (shipped["data"]["train"], shipped["data"]["val"])
     config = load_experiment(REPO / "search_spaces" / "p2net_coco.yaml", local)
     assert config.tune.search_alg == "optuna" and config.search.is_range("tau1")
     assert len(config.space_dict["ops"]) == 10  # the paper's space, found beside the config
