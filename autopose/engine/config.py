@@ -13,6 +13,7 @@ field (``train.epochs``), long before any worker starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -382,6 +383,38 @@ class BilevelConfig:
     shift every val image shares (a darker val split) stays visible to the search
     (see :class:`autopose.engine.search.BilevelSearch`).
 
+    Three options of the policy step, each off by default (today's search), to be switched on
+    only where a benchmark shows them better:
+
+    ``batchnorm_path`` (λ ≥ 0; 0 = off): adds ``λ ∇α L_val(w'; BN statistics of the augmented
+    batch)`` to Eq. 8's hypergradient. Eq. 8 reaches the policy only through the unrolled
+    weights ``w'``, but what darker (or blurrier …) training images change is largely
+    BatchNorm's statistics, which Eq. 8 does not differentiate: in a probe a val split darker
+    than train gave Eq. 8 a Brightness gradient that was noise, while this term had the same
+    sign in 8 of 8 batches. Alone it matches the two batches' feature statistics and overshoots,
+    so it is a weight beside Eq. 8. Costs a forward of the augmented batch and of the val batch
+    at ``w'`` and their backward per search step: about 1.1–1.4 plain steps more (a search
+    step of 3.3–4.3 plain steps becomes 4.4–5.7; small CPU models, p2net space).
+
+    ``policy_every`` (k ≥ 1; 1 = every step): the policy steps on every k-th weight step only
+    (those whose step count is a multiple of k, so a resumed run picks the same ones); the
+    other steps train the weights on the relaxed policy's augmentation without its gradient.
+    A search step costs ``c`` ≈ 3–4 plain steps, so k amortises it to about ``1 + (c − 1)/k``;
+    the policy sees fewer hypergradients, each as noisy as before (raise ``val_batch_size`` to
+    average more val images into each).
+
+    ``policy_optimizer``: ``adam`` (DARTS, with ``policy_betas``) or ``normalized``: each policy
+    parameter tensor moves by exactly ``policy_lr`` in L2 along its own hypergradient
+    (:class:`autopose.engine.search.NormalizedGradientDescent`). Per-coordinate Adam gives every
+    coordinate a step of about ``policy_lr`` whatever the gradient's size, which turns a weak,
+    noisy signal into a random walk; the normalized step keeps the relative sizes within a
+    tensor. ``policy_lr`` then is a length per tensor, not per coordinate (a tensor of n
+    coordinates moves about ``policy_lr·√n`` under Adam): choose it for the optimizer.
+
+    To judge the signal, each epoch's metrics hold the search steps' means of
+    ``policy_grad_cosine`` (between consecutive hypergradients: near 0, the policy follows
+    noise) and ``policy_grad_norm/<parameter>``.
+
     With ``tune.search_alg: optuna`` any of ``tau1``, ``tau2``, ``policy_lr``
     may be a ``[low, high]`` range that Optuna samples (log-uniform).
     """
@@ -399,9 +432,30 @@ class BilevelConfig:
     val_batch_size: int | None = None
     policy_betas: tuple[float, float] = (0.5, 0.999)
     val_batchnorm: Literal["batch", "running"] = "batch"
+    batchnorm_path: float = 0.0
+    policy_every: int = 1
+    policy_optimizer: Literal["adam", "normalized"] = "adam"
 
     def _check(self, path, field_: str) -> None:
         _positive(self.trials, "trials", path, field_, allow_zero=True)
+        if not (isinstance(self.policy_every, int) and self.policy_every >= 1):
+            raise AutoposeError(
+                f"must be an integer ≥ 1 (1: the policy steps every step), got {self.policy_every!r}",
+                path=path,
+                field=f"{field_}.policy_every".lstrip("."),
+            )
+        if not (self.batchnorm_path >= 0 and math.isfinite(self.batchnorm_path)):
+            raise AutoposeError(
+                f"must be finite and ≥ 0 (0: Eq. 8 alone), got {self.batchnorm_path}",
+                path=path,
+                field=f"{field_}.batchnorm_path".lstrip("."),
+            )
+        if self.policy_optimizer not in ("adam", "normalized"):
+            raise AutoposeError(
+                f"expected one of 'adam', 'normalized', got {self.policy_optimizer!r}",
+                path=path,
+                field=f"{field_}.policy_optimizer".lstrip("."),
+            )
         if not all(0.0 <= beta < 1.0 for beta in self.policy_betas):
             raise AutoposeError(
                 f"Adam betas must lie in [0, 1), got {list(self.policy_betas)}",

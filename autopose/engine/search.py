@@ -78,9 +78,39 @@ duration). The validation batch is thus normalized by its own statistics, unless
 statistics, as evaluation does, which keeps a shift that a whole val batch shares
 (brightness, contrast) visible to the search.
 
+The BatchNorm-statistics path (``batchnorm_path = λ > 0``). Eq. 8 as above
+reaches ``α`` only through ``w'``; the gain that training on, say, darker images
+brings lives largely in BatchNorm's statistics, which Eq. 8 does not
+differentiate (a probe: with a val split darker than train, Eq. 8's Brightness
+term was noise from batch to batch, while the term below had the same sign in 8
+of 8 batches). With ``λ > 0`` the hypergradient is
+``Eq. 8 + λ ∇α L_val(w'; μ(α), σ²(α))``: the augmented batch runs through the
+network at ``w'`` (detached weights, the images carrying the policy's graph),
+each BatchNorm layer's input batch mean and biased variance are recorded (as
+training-mode BatchNorm normalises, the graph kept), and the validation batch at
+``w'`` is normalised layer by layer with those statistics (matched by module, in
+call order; the affine weight and bias are ``w'``'s). Alone this term matches
+the densities of the two batches' features and overshoots, hence a weight beside
+Eq. 8 rather than a replacement. ``w'`` is held fixed in it (its ``α``-dependence
+is Eq. 8's). It costs one more forward of the augmented batch and one of the
+validation batch at ``w'``, and their backward into the policy's graph (the
+policy's own backward is shared with Eq. 8's term: one call for both). Running
+statistics are untouched. ``val_batchnorm`` governs only Eq. 8's validation pass.
+
+What a step reports besides its losses: the hypergradient's norm per policy
+parameter (``policy_grad_norm/<name>``) and its cosine with the previous search
+step's hypergradient (``policy_grad_cosine``; absent on the first step): a mean
+cosine near 0 over an epoch says the policy follows noise, one clearly above 0 a
+signal that persists from batch to batch.
+
+The policy's optimizer (:func:`make_policy_optimizer`): Adam (DARTS), or
+:class:`NormalizedGradientDescent`, which moves each parameter tensor by exactly
+the learning rate in L2 along its gradient.
+
 Distributed: the weights' gradient is synchronised by DDP in step 2 (``w'`` and
 ``v`` then agree across ranks up to each rank's validation batch); the policy's
-gradient is averaged over ranks before its step.
+gradient is averaged over ranks before its step. The BatchNorm path uses each
+rank's own batch statistics (SyncBatchNorm layers included).
 """
 
 from __future__ import annotations
@@ -94,6 +124,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
+from torch.optim.optimizer import ParamsT
 
 from autopose.augment import RelaxedPolicy
 from autopose.augment.policy import PolicyNoise, as_float_images
@@ -103,6 +134,9 @@ Tensor = torch.Tensor
 Batch = tuple[Tensor, Tensor, Tensor]  # images, keypoints, visibility
 LossFn = Callable[[object, Tensor, Tensor], Tensor]
 FD_RADIUS = 0.01  # DARTS: ε = 0.01 / ‖v‖
+POLICY_OPTIMIZERS = ("adam", "normalized")
+# (layer, batch mean, biased batch variance) per BatchNorm call, in call order
+BatchNormStatistics = list[tuple[nn.Module, Tensor, Tensor]]
 
 
 @contextlib.contextmanager
@@ -133,6 +167,134 @@ def running_batchnorm_stats(model: nn.Module) -> Iterator[None]:
     finally:
         for m, training in zip(norms, saved, strict=True):
             m.train(training)
+
+
+def _batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _normalize(layer: nn.Module, x: Tensor, mean: Tensor, variance: Tensor) -> Tensor:
+    """``layer``'s BatchNorm of ``x`` (``B×C×…``) with the given per-channel statistics ``(C,)``.
+
+    Written out rather than ``F.batch_norm(training=False)``: autograd does not differentiate
+    that with respect to its running-statistics arguments."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    y = (x - mean.reshape(shape)) * torch.rsqrt(variance.reshape(shape) + layer.eps)
+    if layer.weight is not None:
+        y = y * layer.weight.reshape(shape)
+    if layer.bias is not None:
+        y = y + layer.bias.reshape(shape)
+    return y
+
+
+@contextlib.contextmanager
+def _swapped_batchnorm_forward(
+    model: nn.Module, forward: Callable[[nn.Module, Tensor], Tensor]
+) -> Iterator[None]:
+    """Every BatchNorm layer of ``model`` runs ``forward(layer, x)`` for the duration.
+
+    The layer's own forward is shadowed by an instance attribute, so ``functional_call``'s
+    swapped parameters are what ``layer.weight`` / ``layer.bias`` read inside it."""
+    layers = _batchnorm_layers(model)
+    shadowed = ["forward" in vars(layer) for layer in layers]
+    if any(shadowed):
+        raise RuntimeError("a BatchNorm layer's forward is already replaced")
+    try:
+        for layer in layers:
+            layer.forward = lambda x, layer=layer: forward(layer, x)
+        yield
+    finally:
+        for layer in layers:
+            vars(layer).pop("forward", None)
+
+
+@contextlib.contextmanager
+def recorded_batchnorm_stats(model: nn.Module) -> Iterator[BatchNormStatistics]:
+    """Batch statistics, recorded: each BatchNorm layer normalises by its input's batch mean
+    and biased variance (as training-mode BatchNorm does) and appends ``(layer, mean,
+    variance)`` to the yielded list, in call order, with their autograd graph. Running
+    statistics are neither used nor updated."""
+    statistics: BatchNormStatistics = []
+
+    def forward(layer: nn.Module, x: Tensor) -> Tensor:
+        dims = [0, *range(2, x.ndim)]
+        mean, variance = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
+        statistics.append((layer, mean, variance))
+        return _normalize(layer, x, mean, variance)
+
+    with _swapped_batchnorm_forward(model, forward):
+        yield statistics
+
+
+@contextlib.contextmanager
+def replayed_batchnorm_stats(model: nn.Module, statistics: BatchNormStatistics) -> Iterator[None]:
+    """Each BatchNorm layer normalises by the statistics :func:`recorded_batchnorm_stats`
+    recorded for it: the ``i``-th call of a layer takes that layer's ``i``-th record. Raises
+    if a layer is called more often than it was recorded, or less often by the end."""
+    queues: dict[int, list[tuple[Tensor, Tensor]]] = {}
+    for layer, mean, variance in statistics:
+        queues.setdefault(id(layer), []).append((mean, variance))
+
+    def forward(layer: nn.Module, x: Tensor) -> Tensor:
+        queue = queues.get(id(layer))
+        if not queue:
+            raise RuntimeError(f"no recorded BatchNorm statistics left for {layer!r}")
+        mean, variance = queue.pop(0)
+        return _normalize(layer, x, mean, variance)
+
+    with _swapped_batchnorm_forward(model, forward):
+        yield
+    if any(queues.values()):
+        raise RuntimeError("recorded BatchNorm statistics were not all used: the passes differ")
+
+
+class NormalizedGradientDescent(torch.optim.Optimizer):
+    """``p ← p − lr · g / ‖g‖₂`` for each parameter tensor ``p`` on its own; no momentum, no state.
+
+    Every tensor with a nonzero gradient moves by exactly ``lr`` in L2, in the direction of
+    its gradient, so the relative sizes within a tensor are kept (per-coordinate Adam
+    divides each coordinate by its own running scale, which turns a weak, noisy signal into
+    a random walk of fixed step). A zero gradient (or ``None``) leaves the tensor as it is.
+    ``lr`` is thus a step length per tensor: a tensor of ``n`` coordinates that Adam moves by
+    about ``lr`` per coordinate moves by about ``lr·√n`` there.
+    """
+
+    def __init__(self, params: ParamsT, lr: float):
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    continue
+                grad = parameter.grad
+                # Scaled by its largest entry first, so that squaring a tiny gradient cannot
+                # underflow; the scaled norm is then ≥ 1 unless the gradient is all zero, and
+                # clamping it at 1 leaves a zero gradient a zero move (no host sync).
+                scale = grad.abs().amax()
+                unit = torch.where(scale > 0, grad / scale, torch.zeros_like(grad))
+                norm = torch.linalg.vector_norm(unit).clamp_min(1.0)
+                parameter.sub_(unit * (group["lr"] / norm))
+        return loss
+
+
+def make_policy_optimizer(
+    name: str, parameters: ParamsT, lr: float, betas: tuple[float, float] = (0.5, 0.999)
+) -> torch.optim.Optimizer:
+    """The policy's optimizer: ``"adam"`` (DARTS, with ``betas``) or ``"normalized"``
+    (:class:`NormalizedGradientDescent`; ``betas`` unused)."""
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr, betas=tuple(betas))
+    if name == "normalized":
+        return NormalizedGradientDescent(parameters, lr=lr)
+    raise ValueError(f"policy optimizer must be one of {', '.join(POLICY_OPTIMIZERS)}, got {name!r}")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -170,6 +332,9 @@ class BilevelSearch:
             shares: a val split that is uniformly darker than train looks like train to
             ``L_val`` (conv1 is linear and has no bias, its BatchNorm removes the scale), so
             the search cannot see that shift; running statistics keep it.
+        batchnorm_path: ``λ ≥ 0``, the weight of the BatchNorm-statistics term added to Eq. 8
+            (see "The BatchNorm-statistics path"); 0 (the default) leaves Eq. 8 alone and
+            costs nothing.
     """
 
     def __init__(
@@ -186,7 +351,10 @@ class BilevelSearch:
         differentiate_targets: bool = True,
         fd_radius: float = FD_RADIUS,
         val_batchnorm: Literal["batch", "running"] = "batch",
+        batchnorm_path: float = 0.0,
     ):
+        if not (math.isfinite(batchnorm_path) and batchnorm_path >= 0):
+            raise ValueError(f"batchnorm_path must be finite and ≥ 0, got {batchnorm_path}")
         if val_batchnorm not in ("batch", "running"):
             raise ValueError(f"val_batchnorm must be 'batch' or 'running', got {val_batchnorm!r}")
         if hessian not in ("finite_difference", "exact"):
@@ -205,6 +373,9 @@ class BilevelSearch:
         self.differentiate_targets = differentiate_targets
         self.fd_radius = float(fd_radius)
         self.val_batchnorm = val_batchnorm
+        self.batchnorm_path = float(batchnorm_path)
+        # the last search step's hypergradient (flat, after the ranks' average), for the cosine
+        self.previous_hypergradient: Tensor | None = None
 
     # -- pieces ----------------------------------------------------------------------------------
     @property
@@ -239,21 +410,35 @@ class BilevelSearch:
         outputs = functional_call(self._net, dict(zip(names, weights, strict=True)), (images,))
         return self.loss_fn(outputs, heatmaps, weight)
 
+    def _unrolled_weights(self, weights: Sequence[Tensor], train_grad: Sequence[Tensor]) -> list[Tensor]:
+        """``w' = w − ζ g``, detached from ``w`` and from the training pass's graph."""
+        return [(w.detach() - self.unroll_lr * g.detach()) for w, g in zip(weights, train_grad, strict=True)]
+
     def _unrolled_val_gradient(
         self, names: list[str], weights: list[Tensor], train_grad: list[Tensor], val: Batch
     ) -> tuple[list[Tensor], Tensor]:
         """``v = ∇w' L_val(w')`` with ``w' = w − ζ g``; also returns ``L_val(w')``."""
         images, heatmaps, weight = self._val_targets(val)
-        unrolled = [
-            (w.detach() - self.unroll_lr * g).requires_grad_(True)
-            for w, g in zip(weights, train_grad, strict=True)
-        ]
+        unrolled = [w.requires_grad_(True) for w in self._unrolled_weights(weights, train_grad)]
         statistics = running_batchnorm_stats if self.val_batchnorm == "running" else frozen_batchnorm_stats
         with statistics(self._net):
             loss = self._loss_at(names, unrolled, images, heatmaps, weight)
             v = torch.autograd.grad(loss, unrolled, allow_unused=True)
         v = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, v, strict=True)]
         return v, loss.detach()
+
+    def _batchnorm_path_loss(
+        self, names: list[str], unrolled: Sequence[Tensor], augmented: Tensor, val: Batch
+    ) -> Tensor:
+        """``L_val(w'; μ(α), σ²(α))``: the validation loss at ``w'`` with every BatchNorm layer
+        normalising by the statistics the augmented batch (with its policy graph) has there."""
+        images, heatmaps, weight = self._val_targets(val)
+        unrolled = [w.detach() for w in unrolled]
+        parameters = dict(zip(names, unrolled, strict=True))
+        with recorded_batchnorm_stats(self._net) as statistics:
+            functional_call(self._net, parameters, (augmented,))
+        with replayed_batchnorm_stats(self._net, statistics):
+            return self._loss_at(names, unrolled, images, heatmaps, weight)
 
     def _input_leaves(self, images: Tensor, heatmaps: Tensor) -> tuple[list[Tensor], Tensor]:
         """Detached leaves that take ``∇ L_train``: the images, and the targets if they are kept
@@ -323,20 +508,52 @@ class BilevelSearch:
         return tangent
 
     def _policy_gradient_from(
-        self, augmented: Tensor, heatmaps: Tensor, product: tuple[Tensor, ...]
+        self,
+        augmented: Tensor,
+        heatmaps: Tensor,
+        product: tuple[Tensor, ...],
+        batchnorm_loss: Tensor | None = None,
     ) -> list[Tensor | None]:
-        """``−ζ Jᵀ product``: one backward through the policy's graph."""
+        """``−ζ Jᵀ product`` (+ ``λ ∇α batchnorm_loss``): one backward through the policy's graph."""
         outputs = [augmented]
         if self.differentiate_targets:
             outputs.append(heatmaps)
+        grad_outputs = [-self.unroll_lr * p for p in product]
+        if batchnorm_loss is not None:
+            outputs.append(batchnorm_loss)
+            grad_outputs.append(torch.full_like(batchnorm_loss, self.batchnorm_path))
+        # A space of photometric ops only leaves the targets without a graph: skip what has none.
+        kept = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if o.requires_grad]
+        if not kept:
+            return [None for _ in self.policy.parameters()]
         return list(
             torch.autograd.grad(
-                outputs,
+                [o for o, _ in kept],
                 list(self.policy.parameters()),
-                grad_outputs=[-self.unroll_lr * p for p in product],
+                grad_outputs=[g for _, g in kept],
                 allow_unused=True,
             )
         )
+
+    def _train_gradient_at_w(
+        self, names: list[str], weights: list[Tensor], augmented: Tensor, heatmaps: Tensor, weight: Tensor
+    ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
+        """``g = ∇w L_train(w, α)`` and the input gradient at ``w``, without touching the model."""
+        leaves, target = self._input_leaves(augmented, heatmaps)
+        with frozen_batchnorm_stats(self._net):
+            loss = self._loss_at(names, weights, leaves[0], target, weight)
+            grads = torch.autograd.grad(loss, [*weights, *leaves], allow_unused=True)
+        train_grad = [
+            torch.zeros_like(w) if g is None else g
+            for w, g in zip(weights, grads[: len(weights)], strict=True)
+        ]
+        return train_grad, tuple(grads[len(weights) :])
+
+    def _dense(self, grads: Sequence[Tensor | None]) -> list[Tensor]:
+        return [
+            torch.zeros_like(p) if g is None else g
+            for p, g in zip(self.policy.parameters(), grads, strict=True)
+        ]
 
     # -- public ----------------------------------------------------------------------------------
     def hypergradient(
@@ -346,31 +563,49 @@ class BilevelSearch:
         noise: PolicyNoise | None = None,
         hessian: Literal["finite_difference", "exact"] | None = None,
     ) -> list[Tensor]:
-        """The policy's gradient of Eq. 8 without changing anything (no steps, no BN
-        statistics, no ``.grad``): for checks and tests. One tensor per policy parameter."""
+        """The policy's gradient (Eq. 8, plus ``λ`` times the BatchNorm-statistics term when
+        ``batchnorm_path > 0``) without changing anything (no steps, no BN statistics, no
+        ``.grad``): for checks and tests. One tensor per policy parameter."""
         saved = self.hessian
         self.hessian = hessian or self.hessian
         try:
             names, weights = self._weights()
             augmented, heatmaps, weight = self.augment(train, noise)
-            leaves, target = self._input_leaves(augmented, heatmaps)
-            with frozen_batchnorm_stats(self._net):
-                loss = self._loss_at(names, weights, leaves[0], target, weight)
-                grads = torch.autograd.grad(loss, [*weights, *leaves], allow_unused=True)
-            train_grad = [
-                torch.zeros_like(w) if g is None else g
-                for w, g in zip(weights, grads[: len(weights)], strict=True)
-            ]
-            at_w = tuple(grads[len(weights) :])
+            train_grad, at_w = self._train_gradient_at_w(names, weights, augmented, heatmaps, weight)
             v, _ = self._unrolled_val_gradient(names, weights, train_grad, val)
             product, _ = self._mixed_product(names, weights, v, augmented, heatmaps, weight, at_w)
-            grads = self._policy_gradient_from(augmented, heatmaps, product)
-            return [
-                torch.zeros_like(p) if g is None else g
-                for p, g in zip(self.policy.parameters(), grads, strict=True)
-            ]
+            batchnorm_loss = None
+            if self.batchnorm_path > 0:
+                unrolled = self._unrolled_weights(weights, train_grad)
+                batchnorm_loss = self._batchnorm_path_loss(names, unrolled, augmented, val)
+            return self._dense(self._policy_gradient_from(augmented, heatmaps, product, batchnorm_loss))
         finally:
             self.hessian = saved
+
+    def batchnorm_path_gradient(
+        self, train: Batch, val: Batch, noise: PolicyNoise | None = None
+    ) -> list[Tensor]:
+        """``∇α L_val(w'; μ(α), σ²(α))`` alone (not weighted by ``λ``, whatever ``λ`` is), without
+        changing anything: the term ``batchnorm_path`` adds to Eq. 8. One tensor per policy
+        parameter (zeros for a network without BatchNorm)."""
+        names, weights = self._weights()
+        augmented, heatmaps, weight = self.augment(train, noise)
+        train_grad, _ = self._train_gradient_at_w(names, weights, augmented, heatmaps, weight)
+        loss = self._batchnorm_path_loss(names, self._unrolled_weights(weights, train_grad), augmented, val)
+        if not loss.requires_grad:
+            return [torch.zeros_like(p) for p in self.policy.parameters()]
+        return self._dense(torch.autograd.grad(loss, list(self.policy.parameters()), allow_unused=True))
+
+    def state_dict(self) -> dict[str, Tensor | None]:
+        """What a resumed search needs beyond the optimizers: the last hypergradient (for the
+        cosine the next step reports)."""
+        previous = self.previous_hypergradient
+        return {"previous_hypergradient": None if previous is None else previous.detach().cpu()}
+
+    def load_state_dict(self, state: dict[str, Tensor | None]) -> None:
+        previous = state.get("previous_hypergradient")
+        device = next(self.policy.parameters()).device
+        self.previous_hypergradient = None if previous is None else previous.to(device)
 
     def step(self, train: Batch, val: Batch, noise: PolicyNoise | None = None) -> dict[str, float]:
         """One search step: moves the policy (Eq. 8) and the weights (augmented training loss).
@@ -382,8 +617,10 @@ class BilevelSearch:
             noise: the policy's random draws (fresh ones if ``None``).
 
         Returns:
-            ``train_loss`` (at ``w``, augmented), ``val_loss`` (at the unrolled ``w'``),
-            ``weight_grad_norm``, ``policy_grad_norm``, ``fd_epsilon`` (0 for exact).
+            ``train_loss`` (at ``w``, augmented), ``val_loss`` (at the unrolled ``w'``, Eq. 8's
+            pass), ``weight_grad_norm``, ``policy_grad_norm`` (all policy parameters) and
+            ``policy_grad_norm/<parameter>`` (each), ``policy_grad_cosine`` (with the previous
+            step's hypergradient; absent on the first step), ``fd_epsilon`` (0 for exact).
         """
         names, weights = self._weights()
         augmented, heatmaps, weight = self.augment(train, noise)
@@ -400,7 +637,11 @@ class BilevelSearch:
         # Steps 3–4: the unrolled validation gradient and the hypergradient.
         v, val_loss = self._unrolled_val_gradient(names, weights, train_grad, val)
         product, epsilon = self._mixed_product(names, weights, v, augmented, heatmaps, weight, at_w)
-        grads = self._policy_gradient_from(augmented, heatmaps, product)
+        batchnorm_loss = None
+        if self.batchnorm_path > 0:
+            unrolled = self._unrolled_weights(weights, train_grad)
+            batchnorm_loss = self._batchnorm_path_loss(names, unrolled, augmented, val)
+        grads = self._policy_gradient_from(augmented, heatmaps, product, batchnorm_loss)
 
         # Step 5: both optimizers (the weights' .grad is still step 2's).
         self.policy_optimizer.zero_grad(set_to_none=True)
@@ -411,6 +652,7 @@ class BilevelSearch:
                 dist.all_reduce(parameter.grad)
                 parameter.grad /= dist.get_world_size()
         policy_grad_norm = float(_global_norm([p.grad for p in self.policy.parameters()]))
+        signal = self._signal_metrics()
         self.policy_optimizer.step()
         self.weight_optimizer.step()
         return {
@@ -418,5 +660,19 @@ class BilevelSearch:
             "val_loss": float(val_loss),
             "weight_grad_norm": float(_global_norm(train_grad)),
             "policy_grad_norm": policy_grad_norm if math.isfinite(policy_grad_norm) else float("nan"),
+            **signal,
             "fd_epsilon": epsilon,
         }
+
+    def _signal_metrics(self) -> dict[str, float]:
+        """Per-parameter norms of the hypergradient now in ``.grad``, and its cosine with the
+        previous step's (which it then replaces)."""
+        named = list(self.policy.named_parameters())
+        metrics = {f"policy_grad_norm/{name}": float(p.grad.detach().norm()) for name, p in named}
+        current = torch.cat([p.grad.detach().flatten() for _, p in named]).double()
+        previous = self.previous_hypergradient
+        norms = float(current.norm() * previous.norm()) if previous is not None else 0.0
+        if norms > 0 and previous.shape == current.shape:  # a zero gradient has no direction
+            metrics["policy_grad_cosine"] = float(current @ previous) / norms
+        self.previous_hypergradient = current
+        return metrics

@@ -339,6 +339,7 @@ class Trainer:
             self.augment.to(self.device)  # the relaxed policy's parameters live beside the images
         self.search = None
         self.policy_optimizer = None
+        self.policy_every = 1
         if isinstance(self.augment, RelaxedPolicy):
             self._build_search(augment.bilevel or BilevelConfig())
 
@@ -409,11 +410,15 @@ class Trainer:
         return sampler, loader
 
     def _build_search(self, bilevel: BilevelConfig) -> None:
-        from autopose.engine.search import BilevelSearch
+        from autopose.engine.search import BilevelSearch, make_policy_optimizer
 
         bilevel = bilevel.resolved()
-        self.policy_optimizer = torch.optim.Adam(
-            self.augment.parameters(), lr=bilevel.policy_lr, betas=tuple(bilevel.policy_betas)
+        bilevel._check(None, "search")  # a config built in code has not been through the loader
+        self.policy_optimizer = make_policy_optimizer(
+            bilevel.policy_optimizer,
+            self.augment.parameters(),
+            lr=bilevel.policy_lr,
+            betas=tuple(bilevel.policy_betas),
         )
         self.search = BilevelSearch(
             model=self.model,
@@ -425,7 +430,9 @@ class Trainer:
             unroll_lr=bilevel.unroll_lr if bilevel.unroll_lr is not None else self.train_config.lr,
             hessian=bilevel.hessian,
             val_batchnorm=bilevel.val_batchnorm,
+            batchnorm_path=bilevel.batchnorm_path,
         )
+        self.policy_every = bilevel.policy_every
         # The α step's un-augmented batches come from the val distribution (see BilevelSearch):
         # from a held-out split of it when there is one, so the scored val split stays unseen.
         self.search_val_set = self.holdout_set if self.holdout_set is not None else self.val_set
@@ -455,6 +462,7 @@ class Trainer:
         if isinstance(self.augment, RelaxedPolicy):
             state["policy"] = {k: v.detach().cpu() for k, v in self.augment.state_dict().items()}
             state["policy_optimizer"] = self.policy_optimizer.state_dict()
+            state["search"] = self.search.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any], model_state: dict[str, Tensor] | None = None) -> None:
@@ -481,6 +489,7 @@ class Trainer:
         if isinstance(self.augment, RelaxedPolicy):
             self.augment.load_state_dict(state["policy"])
             self.policy_optimizer.load_state_dict(state["policy_optimizer"])
+            self.search.load_state_dict(state.get("search", {}))  # older checkpoints lack it
             self.augment.set_step(self.step)
 
     def save(self, path: str | Path) -> Path:
@@ -535,11 +544,12 @@ class Trainer:
         return images, keypoints, visibility
 
     def _search_val_batch(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The val batch of the current step: a function of the step alone, so that a resumed
-        search sees the batches the uninterrupted one would have seen."""
+        """The val batch of the current search step: a function of the step alone, so that a
+        resumed search sees the batches the uninterrupted one would have seen. Counted in
+        search steps (``step // policy_every``), so that every batch of a pass is read."""
         size = self.search_val_batch
         per_pass = len(self.search_val_set) // size
-        rounds, within = divmod(self.step + self.rank * 7919, per_pass)
+        rounds, within = divmod(self.step // self.policy_every + self.rank * 7919, per_pass)
         generator = torch.Generator().manual_seed(self.train_config.seed * 100_003 + 17 + rounds)
         order = torch.randperm(len(self.search_val_set), generator=generator)[
             within * size : (within + 1) * size
@@ -548,6 +558,10 @@ class Trainer:
         return self._batch(batch)
 
     def _plain_step(self, images: Tensor, keypoints: Tensor, visibility: Tensor) -> dict[str, float]:
+        """A weight step on the augmented batch; the augmentation (the relaxed policy of a search
+        between its policy steps, too) runs without gradient."""
+        if isinstance(self.augment, RelaxedPolicy):
+            self.augment.set_step(self.step)
         with torch.no_grad():
             images, keypoints, visibility = self.augment(images, keypoints, visibility)
         heatmaps, weight = self._targets(keypoints, visibility)
@@ -566,30 +580,37 @@ class Trainer:
         )
         return {key: float(value) for key, value in losses.items()}
 
+    def is_search_step(self) -> bool:
+        """Whether the next step moves the policy: a search trial's every ``policy_every``-th
+        step, counted from 0 (a function of ``self.step``, so a resumed run picks the same)."""
+        return self.search is not None and self.step % self.policy_every == 0
+
     def train_epoch(self) -> dict[str, float]:
-        """One epoch (at most ``steps_per_epoch`` optimizer steps); returns mean losses."""
+        """One epoch (at most ``steps_per_epoch`` optimizer steps); returns the mean of each
+        value the steps report, over the steps that report it (a search trial's policy metrics
+        over its search steps only)."""
         self.model.train()
         if self.sampler is not None:
             self.sampler.set_epoch(self.epoch)
         else:
             self.loader.sampler.set_epoch(self.epoch)
         totals: dict[str, float] = {}
-        count = 0
-        for batch in self.loader:
+        counts: dict[str, int] = {}
+        for count, batch in enumerate(self.loader):
             if count >= self.steps_per_epoch:
                 break
             images, keypoints, visibility = self._batch(batch)
-            if self.search is not None:
+            if self.is_search_step():
                 losses = self._search_step(images, keypoints, visibility)
             else:
                 losses = self._plain_step(images, keypoints, visibility)
             if not all(math.isfinite(v) for k, v in losses.items() if k.endswith("_loss")):
                 raise FloatingPointError(f"loss is not finite at step {self.step}: {losses}")
             self.step += 1
-            count += 1
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + value
-        return {key: value / max(count, 1) for key, value in totals.items()}
+                counts[key] = counts.get(key, 0) + 1
+        return {key: value / counts[key] for key, value in totals.items()}
 
     def proxy_scores(self, rows: Dataset) -> dict[str, float]:
         """pycocotools' keypoint scores (``AP``, ``AP50``, ``AP75``, ``AR`` …; NaN read as 0) of

@@ -1,8 +1,10 @@
-"""The bi-level search step: Eq. 8's hypergradient, finite difference vs exact, BN, and a toy search."""
+"""The bi-level search step: Eq. 8's hypergradient, finite difference vs exact, BN, a toy search,
+the BatchNorm-statistics path, the normalized policy optimizer and the signal metrics."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -12,7 +14,12 @@ from torch.func import functional_call
 
 from autopose.augment import RelaxedPolicy, SearchSpace, TemperatureSchedule, ops, p2net_space
 from autopose.data.codec import HeatmapCodec
-from autopose.engine.search import BilevelSearch, frozen_batchnorm_stats
+from autopose.engine.search import (
+    BilevelSearch,
+    NormalizedGradientDescent,
+    frozen_batchnorm_stats,
+    make_policy_optimizer,
+)
 from autopose.models import build_model
 from autopose.models.losses import PoseLoss
 
@@ -323,3 +330,189 @@ def test_running_statistics_let_the_search_see_a_darker_val_split():
         assert torch.equal(model.state_dict()[key], value), key
     with pytest.raises(ValueError, match="val_batchnorm"):
         make_search(model, policy, val_batchnorm="eval")
+
+
+# -- the BatchNorm-statistics path ---------------------------------------------------------------------
+def brightness_space() -> SearchSpace:
+    return SearchSpace("bright", 1, 1, p2net_space().subset(("Brightness",)).ops)
+
+
+class ConvNorm(nn.Module):
+    """conv (stride 4, no bias) → BatchNorm with a known affine: the heatmaps at 1/4 resolution."""
+
+    def __init__(self, joints: int = 2):
+        super().__init__()
+        self.conv = nn.Conv2d(3, joints, 4, stride=4, bias=False)
+        self.norm = nn.BatchNorm2d(joints)
+        with torch.no_grad():
+            self.norm.weight.copy_(torch.tensor([1.5, 0.7]))
+            self.norm.bias.copy_(torch.tensor([0.2, -0.1]))
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [self.norm(self.conv(images))]
+
+
+def conv_norm(images, conv, gamma, beta, mean=None, variance=None, eps=1e-5):
+    """ConvNorm written out; normalised by the given statistics, or by the batch's own."""
+    y = torch.nn.functional.conv2d(images, conv, stride=4)
+    if mean is None:
+        mean, variance = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+    z = (y - mean[:, None, None]) / torch.sqrt(variance[:, None, None] + eps)
+    return [z * gamma[:, None, None] + beta[:, None, None]], (mean, variance)
+
+
+def test_batchnorm_path_is_the_derivative_of_val_loss_under_the_augmented_statistics():
+    """On conv → BatchNorm → loss, written out by hand: ``w'`` from the training gradient at
+    ``w``, then ``f(α) = L_val(w'; mean and variance of conv_w'(x_aug(α)))``; its central
+    difference in Brightness' magnitude and probability logits is the BN-path gradient, and
+    the hypergradient with ``λ`` is Eq. 8's plus ``λ`` times it."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = ConvNorm().double()
+    policy = RelaxedPolicy(brightness_space(), init_magnitude=7.0, seed=0).double()
+    images, keypoints, visibility = bars(8, generator)
+    train = (0.7 * images.double(), keypoints.double(), visibility.double())  # × 1.36 stays below 1
+    val_images, val_keypoints, val_visibility = bars(8, generator)
+    val = (0.5 * val_images.double(), val_keypoints.double(), val_visibility.double())
+    noise = policy.sample_noise(8, torch.Generator().manual_seed(1)).to(torch.float64)
+    search = make_search(model, policy, torch.float64)
+    codec, zeta = search.codec, search.unroll_lr
+
+    weights = [model.conv.weight, model.norm.weight, model.norm.bias]
+    with torch.no_grad():
+        augmented = policy(*train, noise)[0]
+    heatmaps, weight = codec.encode(train[1], train[2])
+    outputs, _ = conv_norm(augmented, *weights)
+    grads = torch.autograd.grad(weighted_mse(outputs, heatmaps, weight), weights)
+    unrolled = [(w - zeta * g).detach() for w, g in zip(weights, grads, strict=True)]
+    val_heatmaps, val_weight = codec.encode(val[1], val[2])
+
+    def f() -> float:
+        with torch.no_grad():
+            _, (mean, variance) = conv_norm(policy(*train, noise)[0], *unrolled)
+            outputs, _ = conv_norm(val[0], *unrolled, mean, variance)
+            return float(weighted_mse(outputs, val_heatmaps, val_weight))
+
+    step = 1e-5
+    numeric = []
+    for parameter in (policy.magnitude_logits, policy.probability_logits):
+        with torch.no_grad():
+            parameter[0, 0, 0] += step
+            up = f()
+            parameter[0, 0, 0] -= 2 * step
+            down = f()
+            parameter[0, 0, 0] += step
+        numeric.append((up - down) / (2 * step))
+    numeric = torch.tensor(numeric, dtype=torch.float64)
+
+    running = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "tracked" in k}
+    path = search.batchnorm_path_gradient(train, val, noise)
+    named = dict(zip((name for name, _ in policy.named_parameters()), path, strict=True))
+    ours = torch.stack([named["magnitude_logits"][0, 0, 0], named["probability_logits"][0, 0, 0]])
+    assert numeric.abs().min() > 1e-4
+    torch.testing.assert_close(ours, numeric, rtol=1e-6, atol=0)
+
+    eq8 = flat(search.hypergradient(train, val, noise))
+    weighted = make_search(model, policy, torch.float64, batchnorm_path=0.5)
+    torch.testing.assert_close(
+        flat(weighted.hypergradient(train, val, noise)), eq8 + 0.5 * flat(path), rtol=1e-9, atol=1e-12
+    )
+    for key, value in running.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert all(p.grad is None for p in [*model.parameters(), *policy.parameters()])
+    with pytest.raises(ValueError, match="batchnorm_path"):
+        make_search(model, policy, batchnorm_path=-1.0)
+
+
+def test_batchnorm_path_zero_is_todays_search_exactly():
+    """λ = 0 runs none of the path: the hypergradient and a whole step are bit for bit those of
+    a search built without the option."""
+    model, policy, train, val, noise = setup(seed=6, dtype=torch.float32, space=p2net_space(), warmup=5)
+    other_model, other_policy = copy.deepcopy(model), copy.deepcopy(policy)
+    default = make_search(model, policy)
+    zero = make_search(other_model, other_policy, batchnorm_path=0.0)
+    for a, b in zip(
+        default.hypergradient(train, val, noise), zero.hypergradient(train, val, noise), strict=True
+    ):
+        assert torch.equal(a, b)
+    first, second = default.step(train, val, noise), zero.step(train, val, noise)
+    assert first == second
+    for a, b in zip(
+        [*model.parameters(), *policy.parameters()],
+        [*other_model.parameters(), *other_policy.parameters()],
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+    # and a positive λ does change it
+    weighted = make_search(other_model, other_policy, batchnorm_path=1.0)
+    assert not torch.equal(
+        flat(weighted.hypergradient(train, val, noise)), flat(zero.hypergradient(train, val, noise))
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batchnorm_path_points_brightness_toward_the_val_splits_brightness(seed):
+    """Val darker than train: the BN-path gradient of Brightness' magnitude is positive (a
+    descent step lowers the factor, darker); train darker than val, the same policy: negative."""
+    model, _, _, _, _ = setup(seed=seed, dtype=torch.float32, warmup=30)
+    policy = RelaxedPolicy(brightness_space(), init_magnitude=7.0, seed=seed)  # factor 1.36
+    generator = torch.Generator().manual_seed(seed + 10)
+    search = make_search(model, policy)
+    noise = policy.sample_noise(16, torch.Generator().manual_seed(seed + 20))
+    if getattr(noise, "sign", None) is not None:  # a policy with signed ops: run them as m says
+        noise = dataclasses.replace(noise, sign=None)
+    normal, other = bars(16, generator), bars(16, generator)
+    darker = (0.5 * other[0], other[1], other[2])
+    dark_train = (0.5 * normal[0], normal[1], normal[2])
+    magnitude = [name for name, _ in policy.named_parameters()].index("magnitude_logits")
+    toward_dark = search.batchnorm_path_gradient(normal, darker, noise)[magnitude][0, 0, 0]
+    toward_bright = search.batchnorm_path_gradient(dark_train, other, noise)[magnitude][0, 0, 0]
+    assert toward_dark > 0 > toward_bright
+
+
+# -- the policy's optimizer and the signal metrics -------------------------------------------------------
+def test_normalized_step_moves_each_tensor_by_lr_along_its_gradient():
+    torch.manual_seed(0)
+    tensors = [nn.Parameter(torch.randn(shape)) for shape in ((3,), (2, 1, 4), (2, 1, 4), (2, 1, 4), (5,))]
+    grads = [
+        torch.randn(3),
+        1e3 * torch.randn(2, 1, 4),
+        torch.zeros(2, 1, 4),
+        1e-30 * torch.randn(2, 1, 4),
+        None,
+    ]
+    for tensor, grad in zip(tensors, grads, strict=True):
+        tensor.grad = grad
+    before = [t.detach().clone() for t in tensors]
+    optimizer = NormalizedGradientDescent(tensors, lr=0.25)
+    optimizer.step()
+    for index in (0, 1, 3):  # any scale, tiny ones included (no underflow), moves by exactly lr
+        move = tensors[index].detach() - before[index]
+        torch.testing.assert_close(move.norm(), torch.tensor(0.25), rtol=1e-6, atol=0)
+        direction = grads[index].double() / grads[index].double().norm()
+        torch.testing.assert_close(move.double(), -0.25 * direction, rtol=1e-5, atol=1e-7)
+    assert torch.equal(tensors[2].detach(), before[2])  # zero gradient: untouched
+    assert torch.equal(tensors[4].detach(), before[4])  # no gradient: untouched
+    again = make_policy_optimizer("normalized", tensors, lr=0.1)
+    again.load_state_dict(optimizer.state_dict())
+    assert again.param_groups[0]["lr"] == 0.25
+    assert isinstance(make_policy_optimizer("adam", tensors, lr=0.1, betas=(0.5, 0.9)), torch.optim.Adam)
+    with pytest.raises(ValueError, match="'sgd'"):
+        make_policy_optimizer("sgd", tensors, lr=0.1)
+
+
+def test_step_reports_per_parameter_norms_and_the_cosine_with_the_previous_step():
+    model, policy, train, val, noise = setup(seed=7, dtype=torch.float32, space=toy_space(2))
+    search = make_search(model, policy)
+    first = search.step(train, val, noise)
+    g1 = {name: p.grad.clone() for name, p in policy.named_parameters()}
+    assert "policy_grad_cosine" not in first
+    for name, grad in g1.items():
+        assert first[f"policy_grad_norm/{name}"] == pytest.approx(float(grad.norm()), rel=1e-6)
+    parts = sum(first[f"policy_grad_norm/{name}"] ** 2 for name in g1)
+    assert parts == pytest.approx(first["policy_grad_norm"] ** 2, rel=1e-5)
+    second = search.step(train, val, noise)
+    a = flat(g1.values()).double()
+    b = flat(p.grad for p in policy.parameters()).double()
+    assert second["policy_grad_cosine"] == pytest.approx(float(a @ b / (a.norm() * b.norm())), rel=1e-9)
+    assert -1.0 <= second["policy_grad_cosine"] <= 1.0

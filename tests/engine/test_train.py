@@ -69,12 +69,21 @@ def test_counts_steps_reports_every_epoch_and_scores_ap(smoke_data):
     assert trainer.policy_document()["kind"] == "handcrafted"
 
 
-@pytest.mark.parametrize("kind", ["random", "search"])
+# every option of the search step on, with a policy step every 3rd step: a resumed run starts at
+# step 2, a plain step, and its search step 3 reports a cosine with step 0's hypergradient
+SEARCH_OPTIONS = BilevelConfig(
+    policy_lr=0.05, policy_every=3, policy_optimizer="normalized", batchnorm_path=0.5
+)
+
+
+@pytest.mark.parametrize("kind", ["random", "search", "search-options"])
 def test_resumed_run_matches_the_uninterrupted_one(smoke_data, tmp_path, kind):
     """Epoch 1 from the checkpoint of epoch 0 = epoch 1 of a run that never stopped:
     same optimizer-step count, same weights, same policy, same metrics."""
-    bilevel = BilevelConfig(policy_lr=0.05)
-    spec = AugmentSpec(kind=kind, seed=3, bilevel=bilevel if kind == "search" else None)
+    bilevel = SEARCH_OPTIONS if kind == "search-options" else BilevelConfig(policy_lr=0.05)
+    spec = AugmentSpec(
+        kind=kind.removesuffix("-options"), seed=3, bilevel=bilevel if kind != "random" else None
+    )
     steps = 1 if kind == "search" else 2  # the bi-level step costs about five plain ones
     data, model, train = configs(smoke_data, steps_per_epoch=steps)
 
@@ -95,10 +104,65 @@ def test_resumed_run_matches_the_uninterrupted_one(smoke_data, tmp_path, kind):
         torch.testing.assert_close(weights(resumed)[name], value, msg=name)
     assert resumed.policy_document() == straight.policy_document()
     assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"])
-    if kind == "search":
+    if kind.startswith("search"):
         probabilities = [v for k, v in resumed.policy_metrics().items() if k.startswith("op_prob/")]
         assert sum(probabilities) == pytest.approx(1.0)
         assert resumed.history[-1]["val_loss"] > 0
+    if kind == "search-options":
+        cosine = straight.history[-1]["policy_grad_cosine"]
+        assert resumed.history[-1]["policy_grad_cosine"] == pytest.approx(cosine, rel=1e-6)
+
+
+def test_the_policy_steps_every_kth_step_and_its_metrics_average_over_those(smoke_data):
+    """``policy_every: 3``: steps 0 and 3 of 5 are search steps; the others train the weights on
+    the relaxed policy without moving it; ``val_loss`` is the mean over the search steps only,
+    ``train_loss`` over all."""
+    from autopose.engine.search import NormalizedGradientDescent
+
+    data, model, train = configs(smoke_data, epochs=1, steps_per_epoch=5)
+    bilevel = BilevelConfig(policy_lr=0.05, policy_every=3, policy_optimizer="normalized")
+    trainer = Trainer(data, model, train, AugmentSpec(kind="search", seed=0, bilevel=bilevel), SPACE)
+    assert isinstance(trainer.policy_optimizer, NormalizedGradientDescent)
+    search_steps, val_losses, train_losses = [], [], []
+    search_step, plain_step = trainer.search.step, trainer._plain_step
+
+    def recorded_search_step(*args, **kwargs):
+        search_steps.append(trainer.step)
+        metrics = search_step(*args, **kwargs)
+        val_losses.append(metrics["val_loss"])
+        train_losses.append(metrics["train_loss"])
+        return metrics
+
+    def checked_plain_step(*args, **kwargs):
+        before = [p.detach().clone() for p in trainer.augment.parameters()]
+        metrics = plain_step(*args, **kwargs)
+        assert all(torch.equal(a, p) for a, p in zip(before, trainer.augment.parameters(), strict=True))
+        train_losses.append(metrics["train_loss"])
+        return metrics
+
+    trainer.search.step = recorded_search_step
+    trainer._plain_step = checked_plain_step
+    metrics = trainer.run().history[-1]
+    assert search_steps == [0, 3] and len(train_losses) == 5
+    assert metrics["val_loss"] == pytest.approx(sum(val_losses) / 2)
+    assert metrics["train_loss"] == pytest.approx(sum(train_losses) / 5)
+    assert "policy_grad_cosine" in metrics and "policy_grad_norm/magnitude_logits" in metrics
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("policy_every", 0, "≥ 1"),
+        ("batchnorm_path", -0.5, "≥ 0"),
+        ("policy_optimizer", "sgd", "'normalized'"),
+    ],
+)
+def test_a_bad_search_option_is_refused_naming_the_field(smoke_data, option, value, words):
+    data, model, train = configs(smoke_data)
+    bilevel = BilevelConfig(**{option: value})
+    with pytest.raises(AutoposeError, match=words) as error:
+        Trainer(data, model, train, AugmentSpec(kind="search", seed=0, bilevel=bilevel), SPACE)
+    assert error.value.field == f"search.{option}"
 
 
 def test_checkpoint_is_an_ordinary_model_checkpoint(smoke_data, tmp_path):

@@ -91,11 +91,8 @@ def test_the_search_options_come_from_the_search_section_and_default_to_todays_s
     options = {"batchnorm_path": 0.5, "policy_every": 4, "policy_optimizer": "normalized"}
     config = load_experiment(smoke_config({"search": options}))
     (spec, *_) = (s for s in config.trial_plan() if s.kind == "search")
-    assert (spec.bilevel.batchnorm_path, spec.bilevel.policy_every, spec.bilevel.policy_optimizer) == (
-        0.5,
-        4,
-        "normalized",
-    )
+    bilevel = spec.bilevel
+    assert (bilevel.batchnorm_path, bilevel.policy_every, bilevel.policy_optimizer) == (0.5, 4, "normalized")
 
 
 def test_unknown_op_in_a_space_file_names_that_file(smoke_config, tmp_path):
