@@ -52,6 +52,13 @@ class OpRange:
     def spec(self) -> OpSpec:
         return OPS[self.op]
 
+    @property
+    def signed(self) -> bool:
+        """The op's identity lies strictly inside the range, so the op moves both ways from it
+        (Rotate in [-45, 45] turns either way; Cutout in [0, 0.5] only grows)."""
+        identity = self.spec.identity
+        return identity is not None and min(self.low, self.high) < identity < max(self.low, self.high)
+
 
 @dataclass(frozen=True)
 class SearchSpace:
@@ -110,6 +117,31 @@ class SearchSpace:
         low = torch.tensor([r.low for r in self.ops], device=device, dtype=dtype)
         high = torch.tensor([r.high for r in self.ops], device=device, dtype=dtype)
         return low, high
+
+    @property
+    def signed(self) -> tuple[bool, ...]:
+        """Per op: whether it is signed (:attr:`OpRange.signed`), in :attr:`ops` order."""
+        return tuple(r.signed for r in self.ops)
+
+    def identity_tensors(self, device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+        """``(identity (O,), signed (O,) bool)``: each op's identity value (0 where it has none;
+        only signed ops use it) and whether it is signed."""
+        identity = torch.tensor(
+            [r.spec.identity if r.signed else 0.0 for r in self.ops], device=device, dtype=dtype
+        )
+        return identity, torch.tensor(self.signed, device=device, dtype=torch.bool)
+
+    def mirror(self, values: Tensor) -> Tensor:
+        """``…×O`` real values mirrored about each op's identity, ``2·identity − value``, clamped
+        to the op's range; unsigned ops keep their value.
+
+        The clamp matters for ranges that are not symmetric about the identity: Scale in
+        [0.7, 1.35] mirrors 1.35 to 0.65, which becomes 0.7.
+        """
+        low, high = self.range_tensors(values.device, values.dtype)
+        identity, signed = self.identity_tensors(values.device, values.dtype)
+        mirrored = torch.minimum(torch.maximum(2.0 * identity - values, low.minimum(high)), low.maximum(high))
+        return torch.where(signed, mirrored, values)
 
     def values(self, magnitudes: Tensor) -> Tensor:
         """``…×O`` normalized magnitudes (0–10) → real values, op by op (differentiable)."""

@@ -103,6 +103,26 @@ def broken(change) -> dict:
     return data
 
 
+def v2(change) -> dict:
+    """A good ``autopose.policy/2`` file (weights, a sign on each signed op), then ``change``."""
+    data = good_policy()
+    data["format"] = "autopose.policy/2"
+    data["sub_policy_weights"] = [0.7, 0.3]
+    data["sub_policies"][0][0]["sign"] = 0.8
+    data["sub_policies"][0][1]["sign"] = 1.0
+    change(data)
+    return data
+
+
+def test_a_good_v2_file_loads(tmp_path):
+    policy = Policy.from_file(write(tmp_path, v2(lambda d: None)))
+    assert policy.sub_policy_weights == (0.7, 0.3)
+    assert [[s.sign for s in sub] for sub in policy.sub_policies] == [[0.8, 1.0], [1.0, 1.0]]
+    # An unsigned op's step may say sign 1 (Cutout's identity 0 is an end of its range).
+    data = v2(lambda d: d["sub_policies"][1][0].update(sign=1))
+    assert Policy.from_file(write(tmp_path, data)) == policy
+
+
 @pytest.mark.parametrize(
     ("data", "field", "words"),
     [
@@ -114,6 +134,19 @@ def broken(change) -> dict:
         (broken(lambda d: d["sub_policies"][1][1].pop("m")), "sub_policies[1][1].m", "missing"),
         (broken(lambda d: d["sub_policies"][1][1].update(q=1)), "sub_policies[1][1].q", "unknown field"),
         (broken(lambda d: d.update(format="autopose.policy/9")), "format", "autopose.policy/1"),
+        (broken(lambda d: d["sub_policies"][0][0].update(sign=0.5)), "sub_policies[0][0].sign", "policy/2"),
+        (broken(lambda d: d.update(sub_policy_weights=[0.5, 0.5])), "sub_policy_weights", "policy/2"),
+        (v2(lambda d: d.update(sub_policy_weights=[0.5, 0.6, -0.1])), "sub_policy_weights[2]", "negative"),
+        (v2(lambda d: d.update(sub_policy_weights=[0.5, "0.5"])), "sub_policy_weights[1]", "number"),
+        (v2(lambda d: d.update(sub_policy_weights=[0.5, True])), "sub_policy_weights[1]", "number"),
+        (v2(lambda d: d.update(sub_policy_weights=[0.4, 0.3, 0.3])), "sub_policy_weights", "expected 2"),
+        (v2(lambda d: d.update(sub_policy_weights=[0.5, 0.49])), "sub_policy_weights", "sum to 0.99"),
+        (v2(lambda d: d.update(sub_policy_weights={"a": 1})), "sub_policy_weights", "list"),
+        (v2(lambda d: d["sub_policies"][0][1].update(sign=1.5)), "sub_policies[0][1].sign", "outside"),
+        (v2(lambda d: d["sub_policies"][0][1].update(sign=None)), "sub_policies[0][1].sign", "number"),
+        (v2(lambda d: d["sub_policies"][1][0].update(sign=0.5)), "sub_policies[1][0].sign", "not signed"),
+        (v2(lambda d: d["sub_policies"][1][1].update(sign=0.0)), "sub_policies[1][1].sign", "not signed"),
+        (v2(lambda d: d["sub_policies"][1][1].update(q=1)), "sub_policies[1][1].q", "unknown field"),
         (broken(lambda d: d.pop("format")), "format", "missing"),
         (broken(lambda d: d.update(space="imaginary")), "space", "unknown search space"),
         (broken(lambda d: d.update(sub_policies=[])), "sub_policies", "non-empty"),
@@ -210,6 +243,10 @@ def test_every_parameter_gets_a_gradient_from_the_augmented_images():
     assert (magnitude_grad[..., equalize] == 0).all()  # Equalize has no magnitude (none-in-m)
     others = [i for i in range(len(TINY.ops)) if i != equalize]
     assert (magnitude_grad[..., others] != 0).all()
+    signed = [TINY.index("Rotate"), TINY.index("Brightness")]
+    unsigned = [TINY.index("Cutout"), equalize]  # Cutout's identity 0 is an end of its range
+    assert (policy.sign_logits.grad[..., signed] != 0).all()
+    assert (policy.sign_logits.grad[..., unsigned] == 0).all()
 
 
 def test_skipping_tiny_weights_barely_changes_the_gradient():
@@ -237,11 +274,13 @@ def test_dominant_relaxed_policy_equals_its_export():
         policy.op_logits[0, 0, space.index("Rotate")] = 30.0
         policy.op_logits[0, 1, space.index("Brightness")] = 30.0
         policy.probability_logits.fill_(30.0)
+        policy.sign_logits.fill_(30.0)  # and every op in the direction its m gives
     exported = policy.export(seed=0)
     assert [[s.op for s in sub] for sub in exported.sub_policies] == [["Rotate", "Brightness"]]
     assert exported.sub_policies[0][0].p == pytest.approx(1.0) and exported.sub_policies[0][
         0
     ].m == pytest.approx(8.0)
+    assert exported.sub_policy_weights == pytest.approx((1.0,)) and exported.sub_policies[0][0].sign == 1.0
     images, keypoints, visibility = batch()
     relaxed = policy(images, keypoints, visibility)
     discrete = exported(images, keypoints, visibility)
@@ -268,8 +307,17 @@ def test_summaries_name_every_op():
     weights = policy.op_probabilities()
     assert set(weights) == set(TINY.op_names) and sum(weights.values()) == pytest.approx(1.0)
     assert set(policy.magnitudes()) == set(TINY.op_names)
-    assert policy.magnitudes()["Rotate"] == pytest.approx(5.0)
+    # The default start: signed ops halfway from the identity to m = 10 (22.5°), others at 5.
+    assert policy.magnitudes()["Rotate"] == pytest.approx(7.5)
+    assert policy.magnitudes()["Cutout"] == pytest.approx(5.0)
     assert policy.application_probabilities()["Cutout"] == pytest.approx(0.5)
+    assert policy.sign_probabilities() == {
+        "Rotate": pytest.approx(0.5),
+        "Brightness": pytest.approx(0.5),
+        "Cutout": 1.0,  # unsigned: one direction
+        "Equalize": 1.0,
+    }
+    assert RelaxedPolicy(TINY, init_magnitude=5.0).magnitudes()["Rotate"] == pytest.approx(5.0)
 
 
 def test_temperature_schedule_anneals_geometrically():

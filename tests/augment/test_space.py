@@ -110,3 +110,47 @@ def test_magnitude_is_the_inverse_of_value():
         assert space.magnitude("Rotate", space.value("Rotate", m)) == pytest.approx(m, abs=1e-12)
     with pytest.raises(ValueError, match="no magnitude"):
         space.magnitude("Equalize", 0.0)
+
+
+# The demo's space (autopose.platform.demo.DEMO_SPACE), written out: the oracle for which ops are signed.
+DEMO_OPS = {
+    "TranslateX": [-0.25, 0.25],
+    "Rotate": [-45.0, 45.0],
+    "Scale": [0.7, 1.35],
+    "Brightness": [0.1, 1.9],
+    "Sharpness": [0.1, 1.9],
+    "Cutout": [0.0, 0.5],
+}
+
+
+def test_an_op_is_signed_when_its_identity_lies_strictly_inside_its_range():
+    demo = SearchSpace.from_dict(
+        {"name": "demo", "num_sub_policies": 4, "ops_per_sub_policy": 1, "ops": DEMO_OPS}
+    )
+    assert dict(zip(demo.op_names, demo.signed, strict=True)) == {
+        "TranslateX": True,
+        "Rotate": True,
+        "Scale": True,  # identity 1 inside [0.7, 1.35]
+        "Brightness": True,
+        "Sharpness": True,
+        "Cutout": False,  # identity 0 is an end of [0, 0.5]: Cutout only grows
+    }
+    p2net = dict(zip(OP_NAMES, p2net_space().signed, strict=True))
+    assert not p2net["Equalize"] and not p2net["Solarize"]  # no magnitude / no identity
+    assert not p2net["SolarizeAdd"]  # [0, 0.43] starts at its identity
+    one_sided = SearchSpace("one-sided", 1, 1, (OpRange("Rotate", 0.0, 30.0), OpRange("Scale", 1.35, 0.7)))
+    assert one_sided.signed == (False, True)  # a range running downwards is judged the same
+    identity, signed = demo.identity_tensors()
+    assert identity.tolist() == [0.0, 0.0, 1.0, 1.0, 1.0, 0.0] and signed.tolist() == list(demo.signed)
+
+
+def test_mirror_reflects_about_the_identity_and_clamps_to_the_range():
+    demo = SearchSpace.from_dict(
+        {"name": "demo", "num_sub_policies": 4, "ops_per_sub_policy": 1, "ops": DEMO_OPS}
+    )
+    values = torch.tensor([[0.1, 30.0, 1.3, 1.5, 0.4, 0.3], [-0.25, -45.0, 1.35, 0.1, 1.9, 0.5]])
+    expected = torch.tensor([[-0.1, -30.0, 0.7, 0.5, 1.6, 0.3], [0.25, 45.0, 0.7, 1.9, 0.1, 0.5]])
+    # Scale 1.35 mirrors to 0.65, clamped to 0.7; Cutout (unsigned) keeps its value.
+    torch.testing.assert_close(demo.mirror(values), expected)
+    # Where no clamp bites, mirroring twice gives the value back.
+    torch.testing.assert_close(demo.mirror(demo.mirror(values))[:, [0, 1, 3, 4]], values[:, [0, 1, 3, 4]])
