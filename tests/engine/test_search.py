@@ -294,7 +294,8 @@ def test_step_on_a_p2net_model_with_uint8_images():
 
 def test_toy_search_finds_rotation_when_validation_is_rotated():
     """Validation people are turned 40° counter-clockwise, training people are upright: the
-    search raises Rotate's weight far above the other ops, and its magnitude toward +40°."""
+    search raises Rotate's weight far above the other ops, and its signed value toward +40°:
+    ``m`` toward +40° with sign → 1, or toward −40° with sign → 0 (the same turn, mirrored)."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     model = TinyPoseNet()
@@ -306,8 +307,9 @@ def test_toy_search_finds_rotation_when_validation_is_rotated():
     assert weights["Rotate"] > 0.6 and all(
         weights["Rotate"] > 3 * w for op, w in weights.items() if op != "Rotate"
     )
-    angle = toy_space().value("Rotate", policy.magnitudes()["Rotate"])
-    assert 30.0 < angle <= 45.0
+    sign = policy.sign_probabilities()["Rotate"]
+    angle = toy_space().value("Rotate", policy.magnitudes()["Rotate"]) * (1.0 if sign > 0.5 else -1.0)
+    assert 30.0 < angle <= 45.0 and abs(sign - 0.5) > 0.4
 
 
 def test_running_statistics_let_the_search_see_a_darker_val_split():
