@@ -526,7 +526,8 @@ class RelaxedPolicy(nn.Module):
     a straight-through gradient (of the drawn op's softmax weight, of the relaxed gate, of
     the relaxed direction), as the sub-policy pick does. A forward pass then applies exactly
     what the discrete policy with these parameters applies for the same draws. A closed gate
-    runs no op, so that sample gives its ``p`` no gradient; an open one moves ``p`` either way.
+    runs no op, so that sample gives the drawn op's ``p``, weight, ``m`` and sign no gradient; an
+    open one moves ``p`` either way.
 
     Args:
         space: the search space.
