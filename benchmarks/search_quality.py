@@ -105,7 +105,8 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
         result["policy"] = document
         result["op_prob"] = {k: round(v, 4) for k, v in trainer.augment.op_probabilities().items()}
         result["exported"] = [
-            [op, round(p, 3), round(value, 3)] for op, p, value in exported_steps(document, space)
+            [op, round(p, 3), round(value, 3), round(share, 4)]
+            for op, p, value, share in exported_steps(document, space)
         ]
     result["train_cpu_s"] = round(train_cpu, 1)
     result["cpu_s"] = round(time.process_time() - started, 1)

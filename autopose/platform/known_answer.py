@@ -72,26 +72,56 @@ def matched_policy(shift: str) -> dict[str, Any]:
 
 
 # Which way each op must move from the identity to answer its shift.
-def right_direction(op: str, values: Sequence[float]) -> bool:
-    """Whether the exported values of ``op`` go the way its shift needs: Rotate and
-    TranslateX both ways (the shifts are symmetric), Brightness, Scale and Sharpness below 1."""
+def right_direction(op: str, values: Sequence[float], shares: Sequence[float] | None = None) -> bool:
+    """Whether the exported values of ``op`` go the way its shift needs.
+
+    Rotate and TranslateX must turn (move) both ways, the shifts being symmetric: each side
+    (±10°, ±0.05) carries at least a quarter of the op's share. Brightness, Scale and Sharpness
+    must go below 1: values under 0.95 carry more than those over 1.05. ``shares``: how often
+    each value is applied (sub-policy weight × p × the sign's share; equal when ``None``).
+    """
     if not values:
         return False
-    if op == "Rotate":
-        return any(v <= -10 for v in values) and any(v >= 10 for v in values)
-    if op == "TranslateX":
-        return any(v <= -0.05 for v in values) and any(v >= 0.05 for v in values)
-    return all(v < 0.95 for v in values)
+    shares = [1.0] * len(values) if shares is None else list(shares)
+    total = sum(shares)
+    if total <= 0:
+        return False
+
+    def share(predicate) -> float:
+        return sum(w for v, w in zip(values, shares, strict=True) if predicate(v)) / total
+
+    if op in ("Rotate", "TranslateX"):
+        reach = 10.0 if op == "Rotate" else 0.05
+        return share(lambda v: v <= -reach) >= 0.25 and share(lambda v: v >= reach) >= 0.25
+    return share(lambda v: v < 0.95) > share(lambda v: v > 1.05)
 
 
 def exported_steps(document: Mapping[str, Any], space: Any) -> list[list[Any]]:
-    """``[op, p, value in the op's units]`` per step of a policy document, sub-policy by
-    sub-policy (``space``: its :class:`~autopose.augment.SearchSpace`)."""
-    return [
-        [step["op"], step["p"], space.value(step["op"], step["m"])]
-        for steps in document.get("sub_policies", [])
-        for step in steps
-    ]
+    """What a policy document applies, step by step: ``[op, p, value in the op's units, share]``.
+
+    ``share`` is how often a sample gets that value: the sub-policy's weight × ``p`` × the
+    sign's share. A signed step with ``0 < sign < 1`` is two rows: its value (share × sign)
+    and its mirror about the op's identity (share × (1 − sign)), as the policy draws them.
+    ``space``: the document's :class:`~autopose.augment.SearchSpace` (policy/1 and /2).
+    """
+    import torch
+
+    subs = document.get("sub_policies", [])
+    weights = document.get("sub_policy_weights") or [1.0 / max(len(subs), 1)] * len(subs)
+    rows = []
+    for weight, steps in zip(weights, subs, strict=True):
+        for step in steps:
+            op, p, sign = step["op"], float(step["p"]), float(step.get("sign", 1.0))
+            value = space.value(op, step["m"])
+            if sign > 0.0:
+                rows.append([op, p, value, weight * p * sign])
+            if sign < 1.0:
+                index = space.index(op)
+                values = torch.zeros(len(space.ops), dtype=torch.float64)
+                values[index] = value
+                mirrored = float(space.mirror(values)[index])
+                rows.append([op, p, mirrored, weight * p * (1.0 - sign)])
+    return rows
 
 
 def search_found_shift(
@@ -101,7 +131,8 @@ def search_found_shift(
 
     Args:
         op_prob: the search's final op probabilities.
-        exported: ``[op, p, value in the op's units]`` per exported sub-policy step.
+        exported: :func:`exported_steps` of the exported policy (rows without a share, as the
+            suite cached them before policy/2, count equally).
         matched_ops: the ops that answer the shift.
     """
     if not op_prob:
@@ -109,7 +140,9 @@ def search_found_shift(
     top = max(op_prob, key=op_prob.get)
     if top not in matched_ops:
         return False
-    return right_direction(top, [float(value) for op, _, value in exported if op == top])
+    rows = [row for row in exported if row[0] == top]
+    shares = [float(row[3]) if len(row) > 3 else 1.0 for row in rows]
+    return right_direction(top, [float(row[2]) for row in rows], shares)
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:

@@ -9,6 +9,7 @@ from autopose.data.synth import KNOWN_SHIFTS, MATCHED_OPS
 from autopose.platform.demo import DEMO_SPACE
 from autopose.platform.known_answer import (
     KINDS,
+    exported_steps,
     markdown_table,
     matched_policy,
     right_direction,
@@ -36,6 +37,42 @@ def test_right_direction_per_op():
     assert right_direction("Brightness", [0.6, 0.7]) and not right_direction("Brightness", [0.6, 1.3])
     assert right_direction("TranslateX", [-0.1, 0.1]) and not right_direction("TranslateX", [0.1])
     assert not right_direction("Scale", [])
+    # by how often each value is applied: a rare left turn is not turning both ways
+    assert not right_direction("Rotate", [-30.0, 25.0], [0.1, 0.9])
+    assert right_direction("Brightness", [0.6, 1.3], [0.7, 0.3])
+
+
+def test_exported_steps_weigh_each_value_and_its_mirror_as_the_policy_draws_them():
+    space = SearchSpace.from_dict(DEMO_SPACE)
+    m = space.magnitude
+    document = {
+        "format": "autopose.policy/2",
+        "space": "demo",
+        "sub_policy_weights": [0.75, 0.25],
+        "sub_policies": [
+            [{"op": "Rotate", "p": 0.8, "m": m("Rotate", 30.0), "sign": 0.9}],
+            [
+                {"op": "Brightness", "p": 0.5, "m": m("Brightness", 1.5), "sign": 0.0},
+                {"op": "Cutout", "p": 1.0, "m": 2},
+            ],
+        ],
+    }
+    rows = exported_steps(document, space)
+    expected = [
+        ["Rotate", 0.8, 30.0, 0.75 * 0.8 * 0.9],
+        ["Rotate", 0.8, -30.0, 0.75 * 0.8 * 0.1],
+        ["Brightness", 0.5, 0.5, 0.25 * 0.5],  # sign 0: always the mirror of 1.5 about 1
+        ["Cutout", 1.0, 0.1, 0.25],
+    ]
+    assert len(rows) == len(expected)
+    for row, want in zip(rows, expected, strict=True):
+        assert row[0] == want[0] and row[1:] == pytest.approx(want[1:], abs=1e-9)
+    # a policy/1 document: uniform sub-policies, every step at its value
+    plain = matched_policy("darkness")
+    assert [v for r in exported_steps(plain, space) for v in r[2:]] == pytest.approx([0.5, 0.25 * 0.9] * 4)
+    # Rotate turned one way 90 % of the time: not both ways; Brightness darkens
+    assert not search_found_shift({"Rotate": 0.6}, rows, ("Rotate",))
+    assert search_found_shift({"Brightness": 0.6}, rows, ("Brightness",))
 
 
 def test_the_search_found_the_shift_only_with_the_top_weight_moved_the_right_way():
