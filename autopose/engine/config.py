@@ -411,6 +411,19 @@ class BilevelConfig:
     tensor. ``policy_lr`` then is a length per tensor, not per coordinate (a tensor of n
     coordinates moves about ``policy_lr·√n`` under Adam): choose it for the optimizer.
 
+    ``sampling``: how the search trial's relaxed policy augments. ``relaxed`` (default): each
+    step mixes every op by its softmax weight, gated by relaxed Bernoulli samples (Eq. 6–7); the
+    trained network then saw a mixture, not the discrete policy the search exports. ``hard``:
+    each sample draws ONE op per step from the weights, a hard gate (probability ``p``) and, for
+    a signed op, a hard direction (probability ``sign``), each with a straight-through gradient
+    (:class:`autopose.augment.RelaxedPolicy` with ``hard=True``), so the trial trains on the
+    distribution that ``export()`` writes (up to the share it drops).
+
+    ``init_magnitude``: the ``m`` (0–10) every op starts at; null (default) starts no op at its
+    identity (a signed op halfway from its identity to ``m = 10``, an unsigned one at 5), so
+    every op's ``p`` and weight have a gradient from the first step; ``5.0`` is the start of
+    searches before signs existed (the identity of ops with symmetric ranges).
+
     To judge the signal, each epoch's metrics hold the search steps' means of
     ``policy_grad_cosine`` (between consecutive hypergradients: near 0, the policy follows
     noise) and ``policy_grad_norm/<parameter>``.
@@ -435,6 +448,8 @@ class BilevelConfig:
     batchnorm_path: float = 0.0
     policy_every: int = 1
     policy_optimizer: Literal["adam", "normalized"] = "adam"
+    sampling: Literal["relaxed", "hard"] = "relaxed"
+    init_magnitude: float | None = None
 
     def _check(self, path, field_: str) -> None:
         _positive(self.trials, "trials", path, field_, allow_zero=True)
@@ -455,6 +470,19 @@ class BilevelConfig:
                 f"expected one of 'adam', 'normalized', got {self.policy_optimizer!r}",
                 path=path,
                 field=f"{field_}.policy_optimizer".lstrip("."),
+            )
+        if self.sampling not in ("relaxed", "hard"):
+            raise AutoposeError(
+                f"expected one of 'relaxed', 'hard', got {self.sampling!r}",
+                path=path,
+                field=f"{field_}.sampling".lstrip("."),
+            )
+        start = self.init_magnitude
+        if start is not None and not (isinstance(start, int | float) and 0.0 < start < 10.0):
+            raise AutoposeError(
+                f"must lie in (0, 10) (null: start off the identity), got {start!r}",
+                path=path,
+                field=f"{field_}.init_magnitude".lstrip("."),
             )
         if not all(0.0 <= beta < 1.0 for beta in self.policy_betas):
             raise AutoposeError(

@@ -175,6 +175,7 @@ def build_augment(
     if spec.kind == "search":
         bilevel = spec.bilevel or BilevelConfig()
         bilevel = bilevel.resolved()
+        bilevel._check(None, "search")  # before RelaxedPolicy, whose errors name no field
         anneal = bilevel.tau1_final is not None or bilevel.tau2_final is not None
         schedule = TemperatureSchedule(
             sub_policy=bilevel.tau1,
@@ -183,7 +184,13 @@ def build_augment(
             bernoulli_final=bilevel.tau2_final,
             anneal_steps=total_steps if anneal else 0,
         )
-        return RelaxedPolicy(search_space_from(space, bilevel), schedule, seed=spec.seed)
+        return RelaxedPolicy(
+            search_space_from(space, bilevel),
+            schedule,
+            init_magnitude=bilevel.init_magnitude,
+            seed=spec.seed,
+            hard=bilevel.sampling == "hard",
+        )
     if spec.kind == "random":
         return random_policy(space, spec.seed)
     if spec.kind == "handcrafted":
@@ -223,6 +230,31 @@ def discrete_augment(augment: Any) -> Augment:
     if isinstance(augment, RelaxedPolicy):
         return augment.export(seed=0)
     return augment
+
+
+def _fitted_optimizer_state(
+    saved: dict[str, Any], policy_state: dict[str, Tensor], policy: RelaxedPolicy
+) -> dict[str, Any]:
+    """The policy optimizer's saved state, fitted to a policy that has gained parameters since.
+
+    A search checkpoint from before ``sign_logits`` existed lists 4 parameters in its one param
+    group, the policy now has 5 (torch refuses a group of another size). The parameters its
+    policy state lacks are the last ones registered (``RelaxedPolicy`` registers ``sign_logits``
+    last): their indices are appended to the group with no state, so that the optimizer treats
+    them as fresh parameters (Adam starts their moments at its first step). Anything else is
+    returned as it is, for torch to judge.
+    """
+    names = [name for name, _ in policy.named_parameters()]
+    missing = [name for name in names if name not in policy_state]
+    groups = saved.get("param_groups", [])
+    if not missing or names[-len(missing) :] != missing or len(groups) != 1:
+        return saved
+    params = list(groups[0]["params"])
+    if len(params) != len(names) - len(missing):
+        return saved
+    first = max(params, default=-1) + 1
+    added = list(range(first, first + len(missing)))
+    return {**saved, "param_groups": [{**groups[0], "params": params + added}]}
 
 
 # -- the trainer -----------------------------------------------------------------------------------------
@@ -488,7 +520,9 @@ class Trainer:
             generator.set_state(state["augment_generator"])
         if isinstance(self.augment, RelaxedPolicy):
             self.augment.load_state_dict(state["policy"])
-            self.policy_optimizer.load_state_dict(state["policy_optimizer"])
+            self.policy_optimizer.load_state_dict(
+                _fitted_optimizer_state(state["policy_optimizer"], state["policy"], self.augment)
+            )
             self.search.load_state_dict(state.get("search", {}))  # older checkpoints lack it
             self.augment.set_step(self.step)
 
@@ -520,16 +554,29 @@ class Trainer:
         return policy_document(self.augment, self.spec.kind, self.spec.seed)
 
     def policy_metrics(self) -> dict[str, float]:
-        """The learned op probabilities, application probabilities and magnitudes (search only)."""
+        """The learned policy in numbers (search only): ``op_prob/<op>`` (op probabilities),
+        ``op_p/<op>`` (application probabilities), ``op_m/<op>`` (magnitudes), ``op_sign/<op>``
+        (signed ops only: the chance the op runs at ``value(m)`` rather than mirrored),
+        ``exported_share`` (the share of the policy's distribution that the exported policy
+        keeps), ``tau1`` and ``tau2``.
+
+        Like ``op_m``, ``op_sign`` averages over the sub-policies: two that turn opposite ways
+        read as 1/2, as one that has not chosen its direction does (the exported policy tells
+        them apart)."""
         if not isinstance(self.augment, RelaxedPolicy):
             return {}
         metrics = {"tau1": self.augment.tau_sub_policy, "tau2": self.augment.tau_bernoulli}
+        signed = dict(zip(self.augment.space.op_names, self.augment.space.signed, strict=True))
+        signs = {name: v for name, v in self.augment.sign_probabilities().items() if signed[name]}
         for prefix, values in (
             ("op_prob", self.augment.op_probabilities()),
             ("op_p", self.augment.application_probabilities()),
             ("op_m", self.augment.magnitudes()),
+            ("op_sign", signs),  # an unsigned op's sign is always 1: not worth a series
         ):
             metrics.update({f"{prefix}/{name}": float(v) for name, v in values.items()})
+        # The export's defaults: what policy/policy.json keeps (a beam of ≤ 64 per sub-policy).
+        metrics["exported_share"] = self.augment.exported_share()
         return metrics
 
     # -- steps ---------------------------------------------------------------------------------

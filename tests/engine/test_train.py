@@ -155,6 +155,9 @@ def test_the_policy_steps_every_kth_step_and_its_metrics_average_over_those(smok
         ("policy_every", 0, "≥ 1"),
         ("batchnorm_path", -0.5, "≥ 0"),
         ("policy_optimizer", "sgd", "'normalized'"),
+        ("sampling", "soft", "'hard'"),
+        ("init_magnitude", 10.0, "(0, 10)"),
+        ("init_magnitude", 0.0, "(0, 10)"),
     ],
 )
 def test_a_bad_search_option_is_refused_naming_the_field(smoke_data, option, value, words):
@@ -163,6 +166,111 @@ def test_a_bad_search_option_is_refused_naming_the_field(smoke_data, option, val
     with pytest.raises(AutoposeError, match=words) as error:
         Trainer(data, model, train, AugmentSpec(kind="search", seed=0, bilevel=bilevel), SPACE)
     assert error.value.field == f"search.{option}"
+
+
+def test_the_search_config_reaches_the_relaxed_policy(smoke_data):
+    """``sampling`` and ``init_magnitude`` reach the RelaxedPolicy the Trainer builds; the
+    defaults are today's soft mix, started off the identity."""
+    from autopose.augment import RelaxedPolicy
+
+    data, model, train = configs(smoke_data, epochs=1, steps_per_epoch=1)
+    default = Trainer(data, model, train, AugmentSpec(kind="search", seed=0), SPACE).augment
+    assert isinstance(default, RelaxedPolicy) and default.hard is False
+    # Rotate in [-45°, 45°] and Brightness in [0.1, 1.9] are signed, identity at m = 5: started
+    # halfway to m = 10; Cutout in [0, 0.5] is not: m = 5.
+    started = default.magnitude_tensor().detach()
+    torch.testing.assert_close(started[..., :2], torch.full_like(started[..., :2], 7.5))
+    torch.testing.assert_close(started[..., 2], torch.full_like(started[..., 2], 5.0))
+
+    bilevel = BilevelConfig(sampling="hard", init_magnitude=3.0, policy_lr=0.05)
+    trainer = Trainer(data, model, train, AugmentSpec(kind="search", seed=0, bilevel=bilevel), SPACE)
+    assert trainer.augment.hard is True
+    started = trainer.augment.magnitude_tensor().detach()
+    torch.testing.assert_close(started, torch.full_like(started, 3.0))
+    trainer.run()  # a hard search step runs through the bi-level step
+    assert trainer.step == 1 and trainer.history[-1]["val_loss"] > 0
+
+
+def test_the_policy_metrics_hold_each_signed_ops_direction_and_the_exported_share(smoke_data):
+    from autopose.augment.policy import LEGACY_SIGN_LOGIT
+
+    data, model, train = configs(smoke_data, epochs=1, steps_per_epoch=1)
+    trainer = Trainer(data, model, train, AugmentSpec(kind="search", seed=0), SPACE)
+    metrics = trainer.policy_metrics()
+    # signs start at 1/2; Cutout is unsigned and has none
+    assert {k: v for k, v in metrics.items() if k.startswith("op_sign/")} == {
+        "op_sign/Rotate": pytest.approx(0.5),
+        "op_sign/Brightness": pytest.approx(0.5),
+    }
+    # K = 2 sub-policies of one step over 3 ops: 6 combinations, each near 1/6 ≥ 1%: all kept
+    assert metrics["exported_share"] == pytest.approx(1.0)
+    assert len(trainer.policy_document()["sub_policies"]) == 6
+
+    policy = trainer.augment
+    with torch.no_grad():
+        policy.sign_logits[:, :, 0] = LEGACY_SIGN_LOGIT  # Rotate: always at value(m)
+        policy.op_logits.zero_()
+        policy.op_logits[:, :, 2] = math.log(18.0)  # Cutout 90%, Rotate and Brightness 5% each
+    metrics = trainer.policy_metrics()
+    assert metrics["op_sign/Rotate"] == pytest.approx(1.0)
+    assert metrics["op_sign/Brightness"] == pytest.approx(0.5)
+    assert metrics["exported_share"] == pytest.approx(1.0)  # every combination ≥ 0.5 · 5%
+    with torch.no_grad():
+        policy.op_logits[:, :, 2] = math.log(198.0)  # Cutout 99%, the others 0.5 · 0.5% < 1% each
+    assert trainer.policy_metrics()["exported_share"] == pytest.approx(0.99)
+    assert [s[0]["op"] for s in trainer.policy_document()["sub_policies"]] == ["Cutout", "Cutout"]
+
+
+def _without_sign_logits(state: dict) -> dict:
+    """A search checkpoint's training state as it was before ``sign_logits`` existed: the policy
+    without it, its optimizer's group and state without its last parameter."""
+    old = dict(state)
+    old["policy"] = {k: v for k, v in state["policy"].items() if k != "sign_logits"}
+    optimizer = state["policy_optimizer"]
+    (group,) = optimizer["param_groups"]
+    last = group["params"][-1]
+    old["policy_optimizer"] = {
+        "state": {i: s for i, s in optimizer["state"].items() if i != last},
+        "param_groups": [{**group, "params": group["params"][:-1]}],
+    }
+    old.pop("search")  # older still: no previous hypergradient either
+    return old
+
+
+def test_a_search_checkpoint_from_before_the_signs_resumes(smoke_data, tmp_path):
+    """A checkpoint whose policy has no ``sign_logits`` and whose policy optimizer lists 4
+    parameters resumes: the 4 keep their values and Adam moments, ``sign_logits`` loads at
+    LEGACY_SIGN_LOGIT with no state, and the next search step trains all 5."""
+    from autopose.augment.policy import LEGACY_SIGN_LOGIT
+
+    data, model, train = configs(smoke_data, steps_per_epoch=1)
+    spec = AugmentSpec(kind="search", seed=3, bilevel=BilevelConfig(policy_lr=0.05))
+    first = Trainer(data, model, train, spec, SPACE)
+    first.run(epochs=1)
+    state = _without_sign_logits(first.state_dict())
+    assert len(state["policy_optimizer"]["param_groups"][0]["params"]) == 4
+    with pytest.raises(ValueError, match="size"):  # what torch alone says of it
+        Trainer(data, model, train, spec, SPACE).policy_optimizer.load_state_dict(state["policy_optimizer"])
+
+    resumed = Trainer(data, model, train, spec, SPACE)
+    resumed.load_state_dict(state, weights(first))
+    assert (resumed.step, resumed.epoch) == (1, 1)
+    policy = resumed.augment
+    for name, value in state["policy"].items():
+        torch.testing.assert_close(policy.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert torch.all(policy.sign_logits == LEGACY_SIGN_LOGIT)
+    parameters = list(policy.parameters())
+    for i, parameter in enumerate(parameters[:4]):
+        saved = state["policy_optimizer"]["state"][i]
+        torch.testing.assert_close(resumed.policy_optimizer.state[parameter]["exp_avg"], saved["exp_avg"])
+    assert parameters[4] is policy.sign_logits and not resumed.policy_optimizer.state[parameters[4]]
+    # the state handed in is not changed (a caller may load it again)
+    assert len(state["policy_optimizer"]["param_groups"][0]["params"]) == 4
+
+    resumed.run()
+    assert resumed.step == 2 and resumed.history[-1]["val_loss"] > 0
+    steps = [float(resumed.policy_optimizer.state[p]["step"]) for p in parameters]
+    assert steps == [2.0, 2.0, 2.0, 2.0, 1.0]
 
 
 def test_checkpoint_is_an_ordinary_model_checkpoint(smoke_data, tmp_path):

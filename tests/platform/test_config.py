@@ -72,6 +72,9 @@ def test_round_trip_through_the_logged_mapping(smoke_config):
         (lambda c: c["search"].update(policy_every=1.5), "search.policy_every", "expected int"),
         (lambda c: c["search"].update(batchnorm_path=-0.5), "search.batchnorm_path", "≥ 0"),
         (lambda c: c["search"].update(policy_optimizer="sgd"), "search.policy_optimizer", "'normalized'"),
+        (lambda c: c["search"].update(sampling="soft"), "search.sampling", "'hard'"),
+        (lambda c: c["search"].update(init_magnitude=10), "search.init_magnitude", "(0, 10)"),
+        (lambda c: c["search"].update(init_magnitude="mid"), "search.init_magnitude", "expected float"),
         (lambda c: c["tune"].update(scheduler="hyperband"), "tune.scheduler", "'asha'"),
     ],
 )
@@ -88,11 +91,14 @@ def test_bad_config_fails_naming_file_and_field(smoke_config, change, field, wor
 def test_the_search_options_come_from_the_search_section_and_default_to_todays_search(smoke_config):
     defaults = load_experiment(smoke_config()).search
     assert (defaults.batchnorm_path, defaults.policy_every, defaults.policy_optimizer) == (0.0, 1, "adam")
+    assert (defaults.sampling, defaults.init_magnitude) == ("relaxed", None)
     options = {"batchnorm_path": 0.5, "policy_every": 4, "policy_optimizer": "normalized"}
+    options.update(sampling="hard", init_magnitude=5)
     config = load_experiment(smoke_config({"search": options}))
     (spec, *_) = (s for s in config.trial_plan() if s.kind == "search")
     bilevel = spec.bilevel
     assert (bilevel.batchnorm_path, bilevel.policy_every, bilevel.policy_optimizer) == (0.5, 4, "normalized")
+    assert (bilevel.sampling, bilevel.init_magnitude) == ("hard", 5.0)
 
 
 def test_unknown_op_in_a_space_file_names_that_file(smoke_config, tmp_path):
