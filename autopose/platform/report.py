@@ -193,13 +193,31 @@ def plot_cost(rows: Sequence[Any], walls: dict[str, float], out: Path) -> Path:
     return _save(figure, out)
 
 
+def example_augment(
+    document: dict[str, Any], kind: str | None, seed: int, space: Any, flip_pairs: Sequence[Sequence[int]]
+) -> Any:
+    """What a run's examples picture applies: its policy document as a :class:`Policy` when it is
+    one (``autopose.policy/1`` or ``/2``, seeded with the run's seed), else the baseline its kind
+    names (``space``: the :class:`~autopose.augment.SearchSpace`)."""
+    from autopose.augment import Handcrafted, Policy, no_policy, random_policy
+    from autopose.augment.policy import POLICY_FORMATS
+
+    if document.get("format") in POLICY_FORMATS:
+        return Policy.from_dict(document, space=space, seed=seed)
+    if kind == "handcrafted":
+        return Handcrafted(flip_pairs=tuple(tuple(pair) for pair in flip_pairs), seed=seed)
+    if kind == "random":
+        return random_policy(space, seed)
+    return no_policy()
+
+
 def policy_pictures(
     runs: Sequence[Any], tracking_uri: str, space: dict[str, Any], coco_proxy: Path, folder: Path, count: int
 ) -> list[tuple[str, Path, dict[str, Any]]]:
     """Each run's policy applied to real COCO crops: ``[(label, png, policy document)]``."""
     import torch
 
-    from autopose.augment import Handcrafted, Policy, SearchSpace, no_policy, random_policy
+    from autopose.augment import SearchSpace
     from autopose.data import ProxyDataset
 
     crops = ProxyDataset(coco_proxy)
@@ -214,14 +232,7 @@ def policy_pictures(
             document = json.loads(
                 download_artifact(tracking_uri, run.info.run_id, POLICY_ARTIFACT, scratch).read_text()
             )
-            if document.get("format") == "autopose.policy/1":
-                augment = Policy.from_dict(document, space=search_space, seed=seed)
-            elif kind == "handcrafted":
-                augment = Handcrafted(flip_pairs=tuple(crops.metadata.flip_pairs), seed=seed)
-            elif kind == "random":
-                augment = random_policy(search_space, seed)
-            else:
-                augment = no_policy()
+            augment = example_augment(document, kind, seed, search_space, crops.metadata.flip_pairs)
             with torch.no_grad():
                 png = render_policy_examples(
                     augment,
@@ -289,18 +300,76 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _policy_table(document: dict[str, Any], value_of: dict[str, Any]) -> str:
-    if document.get("format") != "autopose.policy/1":
+SHOWN_SUB_POLICIES = 12  # a policy table's sub-policies: an export may hold 64
+
+
+def _mirrored(space: Any, op: str, value: float) -> float:
+    import torch
+
+    index = space.index(op)
+    values = torch.zeros(len(space.ops), dtype=torch.float64)
+    values[index] = value
+    return float(space.mirror(values)[index])
+
+
+def _policy_table(
+    document: dict[str, Any],
+    space: Any,
+    *,
+    limit: int = SHOWN_SUB_POLICIES,
+    exported_share: float | None = None,
+) -> str:
+    """A policy document (``autopose.policy/1`` or ``/2``) as HTML: its ``limit`` heaviest
+    sub-policies, heaviest first (ties in file order), with their weights and each step's op, p,
+    m and value in the op's units; a signed step that may run mirrored shows both values with
+    their chances. A note says how many are shown of how many and their share of the weight.
+    Anything else (a baseline's description) is shown as its JSON.
+
+    Args:
+        document: the policy document (the run's ``policy/policy.json``).
+        space: the :class:`~autopose.augment.SearchSpace` it was searched in.
+        limit: the most sub-policies shown.
+        exported_share: the search run's ``exported_share`` metric (the share of the searched
+            policy's distribution its export keeps), noted when given.
+
+    Raises:
+        AutoposeError: a policy document that does not load (naming the bad field).
+    """
+    from autopose.augment import Policy
+    from autopose.augment.policy import POLICY_FORMATS
+
+    if document.get("format") not in POLICY_FORMATS:
         return f"<p><code>{html.escape(json.dumps(document))}</code></p>"
+    policy = Policy.from_dict(document, space=space)  # checked, with its defaults filled in
+    weights = policy.sub_policy_weights
+    order = sorted(range(len(weights)), key=lambda k: -weights[k])[:limit]
+    signed = dict(zip(space.op_names, space.signed, strict=True))
     rows = []
-    for k, steps in enumerate(document["sub_policies"]):
-        for n, step in enumerate(steps):
-            convert = value_of.get(step["op"])
-            real = _fmt(convert(step["m"]), 3) if convert is not None else "–"
-            rows.append(
-                [str(k), str(n), html.escape(step["op"]), _fmt(step["p"], 3), _fmt(step["m"], 2), real]
-            )
-    return _table(["sub-policy", "step", "op", "p", "m (0–10)", "value"], rows)
+    for k in order:
+        for n, step in enumerate(policy.sub_policies[k]):
+            value = "–"
+            if space.ops[space.index(step.op)].spec.has_magnitude:
+                real = space.value(step.op, step.m)
+                value = _fmt(real, 3)
+                if signed[step.op] and step.sign < 1.0:
+                    mirror = _fmt(_mirrored(space, step.op, real), 3)
+                    value = f"{value} ({step.sign:.0%}) or {mirror} ({1.0 - step.sign:.0%})"
+            head = [str(k), _fmt(weights[k], 3)] if n == 0 else ["", ""]
+            rows.append([*head, str(n), html.escape(step.op), _fmt(step.p, 3), _fmt(step.m, 2), value])
+    table = _table(["sub-policy", "weight", "step", "op", "p", "m (0–10)", "value"], rows)
+    count = len(weights)
+    if len(order) < count:
+        share = math.fsum(weights[k] for k in order)
+        note = f"The {len(order)} heaviest of {count} sub-policies, {share:.1%} of the weight."
+    else:
+        note = f"All {count} sub-policies, heaviest first."
+    note += " Each sample draws one sub-policy by its weight."
+    if exported_share is not None and math.isfinite(exported_share):
+        note += (
+            f" The export keeps {exported_share:.1%} of the searched policy's distribution "
+            "(combinations of ops under 1%, or beyond the 64 heaviest, are dropped, the rest reweighted)."
+        )
+    return f"<p class='note'>{html.escape(note)}</p>{table}"
 
 
 STYLE = """
@@ -428,13 +497,18 @@ def write_report(
     parts.append(
         "<p class='note'>Op probability: the chance that a step of a randomly drawn sub-policy is that op. "
         "The magnitude curves average the sub-policies, so two sub-policies that rotate in opposite "
-        "directions cancel there: the tables below give each sub-policy's op, probability p and "
-        "magnitude at the end of the search (in the op's units: degrees, factors, fractions).</p>"
+        "directions cancel there: the tables below give the exported policy at the end of the search, "
+        "each sub-policy with its weight (the chance a sample draws it), each step's op, probability p "
+        "and magnitude (in the op's units: degrees, factors, fractions); an op that moves either way "
+        "from its identity shows its value and the mirrored one, each with its chance.</p>"
     )
     parts.append(f"<img src='{pictures['ops'].name}' alt='op probabilities per epoch'>")
+    shares = {
+        f"search-{r.data.tags.get(TAG_SEED, 0)}": r.data.metrics.get("exported_share") for r in search_runs
+    }
     for label, png, document in examples_png:
         parts.append(f"<h3>{html.escape(label)}</h3>")
-        parts.append(_policy_table(document, value_of))
+        parts.append(_policy_table(document, space, exported_share=shares.get(label)))
         parts.append(f"<img src='{png.name}' alt='{html.escape(label)} on real crops'>")
 
     parts.append("<h2>Cost of the search</h2>")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from autopose.augment import Policy, SearchSpace
 from autopose.errors import AutoposeError
 from autopose.platform.compare import collect, format_table, plot
 from autopose.platform.config import load_experiment
@@ -85,8 +86,22 @@ def test_search_runs_log_the_learned_policy(smoke_search, tmp_path):
         policy = json.loads(
             Path(client.download_artifacts(run.info.run_id, POLICY_ARTIFACT, str(tmp_path))).read_text()
         )
-        assert policy["format"] == "autopose.policy/1" and policy["space"] == "smoke"
-        assert len(policy["sub_policies"]) == config.space_dict["num_sub_policies"]
+        # The export expands each of the K sub-policies into its combinations of ops, one per step
+        # (O^N each, weighted π_k·Π w), dropping those under 1%. After this short search every
+        # combination is near 1/(K·O^N) = 1/8: all are kept. Signs start at 1/2, so it is /2.
+        space = SearchSpace.from_dict(config.space_dict)
+        assert policy["format"] == "autopose.policy/2" and policy["space"] == "smoke"
+        exported = Policy.from_dict(policy, space=space)
+        k, n, ops = space.K, space.N, space.op_names
+        assert len(exported.sub_policies) == k * len(ops) ** n == 8
+        assert all(len(steps) == n for steps in exported.sub_policies)
+        assert sorted(s.op for steps in exported.sub_policies for s in steps) == sorted(ops * k)
+        assert sum(exported.sub_policy_weights) == pytest.approx(1.0, abs=1e-5)
+        assert run.data.metrics["exported_share"] == pytest.approx(1.0)
+        signed = {op for op, is_signed in zip(ops, space.signed, strict=True) if is_signed}
+        signs = {key.split("/", 1)[1]: v for key, v in run.data.metrics.items() if key.startswith("op_sign/")}
+        assert set(signs) == signed == {"Rotate", "Scale", "Brightness"}
+        assert all(0.0 < v < 1.0 for v in signs.values())
         picture = client.download_artifacts(run.info.run_id, EXAMPLES_ARTIFACT, str(tmp_path))
         assert Path(picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
