@@ -91,9 +91,9 @@ class DemoBudget:
     their ranking was mostly noise. The base model (800 steps without augmentation, trained once
     and cached) ends at val AP 0.07–0.10 on the combined shift. Every trial fine-tunes it for two
     short epochs, the second at a tenth of the learning rate so that the weights settle before
-    they are scored: none then spreads by 0.007–0.037 over seeds while the shift-matched policy
-    gains +0.06 to +0.41 (ahead in 12 of 12 cells), so the noise floor lies below what a policy
-    can gain.
+    they are scored: none then spreads by 0.009–0.029 over three seeds while the shift-matched
+    policy gains +0.054 to +0.405 (ahead in 18 of 18 cells), so the noise floor lies below what a
+    policy can gain.
     """
 
     name: str
