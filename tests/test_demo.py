@@ -86,6 +86,24 @@ def test_every_trial_fine_tunes_the_one_base_model(demo_run):
     assert full.data.params["train.init_from"] == checkpoint  # promoted: trained on from the same base
 
 
+def test_the_search_trial_steps_its_policy_as_the_suite_measured_best(demo_run):
+    from autopose.platform.demo import DEMO_POLICY_STEP
+
+    (search,) = [r for r in _trials(_runs(demo_run)) if r.data.tags.get("autopose.kind") == "search"]
+    for key, value in DEMO_POLICY_STEP.items():
+        assert search.data.params[f"search.{key}"] == str(value)
+    assert DEMO_POLICY_STEP["sampling"] == "hard" and DEMO_POLICY_STEP["policy_every"] > 1
+    # the learned direction of each signed op, and the share of the policy the export keeps
+    assert {k for k in search.data.metrics if k.startswith("op_sign/")} == {
+        "op_sign/TranslateX",
+        "op_sign/Rotate",
+        "op_sign/Scale",
+        "op_sign/Brightness",
+        "op_sign/Sharpness",
+    }
+    assert 0.9 <= search.data.metrics["exported_share"] <= 1.0
+
+
 def test_a_second_run_reuses_every_finished_stage(demo_run, capsys):
     runs_before = {r.info.run_id for r in _runs(demo_run)}
     assert main(["demo", "--workdir", str(demo_run), "--budget", "tiny"]) == 0
