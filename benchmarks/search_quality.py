@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
@@ -129,8 +130,8 @@ def _splits(config) -> tuple[str, str]:
 def search_settings(overrides: list[str], configs: dict[str, Any] | None) -> tuple[Any, str]:
     """The search's :class:`~autopose.engine.config.BilevelConfig`: the demo's (the engine's
     defaults without ``configs``) with ``KEY=VALUE`` overrides (values read as YAML), and the
-    label suffix its results are cached under (empty without overrides, else ``[key=value,…]``,
-    so that variants never read each other's)."""
+    label suffix its results are cached under: a hash of every setting, so that no two settings
+    (a variant, or the demo's own after a change) ever read each other's results."""
     import yaml
 
     from autopose.engine.config import BilevelConfig, build_dataclass, to_plain
@@ -143,8 +144,8 @@ def search_settings(overrides: list[str], configs: dict[str, Any] | None) -> tup
         changes[key] = yaml.safe_load(value)
     base = to_plain(next(iter(configs.values())).search) if configs else {}
     bilevel = build_dataclass(BilevelConfig, {**base, **changes}, field="--search").resolved()
-    suffix = "" if not changes else "[" + ",".join(f"{k}={v}" for k, v in sorted(changes.items())) + "]"
-    return bilevel, suffix
+    settings = json.dumps(to_plain(bilevel), sort_keys=True)
+    return bilevel, "[" + hashlib.sha256(settings.encode()).hexdigest()[:12] + "]"
 
 
 def _jobs(
@@ -195,7 +196,7 @@ def _cell(shift: str, seed: int, results: dict[str, dict[str, Any]], variant: st
     return {
         "shift": shift,
         "seed": seed,
-        "search_variant": variant,
+        "search_settings": variant,
         "ap": ap,
         "holdout_ap": {k: v["holdout_ap"] for k, v in scores.items()},
         "random_chosen": best_random,
