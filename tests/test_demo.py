@@ -101,7 +101,7 @@ def test_the_search_trial_steps_its_policy_as_the_suite_measured_best(demo_run):
         "op_sign/Brightness",
         "op_sign/Sharpness",
     }
-    assert 0.9 <= search.data.metrics["exported_share"] <= 1.0
+    assert 0.9 <= search.data.metrics["exported_share"] <= 1.0 + 1e-6  # float32 weights
 
 
 def test_a_second_run_reuses_every_finished_stage(demo_run, capsys):
