@@ -445,7 +445,6 @@ class Trainer:
         from autopose.engine.search import BilevelSearch, make_policy_optimizer
 
         bilevel = bilevel.resolved()
-        bilevel._check(None, "search")  # a config built in code has not been through the loader
         self.policy_optimizer = make_policy_optimizer(
             bilevel.policy_optimizer,
             self.augment.parameters(),
