@@ -149,7 +149,8 @@ def _search(args: argparse.Namespace) -> int:
 
     experiment = load_experiment(args.config)  # every check happens here, before Ray starts
     from autopose.platform.compare import collect, format_table
-    from autopose.platform.tune import run_search
+    from autopose.platform.selection import format_selection
+    from autopose.platform.tune import read_selection, run_search
 
     name = args.experiment or experiment.experiment
     outcomes = run_search(
@@ -172,9 +173,19 @@ def _search(args: argparse.Namespace) -> int:
     print(format_table(name, rows))
     failed = [o for o in outcomes if o.status != "TERMINATED"]
     for outcome in failed:
-        print(f"autopose: trial {outcome.kind}-{outcome.seed} failed: {outcome.error}", file=sys.stderr)
+        label = outcome.candidate or outcome.kind
+        print(f"autopose: trial {label}-{outcome.seed} failed: {outcome.error}", file=sys.stderr)
     print(f"MLflow: mlflow ui --backend-store-uri {experiment.tracking_uri} --host 127.0.0.1")
-    print(f"promote the best: autopose promote {rows[0].run_id}")
+    selection = read_selection(experiment, name)
+    if selection is not None:
+        print(format_selection(selection))
+        print(f"promote the selected: autopose promote {selection.winner.run_id}")
+    else:
+        finished = [
+            r for r in rows if r.status == "FINISHED" and r.val_ap is not None and r.candidate is None
+        ]
+        if finished:  # no holdout split: val is all there is (a search with data.search_val selects)
+            print(f"promote the best on val: autopose promote {finished[0].run_id}")
     return 1 if failed else 0
 
 

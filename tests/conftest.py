@@ -47,12 +47,21 @@ SMOKE_INPUT = (64, 48)
 
 @pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory) -> dict[str, Path]:
-    """A small synthetic train/val split (val rotated and darker) as 64×48 Parquet proxies."""
+    """A small synthetic train/val split (val rotated and darker) and a holdout split drawn like
+    val, as 64×48 Parquet proxies."""
     from autopose.data import build_synth_proxies, generate_synth
 
     root = tmp_path_factory.mktemp("smoke-data")
-    generate_synth(root, images=16, val_images=6, seed=0, shift="rotate=45,brightness=0.5", progress=False)
-    paths = {split: root / f"{split}.parquet" for split in ("train", "val")}
+    generate_synth(
+        root,
+        images=16,
+        val_images=6,
+        holdout_images=6,
+        seed=0,
+        shift="rotate=45,brightness=0.5",
+        progress=False,
+    )
+    paths = {split: root / f"{split}.parquet" for split in ("train", "val", "holdout")}
     build_synth_proxies(root, paths, input_size=SMOKE_INPUT)
     return paths
 

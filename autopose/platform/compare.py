@@ -11,10 +11,12 @@ from pathlib import Path
 from autopose.errors import AutoposeError
 from autopose.platform.tracking import (
     SEARCH_KINDS,
+    TAG_CANDIDATE,
     TAG_KIND,
     TAG_PROMOTED,
     TAG_SEARCH,
     TAG_SEED,
+    TAG_SELECTED,
     check_tracking,
     client,
 )
@@ -22,7 +24,7 @@ from autopose.platform.tracking import (
 
 @dataclass
 class PolicyRow:
-    """One trial of a search, as ``compare`` shows it."""
+    """One trial of a search (or of its selection stage), as ``compare`` shows it."""
 
     kind: str
     seed: int
@@ -33,6 +35,13 @@ class PolicyRow:
     status: str
     search: str
     promoted: bool
+    holdout_ap: float | None = None
+    candidate: str | None = None  # the selection candidate a selection-stage run scores
+    selected: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.kind if self.candidate is None else f"{self.candidate} (selection)"
 
 
 def _latest_experiment(tracking_uri: str) -> str:
@@ -93,6 +102,9 @@ def collect(
                 status=run.info.status,
                 search=tags.get(TAG_SEARCH, ""),
                 promoted=tags.get(TAG_PROMOTED) == "true",
+                holdout_ap=metrics.get("holdout_ap"),
+                candidate=tags.get(TAG_CANDIDATE),
+                selected=tags.get(TAG_SELECTED) == "true",
             )
         )
     if not rows:
@@ -106,13 +118,14 @@ def _number(value: float | None, digits: int) -> str:
 
 
 def format_table(name: str, rows: list[PolicyRow]) -> str:
-    """A plain-text table: kind, seed, val AP, cost, status, run id."""
-    header = ("kind", "seed", "val AP", "CPU-s", "GPU-s", "status", "run id")
+    """A plain-text table: kind, seed, val AP, holdout AP, cost, status, run id."""
+    header = ("kind", "seed", "val AP", "holdout AP", "CPU-s", "GPU-s", "status", "run id")
     lines = [
         (
-            r.kind + (" *" if r.promoted else ""),
+            r.label + (" *" if r.promoted else "") + (" [selected]" if r.selected else ""),
             str(r.seed),
             _number(r.val_ap, 4),
+            _number(r.holdout_ap, 4),
             _number(r.cost_cpu_s, 1),
             _number(r.cost_gpu_s, 1),
             r.status,

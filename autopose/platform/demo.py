@@ -4,15 +4,17 @@ Stages (each prints one line when it starts and one with its time when it ends):
 
 1. data — a synthetic train split and a val split with a known shift
    (:data:`autopose.data.synth.DEMO_SHIFT`: val figures turned up to ±45° and
-   darker), a holdout split drawn like val for the search's policy step (so the
-   val split that ranks the trials stays unseen by every trial), plus the real
-   COCO samples shipped in the package;
+   darker), a holdout split drawn like val for the search's policy step and the
+   selection (so the val split the demo reports stays unseen by every choice),
+   plus the real COCO samples shipped in the package;
 2. proxies — Parquet proxies of train, val, holdout and the COCO samples;
 3. search — a Ray Tune experiment on local Ray: differentiable-search trials
-   beside the baselines (random ×2 seeds, hand-crafted, none), tracked in MLflow
-   (SQLite in the work folder);
-4. compare — the table of every trial, best val AP first;
-5. promote — the best run's policy trained on Ray Train with 2 workers;
+   beside the baselines (random ×2 seeds, hand-crafted, none), then the
+   selection stage (the search trial's exported policy retrained from the same
+   start; none and hand-crafted reused), tracked in MLflow (SQLite in the work
+   folder);
+4. compare — the table of every trial, and the candidates by holdout AP;
+5. promote — the selected candidate's policy trained on Ray Train with 2 workers;
 6. evaluate — the trained model on the val split (ground-truth boxes) and on the
    real COCO samples (the bundled detector boxes);
 7. report — HTML with PNGs next to it (see :mod:`autopose.platform.report`).
@@ -492,9 +494,22 @@ def finished_trials(config: ExperimentConfig, name: str) -> dict[tuple[str, int]
 
 
 def search_is_finished(config: ExperimentConfig, name: str) -> bool:
-    """Every planned trial has a FINISHED run in MLflow."""
+    """Every planned trial has a FINISHED run in MLflow, and with a selection stage a run is
+    tagged selected (the search's last write)."""
+    from autopose.platform.tracking import TAG_SEARCH, TAG_SELECTED, client
+
     planned = {(spec.kind, spec.seed) for spec in config.trial_plan()}
-    return planned <= set(finished_trials(config, name))
+    if not planned <= set(finished_trials(config, name)):
+        return False
+    if not config.runs_selection():
+        return True
+    found = client(config.tracking_uri).get_experiment_by_name(name)
+    selected = client(config.tracking_uri).search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`{TAG_SEARCH}` = '{name}' and tags.`{TAG_SELECTED}` = 'true'",
+        max_results=1,
+    )
+    return bool(selected)
 
 
 class SearchWatcher:
@@ -520,30 +535,42 @@ class SearchWatcher:
         self.thread.join(timeout=5)
 
     def line(self) -> str:
-        from autopose.platform.tracking import SEARCH_KINDS, TAG_KIND, TAG_SEARCH, TAG_SEED, client
+        from autopose.platform.tracking import (
+            SEARCH_KINDS,
+            TAG_CANDIDATE,
+            TAG_KIND,
+            TAG_SEARCH,
+            TAG_SEED,
+            client,
+        )
 
         mlflow_client = client(self.config.tracking_uri)
         found = mlflow_client.get_experiment_by_name(self.name)
         if found is None:
             return ""
-        finished, running = 0, []
+        finished, selected, running = 0, 0, []
         for run in mlflow_client.search_runs(
             [found.experiment_id], filter_string=f"tags.`{TAG_SEARCH}` = '{self.name}'", max_results=5000
         ):
             kind = run.data.tags.get(TAG_KIND)
             if kind not in SEARCH_KINDS:
                 continue
+            candidate = run.data.tags.get(TAG_CANDIDATE)
             if run.info.status == "FINISHED":
-                finished += 1
+                finished += candidate is None
+                selected += candidate is not None
             elif run.info.status == "RUNNING":
                 metrics = run.data.metrics
-                label = f"{kind}-{run.data.tags.get(TAG_SEED, '0')}"
+                seed = run.data.tags.get(TAG_SEED, "0")
+                label = f"{kind}-{seed}" if candidate is None else f"selection {candidate} seed {seed}"
                 if "epoch" in metrics:
                     label += f" epoch {int(metrics['epoch']) + 1}/{self.config.train.epochs}"
                     if "val_ap" in metrics:
                         label += f" AP {metrics['val_ap']:.3f}"
                 running.append(label)
         text = f"{finished}/{self.planned} trials finished"
+        if selected:
+            text += f", {selected} selection training(s)"
         if running:
             text += "; running: " + ", ".join(sorted(running))
         return text
@@ -671,7 +698,9 @@ def run_demo(workdir: Path, budget_name: str = "full", *, stream=None) -> Path:
 def _run_demo(workdir: Path, budget_name: str, stream) -> Path:
     from autopose.platform.compare import collect, format_table
     from autopose.platform.report import write_report
+    from autopose.platform.selection import format_selection
     from autopose.platform.tracking import check_tracking
+    from autopose.platform.tune import read_selection
 
     if budget_name not in BUDGETS:
         raise AutoposeError(f"unknown budget {budget_name!r}; valid: {', '.join(BUDGETS)}", field="--budget")
@@ -720,19 +749,18 @@ def _run_demo(workdir: Path, budget_name: str, stream) -> Path:
             info["note"] = {"reused": "finished earlier", "resumed": "resumed", "new": ""}[how]
         save_state()
 
-        with progress.stage("compare", "trials by val AP", timings) as info:
+        with progress.stage("compare", "trials by val AP, candidates by holdout AP", timings) as info:
             _, rows = collect(config.tracking_uri, name, search=name)
             progress.say(format_table(name, rows))
-            finished = [r for r in rows if r.status == "FINISHED" and r.val_ap is not None]
-            if not finished:
-                raise AutoposeError("no finished trial with a val AP to promote", field="search")
-            best = finished[0]
-            info["note"] = f"best: {best.kind}-{best.seed}, val AP {best.val_ap:.4f}"
+            selection = read_selection(config, name)
+            if selection is None:
+                raise AutoposeError("the selection stage scored no candidate on holdout", field="search")
+            progress.say(format_selection(selection))
+            best = selection.winner
+            info["note"] = f"selected: {best.candidate}, holdout AP {best.holdout_ap:.4f}"
         save_state(best_run=best.run_id)
 
-        with progress.stage(
-            "promote", f"{best.kind}-{best.seed} trained on Ray Train, 2 workers", timings
-        ) as info:
+        with progress.stage("promote", f"{best.candidate} trained on Ray Train, 2 workers", timings) as info:
             full = promote_best(config, best.run_id)
             info["reused"] = full.reused
             ap = f"{full.final_val_ap:.4f}" if full.final_val_ap is not None else "-"

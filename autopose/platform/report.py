@@ -95,7 +95,11 @@ def plot_val_curves(runs: Sequence[Any], tracking_uri: str, out: Path) -> Path:
     """val AP per epoch, one line per trial (colour by kind)."""
     plt = _pyplot()
     colours = dict(
-        zip(SEARCH_KINDS, ("#d62728", "#7f7f7f", "#2ca02c", "#1f77b4", "#9467bd", "#8c564b"), strict=True)
+        zip(
+            SEARCH_KINDS,
+            ("#d62728", "#7f7f7f", "#2ca02c", "#1f77b4", "#9467bd", "#8c564b", "#e377c2"),
+            strict=True,
+        )
     )
     figure, axis = plt.subplots(figsize=(6.4, 3.6))
     for run in runs:

@@ -48,11 +48,14 @@ TAG_NODE = "autopose.node"  # the Ray node a trial ran on
 TAG_CHECKPOINT = "autopose.checkpoint"  # a full training's final checkpoint file
 TAG_STOPPED_EARLY = "autopose.stopped_early"  # closed before its planned epochs
 TAG_ORPHANED = "autopose.orphaned"  # left RUNNING by a search driver that died
+TAG_STAGE = "autopose.stage"  # "selection" on the runs of a search's selection stage
+TAG_CANDIDATE = "autopose.candidate"  # the selection candidate a run scores (search-0, none …)
+TAG_SELECTED = "autopose.selected"  # the candidate run the selection stage chose to promote
 MLFLOW_PARENT = "mlflow.parentRunId"
 POLICY_ARTIFACT = "policy/policy.json"
 EXAMPLES_ARTIFACT = "policy/examples.png"
 CONFIG_ARTIFACT = "config/experiment.yaml"
-SEARCH_KINDS = ("search", "random", "handcrafted", "none", "randaugment", "trivialaugment")
+SEARCH_KINDS = ("search", "random", "handcrafted", "none", "randaugment", "trivialaugment", "policy")
 FULL_TRAIN_KIND = "full-train"
 
 # MLflow's own limits (mlflow.utils.validation): keep logged values inside them.

@@ -47,15 +47,19 @@ from autopose.errors import AutoposeError
 from autopose.platform.cluster import ray_session
 from autopose.platform.config import ExperimentConfig, check_name, storage_join
 from autopose.platform.runner import POLICY_FILE, TrainingJob, fit, resources_of
+from autopose.platform.selection import CandidateScore, Selection, select
 from autopose.platform.tracking import (
     CONFIG_ARTIFACT,
     POLICY_ARTIFACT,
     QUICK_TRACKING_ENV,
+    TAG_CANDIDATE,
     TAG_KIND,
     TAG_NODE,
     TAG_ORPHANED,
     TAG_SEARCH,
     TAG_SEED,
+    TAG_SELECTED,
+    TAG_STAGE,
     TAG_STOPPED_EARLY,
     TAG_TRIAL,
     TrackedRun,
@@ -72,6 +76,9 @@ from autopose.platform.warm_start import prepare_warm_start
 logger = logging.getLogger(__name__)
 
 METRIC, MODE = "val_ap", "max"
+SELECTION_STAGE = "selection"
+# The candidates besides every search trial's export; "none" is the reference of every gain.
+SELECTION_BASELINES = ("none", "handcrafted")
 RANGED = ("tau1", "tau2", "policy_lr")
 # Fault injection for tests and drills: "N" makes every trial fail once, right after the
 # checkpoint of epoch N (0-based), to show that the retry resumes instead of restarting.
@@ -103,34 +110,44 @@ class TrialOutcome:
     run_id: str | None
     error: str | None = None
     tracking: str | None = None  # what its MLflow run still misses (tracking server away)
+    candidate: str | None = None  # the selection candidate it scores (selection stage only)
+    holdout_ap: float | None = None
 
 
 # -- the trial --------------------------------------------------------------------------------------------
 def trial_spec(config: dict[str, Any], experiment: ExperimentConfig) -> AugmentSpec:
-    """The augmentation of a trial from its Tune config (``{"trial": {kind, seed}, tau1…}``)."""
+    """The augmentation of a trial from its Tune config (``{"trial": {kind, seed}, tau1…}``;
+    a selection candidate's ``trial`` also holds ``candidate`` and, for an exported policy
+    (kind ``policy``), the policy's JSON)."""
     planned = config["trial"]
     bilevel = None
     if planned["kind"] == "search":
         bilevel = experiment.search.resolved(**{name: config[name] for name in RANGED if name in config})
-    return AugmentSpec(kind=planned["kind"], seed=int(planned["seed"]), bilevel=bilevel)
+    return AugmentSpec(
+        kind=planned["kind"], seed=int(planned["seed"]), policy=planned.get("policy"), bilevel=bilevel
+    )
 
 
-def trial_tags(setup: TrialSetup, spec: AugmentSpec, trial_id: str) -> dict[str, str]:
+def trial_tags(setup: TrialSetup, config: dict[str, Any], trial_id: str) -> dict[str, str]:
     """The tags that identify a trial's run (``autopose.trial`` finds it again)."""
-    return {
+    planned = config["trial"]
+    tags = {
         TAG_TRIAL: f"{setup.search_name}/{trial_id}",
-        TAG_KIND: spec.kind,
-        TAG_SEED: str(spec.seed),
+        TAG_KIND: str(planned["kind"]),
+        TAG_SEED: str(int(planned["seed"])),
         TAG_SEARCH: setup.search_name,
     }
+    if planned.get("candidate") is not None:
+        tags |= {TAG_STAGE: SELECTION_STAGE, TAG_CANDIDATE: str(planned["candidate"])}
+    return tags
 
 
 def open_trial_run(setup: TrialSetup, spec: AugmentSpec, tags: dict[str, str]) -> TrackedRun:
     """The trial's run, found by its tag or created, with its params and config logged."""
     experiment = setup.experiment
-    run = TrackedRun.open(
-        experiment.tracking_uri, setup.experiment_id, run_name=f"{spec.kind}-{spec.seed}", tags=tags
-    )
+    candidate = tags.get(TAG_CANDIDATE)
+    run_name = f"{spec.kind}-{spec.seed}" if candidate is None else f"selection {candidate} seed {spec.seed}"
+    run = TrackedRun.open(experiment.tracking_uri, setup.experiment_id, run_name=run_name, tags=tags)
     params = {
         "kind": spec.kind,
         "seed": spec.seed,
@@ -155,7 +172,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     experiment = setup.experiment
     spec = trial_spec(config, experiment)
     trial_id = ray.tune.get_context().get_trial_id()
-    tags = trial_tags(setup, spec, trial_id)
+    tags = trial_tags(setup, config, trial_id)
     tags[TAG_NODE] = ray.get_runtime_context().get_node_id()  # where the trial's driver ran
     run = None
     try:
@@ -441,6 +458,8 @@ def _optuna_searcher(experiment: ExperimentConfig) -> Searcher:
 
 def _trial_name(trial) -> str:
     planned = trial.config.get("trial", {})
+    if planned.get("candidate") is not None:
+        return f"selection-{planned['candidate']}-seed{planned.get('seed', 0)}-{trial.trial_id}"
     return f"{planned.get('kind', 'trial')}-{planned.get('seed', 0)}-{trial.trial_id}"
 
 
@@ -461,14 +480,23 @@ def _close_runs(setup: TrialSetup) -> CloseRuns:
     )
 
 
-def _tuner(setup: TrialSetup, path: str, *, resume: bool, verbose: int) -> ray.tune.Tuner:
+def _tuner(
+    setup: TrialSetup,
+    path: str,
+    *,
+    resume: bool,
+    verbose: int,
+    candidates: list[dict[str, Any]] | None = None,
+) -> ray.tune.Tuner:
+    """The Tuner of the search's trials, or with ``candidates`` of its selection stage (every
+    candidate trains to the end: no early stopping, no sampler)."""
     experiment = setup.experiment
     trainable = _trainable(setup)
     if resume:
         return ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     settings = experiment.tune
     scheduler = None
-    if settings.scheduler == "asha":
+    if settings.scheduler == "asha" and candidates is None:
         from ray.tune.schedulers import ASHAScheduler
 
         scheduler = ASHAScheduler(
@@ -477,8 +505,8 @@ def _tuner(setup: TrialSetup, path: str, *, resume: bool, verbose: int) -> ray.t
             grace_period=min(settings.grace_period, experiment.train.epochs),
             reduction_factor=settings.reduction_factor,
         )
-    plan = planned_trials(experiment)
-    if settings.search_alg == "optuna":
+    plan = planned_trials(experiment) if candidates is None else candidates
+    if settings.search_alg == "optuna" and candidates is None:
         search_alg = _optuna_searcher(experiment)
         if settings.max_concurrent:
             search_alg = ConcurrencyLimiter(search_alg, max_concurrent=settings.max_concurrent)
@@ -503,7 +531,7 @@ def _tuner(setup: TrialSetup, path: str, *, resume: bool, verbose: int) -> ray.t
             reuse_actors=True,  # later trials skip the process start and imports (about 10 s each here)
         ),
         run_config=ray.tune.RunConfig(
-            name=setup.search_name,
+            name=Path(path).name,
             storage_path=storage_join(experiment.storage_path, "tune"),
             failure_config=ray.tune.FailureConfig(max_failures=settings.max_failures),
             callbacks=[_close_runs(setup), WatchTracking(experiment.tracking_uri)],
@@ -568,9 +596,13 @@ def run_search(
         # The driver's own MLflow calls (the callbacks, the clean-up) must not stall the search
         # for minutes each when the server goes away.
         with bounded_http(**QUICK_TRACKING_ENV):
-            results = _tuner(setup, path, resume=resume, verbose=verbose).fit()
+            stages = [_tuner(setup, path, resume=resume, verbose=verbose).fit()]
+            if experiment.runs_selection():
+                stages += _run_selection(setup, stages[0], path, resume=resume, verbose=verbose, say=say)
     with bounded_http(**QUICK_TRACKING_ENV):
-        missing = sync_runs(results, setup)
+        missing: dict[str, str] | None = {}
+        for results in stages:
+            missing = _merge_missing(missing, sync_runs(results, setup))
         if missing is None:
             try:
                 _fail_orphaned_runs(experiment.tracking_uri, experiment_id, search_name)
@@ -583,7 +615,9 @@ def run_search(
                 )
             missing = {}
         else:
-            troubled = ", ".join(sorted(_result_name(r) for r in results if _trial_id(r) in missing))
+            troubled = ", ".join(
+                sorted(_result_name(r) for results in stages for r in results if _trial_id(r) in missing)
+            )
             logger.warning(
                 "autopose: MLflow tracking server at %s still does not answer: the runs of %d trial(s) "
                 "miss epochs or their close (%s); every epoch is kept in Tune's results in %s, and "
@@ -595,7 +629,111 @@ def run_search(
                 experiment.source,
                 search_name,
             )
-        return _outcomes(results, experiment, search_name, experiment_id, missing)
+        outcomes = [
+            o
+            for results in stages
+            for o in _outcomes(results, experiment, search_name, experiment_id, missing)
+        ]
+        if experiment.runs_selection() and not missing:
+            _mark_selected(experiment, search_name, say)
+        return outcomes
+
+
+def _merge_missing(so_far: dict[str, str] | None, more: dict[str, str] | None) -> dict[str, str] | None:
+    """Two stages' :func:`sync_runs` answers as one (None: nothing missing)."""
+    merged = {**(so_far or {}), **(more or {})}
+    return merged or None
+
+
+# -- the selection stage ---------------------------------------------------------------------------------
+def selection_candidates(experiment: ExperimentConfig, results) -> list[dict[str, Any]]:
+    """The selection stage's trials: every finished search trial's exported policy and the
+    selection baselines, once per selection seed, less the baseline trials the search already
+    trained to the end with the same kind and seed (the same training: reused, not repeated).
+
+    A search trial counts as finished when its last report holds ``holdout_ap`` (reported only
+    after the last epoch): one stopped early or failed exports nothing.
+    """
+    exports: dict[str, dict[str, Any]] = {}
+    trained: set[tuple[str, int]] = set()
+    for result in results:
+        planned = result.config.get("trial", {})
+        finished = not result.error and (result.metrics or {}).get("holdout_ap") is not None
+        if not finished:
+            continue
+        if planned.get("kind") != "search":
+            trained.add((planned.get("kind"), int(planned.get("seed", 0))))
+        elif result.checkpoint is not None:
+            with result.checkpoint.as_directory() as folder:
+                policy_file = Path(folder) / POLICY_FILE
+                if policy_file.is_file():
+                    exports[f"search-{int(planned['seed'])}"] = json.loads(policy_file.read_text())
+    plan = []
+    for seed in experiment.selection_seeds():
+        plan += [
+            {"kind": kind, "seed": seed, "candidate": kind}
+            for kind in SELECTION_BASELINES
+            if (kind, seed) not in trained
+        ]
+        plan += [
+            {"kind": "policy", "seed": seed, "candidate": name, "policy": policy}
+            for name, policy in sorted(exports.items())
+        ]
+    return plan
+
+
+def _run_selection(setup: TrialSetup, results, path: str, *, resume: bool, verbose: int, say) -> list:
+    """Train the selection stage's candidates (a Tune run of its own beside the search's)."""
+    selection_path = f"{path}+{SELECTION_STAGE}"  # '+' is never in a search's name: no clash
+    restore = resume and ray.tune.Tuner.can_restore(selection_path)
+    candidates = [] if restore else selection_candidates(setup.experiment, results)
+    if not restore and not candidates:
+        return []
+    if not restore:
+        names = sorted({c["candidate"] for c in candidates})
+        say(
+            f"selection: {len(candidates)} candidate training(s) ({', '.join(names)}) "
+            "from the trials' start, scored on the holdout split"
+        )
+    tuner = _tuner(setup, selection_path, resume=restore, verbose=verbose, candidates=candidates)
+    return [tuner.fit()]
+
+
+def candidate_scores(rows, seeds: list[int]) -> list[CandidateScore]:
+    """The selection's scores from :func:`autopose.platform.compare.collect`'s rows: the
+    selection stage's runs, and the search's own finished baseline trials it reused."""
+    scores = []
+    for row in rows:
+        candidate = row.candidate
+        if candidate is None and row.kind in SELECTION_BASELINES:
+            candidate = row.kind  # a trial of the search reused as its candidate
+        if candidate is None or row.seed not in seeds or row.status != "FINISHED" or row.holdout_ap is None:
+            continue
+        scores.append(CandidateScore(candidate, row.seed, row.holdout_ap, row.val_ap, row.run_id))
+    return scores
+
+
+def read_selection(experiment: ExperimentConfig, search_name: str) -> Selection | None:
+    """The selection of a finished search, read back from MLflow (None: the search has no
+    selection stage, or ``none`` was never scored on holdout)."""
+    from autopose.platform.compare import collect
+
+    if not experiment.runs_selection():
+        return None
+    _, rows = collect(experiment.tracking_uri, search_name, search=search_name)
+    return select(candidate_scores(rows, experiment.selection_seeds()))
+
+
+def _mark_selected(experiment: ExperimentConfig, search_name: str, say) -> None:
+    """Tag the selected candidate's run ``autopose.selected`` (the driver's only write to it)."""
+    try:
+        selection = read_selection(experiment, search_name)
+        if selection is None:
+            say("selection: none has no holdout score (its trainings failed): nothing selected")
+            return
+        client(experiment.tracking_uri).set_tag(selection.winner.run_id, TAG_SELECTED, "true")
+    except Exception as error:  # the server went away just now: `autopose search --resume` tags it
+        logger.warning("autopose: the selected run could not be tagged (%s)", first_line(error))
 
 
 # Keys Tune adds to every result, and the trial's own tracking counters: never logged as metrics.
@@ -682,7 +820,7 @@ def sync_runs(results, setup: TrialSetup) -> dict[str, str] | None:
             trouble = _tracking_trouble(rows)
             missing[trial_id] = "epochs after the server went away, and its close" if trouble else "its close"
             continue
-        tags = trial_tags(setup, trial_spec(result.config, experiment), trial_id)
+        tags = trial_tags(setup, result.config, trial_id)
         found = runs.get(tags[TAG_TRIAL])
         if found is not None and found.info.status != "RUNNING" and not _tracking_trouble(rows):
             continue  # tracked and closed as usual
@@ -778,6 +916,8 @@ def _outcomes(
                 run_id=run.info.run_id if run is not None else None,
                 error=str(result.error).splitlines()[0][:200] if result.error else None,
                 tracking=missing.get(str(trial_id)),
+                candidate=planned.get("candidate"),
+                holdout_ap=metrics.get("holdout_ap"),
             )
         )
     return outcomes

@@ -26,7 +26,10 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def write_smoke_config(smoke_data) -> Callable[..., Path]:
     """``write(folder, overrides=None)``: search_spaces/smoke.yaml with its data, MLflow
-    database and storage in ``folder``, plus ``overrides``; returns the file."""
+    database and storage in ``folder``, plus ``overrides``; returns the file.
+
+    Without a ``data.search_val`` override there is no holdout split (so no selection stage):
+    most tests look at one trial at a time."""
 
     def write(folder: Path, overrides: dict[str, Any] | None = None) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
@@ -34,7 +37,11 @@ def write_smoke_config(smoke_data) -> Callable[..., Path]:
         config = _merge(
             config,
             {
-                "data": {"train": str(smoke_data["train"]), "val": str(smoke_data["val"])},
+                "data": {
+                    "train": str(smoke_data["train"]),
+                    "val": str(smoke_data["val"]),
+                    "search_val": None,
+                },
                 "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
                 "storage_path": str(folder / "runs"),
             },

@@ -100,7 +100,7 @@ def test_ray_job_submit_runs_the_smoke_search(ray_head, smoke_config):
     output = submit.stdout + submit.stderr
     assert submit.returncode == 0, output[-3000:]
     assert "succeeded" in output, output[-3000:]
-    assert "promote the best: autopose promote" in output  # the CLI's own summary, from the job
+    assert "promote the best on val: autopose promote" in output  # the CLI's own summary (no holdout split)
 
     client = MlflowClient(f"sqlite:///{config.parent / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("job")

@@ -16,22 +16,26 @@ from autopose.platform.promote import promote
 from autopose.platform.tracking import (
     EXAMPLES_ARTIFACT,
     POLICY_ARTIFACT,
+    TAG_CANDIDATE,
     TAG_KIND,
     TAG_PARENT,
     TAG_PROMOTED,
     TAG_SEED,
+    TAG_SELECTED,
+    TAG_STAGE,
     TAG_TRIAL,
 )
-from autopose.platform.tune import run_search
+from autopose.platform.tune import read_selection, run_search
 
 pytestmark = [pytest.mark.platform, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def smoke_search(ray_cluster, write_smoke_config, tmp_path_factory):
-    """The smoke experiment searched once for the whole module."""
+def smoke_search(ray_cluster, write_smoke_config, smoke_data, tmp_path_factory):
+    """The smoke experiment (with its holdout split, so with the selection stage) searched once
+    for the whole module."""
     folder = tmp_path_factory.mktemp("smoke-search")
-    config = load_experiment(write_smoke_config(folder))
+    config = load_experiment(write_smoke_config(folder, {"data": {"search_val": str(smoke_data["holdout"])}}))
     outcomes = run_search(config, verbose=0)
     return config, outcomes
 
@@ -44,19 +48,26 @@ def _runs(config) -> list:
 
 def test_smoke_search_leaves_one_finished_run_per_trial(smoke_search):
     config, outcomes = smoke_search
-    assert [o.status for o in outcomes] == ["TERMINATED"] * 6, [o.error for o in outcomes]
+    # six trials, then the selection stage: both search trials' exports retrained (seed 0);
+    # none-0 and handcrafted-0 are the search's own trials, reused
+    assert [o.status for o in outcomes] == ["TERMINATED"] * 8, [o.error for o in outcomes]
     trials = [r for r in _runs(config) if r.data.tags.get(TAG_KIND) != "full-train"]
-    assert len(trials) == 6 and {r.data.tags[TAG_TRIAL] for r in trials} == {
+    assert len(trials) == 8 and {r.data.tags[TAG_TRIAL] for r in trials} == {
         f"smoke/{o.trial_id}" for o in outcomes
     }
-    kinds = sorted((r.data.tags[TAG_KIND], int(r.data.tags[TAG_SEED])) for r in trials)
+    kinds = sorted(
+        (r.data.tags[TAG_KIND], int(r.data.tags[TAG_SEED]), r.data.tags.get(TAG_CANDIDATE, ""))
+        for r in trials
+    )
     assert kinds == [
-        ("handcrafted", 0),
-        ("none", 0),
-        ("random", 0),
-        ("random", 1),
-        ("search", 0),
-        ("search", 1),
+        ("handcrafted", 0, ""),
+        ("none", 0, ""),
+        ("policy", 0, "search-0"),
+        ("policy", 0, "search-1"),
+        ("random", 0, ""),
+        ("random", 1, ""),
+        ("search", 0, ""),
+        ("search", 1, ""),
     ]
     client = MlflowClient(config.tracking_uri)
     for run in trials:
@@ -106,10 +117,46 @@ def test_search_runs_log_the_learned_policy(smoke_search, tmp_path):
         assert Path(picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_selection_stage_retrains_the_exports_and_selects_the_holdout_best(smoke_search, tmp_path):
+    config, outcomes = smoke_search
+    client = MlflowClient(config.tracking_uri)
+    runs = {r.info.run_id: r for r in _runs(config)}
+    candidates = {
+        r.data.tags.get(TAG_CANDIDATE) or r.data.tags[TAG_KIND]: r
+        for r in runs.values()
+        if r.data.tags.get(TAG_CANDIDATE) or r.data.tags[TAG_KIND] in ("none", "handcrafted")
+    }
+    assert set(candidates) == {"none", "handcrafted", "search-0", "search-1"}
+    for name in ("search-0", "search-1"):
+        run = candidates[name]
+        assert run.data.tags[TAG_STAGE] == "selection" and run.info.status == "FINISHED"
+        # the candidate trains exactly the policy its search trial exported
+        search_run = next(
+            r
+            for r in runs.values()
+            if r.data.tags[TAG_KIND] == "search" and r.data.tags[TAG_SEED] == name[-1]
+        )
+        trained = client.download_artifacts(run.info.run_id, POLICY_ARTIFACT, str(tmp_path / name / "c"))
+        exported = client.download_artifacts(
+            search_run.info.run_id, POLICY_ARTIFACT, str(tmp_path / name / "s")
+        )
+        assert json.loads(Path(trained).read_text()) == json.loads(Path(exported).read_text())
+    holdout = {name: run.data.metrics["holdout_ap"] for name, run in candidates.items()}
+    best = max(holdout.values())
+    selected = [r for r in runs.values() if r.data.tags.get(TAG_SELECTED) == "true"]
+    assert len(selected) == 1
+    (winner,) = (n for n, r in candidates.items() if r.info.run_id == selected[0].info.run_id)
+    assert holdout[winner] == best >= holdout["none"]  # never below none on held-out data
+    selection = read_selection(config, config.experiment)
+    assert selection.winner.run_id == selected[0].info.run_id
+    assert selection.winner.gain == pytest.approx(best - holdout["none"])
+    assert {o.candidate for o in outcomes if o.candidate} == {"search-0", "search-1"}
+
+
 def test_compare_reads_the_trials_back(smoke_search, tmp_path):
     config, outcomes = smoke_search
     name, rows = collect(config.tracking_uri, config.experiment)
-    assert name == "smoke" and len(rows) == 6
+    assert name == "smoke" and len(rows) == 8
     assert {r.run_id for r in rows} == {o.run_id for o in outcomes}
     assert [r.val_ap for r in rows] == sorted((r.val_ap for r in rows), reverse=True)
     table = format_table(name, rows)
@@ -125,7 +172,7 @@ def test_a_second_search_of_the_same_name_needs_resume(smoke_search):
         run_search(config, verbose=0)
     again = run_search(config, resume=True, verbose=0)  # finished: nothing left to run
     assert sorted(o.trial_id for o in again) == sorted(o.trial_id for o in outcomes)
-    assert len([r for r in _runs(config) if r.data.tags.get(TAG_KIND) != "full-train"]) == 6
+    assert len([r for r in _runs(config) if r.data.tags.get(TAG_KIND) != "full-train"]) == 8
 
 
 def test_promote_trains_on_two_gloo_workers_and_registers_the_model(smoke_search):
