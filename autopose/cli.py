@@ -148,9 +148,9 @@ def _search(args: argparse.Namespace) -> int:
     from autopose.platform.config import load_experiment
 
     experiment = load_experiment(args.config)  # every check happens here, before Ray starts
-    from autopose.platform.compare import collect, format_table
+    from autopose.platform.compare import collect, format_table, read_selection
     from autopose.platform.selection import format_selection
-    from autopose.platform.tune import read_selection, run_search
+    from autopose.platform.tune import run_search
 
     name = args.experiment or experiment.experiment
     outcomes = run_search(

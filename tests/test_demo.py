@@ -13,7 +13,8 @@ from autopose.cli import main
 
 pytestmark = [pytest.mark.platform, pytest.mark.slow]
 
-KINDS = {"search", "random", "handcrafted", "none"}
+# the trials, and the selection stage's retraining of the search trial's export ("policy")
+KINDS = {"search", "random", "handcrafted", "none", "policy"}
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +49,21 @@ def test_every_trial_kind_finished_with_a_finite_val_ap(demo_run):
     assert len(probabilities) >= 2 and sum(probabilities) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_the_best_trial_is_promoted_and_trained_on_two_workers(demo_run):
+def test_the_holdout_best_candidate_is_promoted_and_trained_on_two_workers(demo_run):
     runs = _runs(demo_run)
     trials = _trials(runs)
     full = [r for r in runs if r.data.tags.get("autopose.kind") == "full-train"]
     assert len(full) == 1 and full[0].info.status == "FINISHED"
     parent = next(r for r in trials if r.info.run_id == full[0].data.tags["autopose.parent_run"])
-    assert parent.data.tags["autopose.promoted"] == "true"
-    assert parent.data.metrics["val_ap"] == max(r.data.metrics["val_ap"] for r in trials)
+    assert parent.data.tags["autopose.promoted"] == "true" and parent.data.tags["autopose.selected"] == "true"
+    # the candidates: the search trial's export retrained, and the search's own none and hand-crafted
+    candidates = {
+        r.data.tags.get("autopose.candidate", r.data.tags["autopose.kind"]): r.data.metrics["holdout_ap"]
+        for r in trials
+        if "autopose.candidate" in r.data.tags or r.data.tags["autopose.kind"] in ("none", "handcrafted")
+    }
+    assert set(candidates) == {"search-0", "none", "handcrafted"}
+    assert parent.data.metrics["holdout_ap"] == max(candidates.values()) >= candidates["none"]
     assert full[0].data.params["train.num_workers"] == "2"
     metrics = full[0].data.metrics
     for key in ("final_val_ap", "demo_val_split_ap", "coco_samples_ap"):

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autopose.errors import AutoposeError
+from autopose.platform.config import ExperimentConfig
+from autopose.platform.selection import Selection, candidate_scores, select
 from autopose.platform.tracking import (
     SEARCH_KINDS,
     TAG_CANDIDATE,
@@ -111,6 +113,15 @@ def collect(
         raise AutoposeError(f"experiment {name!r} holds no search or baseline runs", field="--experiment")
     rows.sort(key=lambda r: (-(r.val_ap if r.val_ap is not None else -math.inf), r.kind, r.seed))
     return name, rows
+
+
+def read_selection(experiment: ExperimentConfig, search_name: str) -> Selection | None:
+    """The selection of a finished search, read back from MLflow (None: the search has no
+    selection stage, or ``none`` was never scored on holdout)."""
+    if not experiment.runs_selection():
+        return None
+    _, rows = collect(experiment.tracking_uri, search_name, search=search_name)
+    return select(candidate_scores(rows, experiment.selection_seeds()))
 
 
 def _number(value: float | None, digits: int) -> str:

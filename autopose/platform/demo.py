@@ -696,11 +696,10 @@ def run_demo(workdir: Path, budget_name: str = "full", *, stream=None) -> Path:
 
 
 def _run_demo(workdir: Path, budget_name: str, stream) -> Path:
-    from autopose.platform.compare import collect, format_table
+    from autopose.platform.compare import collect, format_table, read_selection
     from autopose.platform.report import write_report
     from autopose.platform.selection import format_selection
     from autopose.platform.tracking import check_tracking
-    from autopose.platform.tune import read_selection
 
     if budget_name not in BUDGETS:
         raise AutoposeError(f"unknown budget {budget_name!r}; valid: {', '.join(BUDGETS)}", field="--budget")

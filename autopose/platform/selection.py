@@ -16,8 +16,11 @@ import math
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 NONE = "none"
+# The candidates besides every search trial's export; "none" is the reference of every gain.
+SELECTION_BASELINES = (NONE, "handcrafted")
 # A gain counts as above the noise when it exceeds this many standard errors of the paired
 # differences (about a one-sided 97.5 % interval for a normal spread of seeds).
 NOISE_STANDARD_ERRORS = 2.0
@@ -92,6 +95,21 @@ class Selection:
         if self.within_noise:
             return text + f"; within the noise floor ({best.noise_floor:.4f}): it may be no better than none"
         return text + f"; above the noise floor ({best.noise_floor:.4f})"
+
+
+def candidate_scores(rows: Iterable[Any], seeds: list[int]) -> list[CandidateScore]:
+    """The selection's scores from :func:`autopose.platform.compare.collect`'s rows (with
+    ``kind``, ``seed``, ``candidate``, ``status``, ``holdout_ap``, ``val_ap``, ``run_id``): the
+    selection stage's runs, and the search's own finished baseline trials it reused."""
+    scores = []
+    for row in rows:
+        candidate = row.candidate
+        if candidate is None and row.kind in SELECTION_BASELINES:
+            candidate = row.kind  # a trial of the search reused as its candidate
+        if candidate is None or row.seed not in seeds or row.status != "FINISHED" or row.holdout_ap is None:
+            continue
+        scores.append(CandidateScore(candidate, row.seed, row.holdout_ap, row.val_ap, row.run_id))
+    return scores
 
 
 def select(scores: Iterable[CandidateScore]) -> Selection | None:

@@ -45,9 +45,10 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from autopose.engine.config import AugmentSpec, to_plain
 from autopose.errors import AutoposeError
 from autopose.platform.cluster import ray_session
+from autopose.platform.compare import read_selection
 from autopose.platform.config import ExperimentConfig, check_name, storage_join
 from autopose.platform.runner import POLICY_FILE, TrainingJob, fit, resources_of
-from autopose.platform.selection import CandidateScore, Selection, select
+from autopose.platform.selection import SELECTION_BASELINES
 from autopose.platform.tracking import (
     CONFIG_ARTIFACT,
     POLICY_ARTIFACT,
@@ -77,8 +78,6 @@ logger = logging.getLogger(__name__)
 
 METRIC, MODE = "val_ap", "max"
 SELECTION_STAGE = "selection"
-# The candidates besides every search trial's export; "none" is the reference of every gain.
-SELECTION_BASELINES = ("none", "handcrafted")
 RANGED = ("tau1", "tau2", "policy_lr")
 # Fault injection for tests and drills: "N" makes every trial fail once, right after the
 # checkpoint of epoch N (0-based), to show that the retry resumes instead of restarting.
@@ -697,31 +696,6 @@ def _run_selection(setup: TrialSetup, results, path: str, *, resume: bool, verbo
         )
     tuner = _tuner(setup, selection_path, resume=restore, verbose=verbose, candidates=candidates)
     return [tuner.fit()]
-
-
-def candidate_scores(rows, seeds: list[int]) -> list[CandidateScore]:
-    """The selection's scores from :func:`autopose.platform.compare.collect`'s rows: the
-    selection stage's runs, and the search's own finished baseline trials it reused."""
-    scores = []
-    for row in rows:
-        candidate = row.candidate
-        if candidate is None and row.kind in SELECTION_BASELINES:
-            candidate = row.kind  # a trial of the search reused as its candidate
-        if candidate is None or row.seed not in seeds or row.status != "FINISHED" or row.holdout_ap is None:
-            continue
-        scores.append(CandidateScore(candidate, row.seed, row.holdout_ap, row.val_ap, row.run_id))
-    return scores
-
-
-def read_selection(experiment: ExperimentConfig, search_name: str) -> Selection | None:
-    """The selection of a finished search, read back from MLflow (None: the search has no
-    selection stage, or ``none`` was never scored on holdout)."""
-    from autopose.platform.compare import collect
-
-    if not experiment.runs_selection():
-        return None
-    _, rows = collect(experiment.tracking_uri, search_name, search=search_name)
-    return select(candidate_scores(rows, experiment.selection_seeds()))
 
 
 def _mark_selected(experiment: ExperimentConfig, search_name: str, say) -> None:

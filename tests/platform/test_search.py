@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 
 from autopose.augment import Policy, SearchSpace
 from autopose.errors import AutoposeError
-from autopose.platform.compare import collect, format_table, plot
+from autopose.platform.compare import collect, format_table, plot, read_selection
 from autopose.platform.config import load_experiment
 from autopose.platform.promote import promote
 from autopose.platform.tracking import (
@@ -25,7 +25,7 @@ from autopose.platform.tracking import (
     TAG_STAGE,
     TAG_TRIAL,
 )
-from autopose.platform.tune import read_selection, run_search
+from autopose.platform.tune import run_search
 
 pytestmark = [pytest.mark.platform, pytest.mark.slow]
 

@@ -14,8 +14,8 @@ from ray.train import Checkpoint
 from autopose.platform.compare import PolicyRow
 from autopose.platform.config import load_experiment
 from autopose.platform.runner import POLICY_FILE
-from autopose.platform.selection import CandidateScore, format_selection, select
-from autopose.platform.tune import candidate_scores, selection_candidates
+from autopose.platform.selection import CandidateScore, candidate_scores, format_selection, select
+from autopose.platform.tune import selection_candidates
 
 
 def scores(table: dict[str, dict[int, float]]) -> list[CandidateScore]:
