@@ -148,7 +148,7 @@ def _search(args: argparse.Namespace) -> int:
     from autopose.platform.config import load_experiment
 
     experiment = load_experiment(args.config)  # every check happens here, before Ray starts
-    from autopose.platform.compare import collect, format_table, read_selection
+    from autopose.platform.compare import collect, format_methods, format_table, method_rows, read_selection
     from autopose.platform.selection import format_selection
     from autopose.platform.tune import run_search
 
@@ -177,6 +177,7 @@ def _search(args: argparse.Namespace) -> int:
         print(f"autopose: trial {label}-{outcome.seed} failed: {outcome.error}", file=sys.stderr)
     print(f"MLflow: mlflow ui --backend-store-uri {experiment.tracking_uri} --host 127.0.0.1")
     selection = read_selection(experiment, name)
+    print(format_methods(method_rows(rows, selection)))
     if selection is not None:
         print(format_selection(selection))
         print(f"promote the selected: autopose promote {selection.winner.run_id}")
@@ -190,12 +191,27 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from autopose.platform.compare import collect, format_table, plot
+    from autopose.platform.compare import (
+        collect,
+        format_methods,
+        format_table,
+        method_rows,
+        plot,
+        selection_of,
+    )
     from autopose.platform.config import resolve_tracking_uri
+    from autopose.platform.selection import format_selection
 
     uri = resolve_tracking_uri(args.tracking_uri)
     name, rows = collect(uri, args.experiment)
     print(format_table(name, rows))
+    for search in sorted({r.search for r in rows}):
+        searched = [r for r in rows if r.search == search]
+        selection = selection_of(searched)
+        if selection is not None:
+            print(f"search {search}:")
+            print(format_selection(selection))
+        print(format_methods(method_rows(searched, selection)))
     if args.plot is not None:
         print(f"plot: {plot(name, rows, args.plot)}")
     return 0

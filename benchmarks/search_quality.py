@@ -55,8 +55,13 @@ from autopose.platform.known_answer import (
     search_found_shift,
     summarize,
 )
+from autopose.platform.selection import CandidateScore, select
 
 RANDOMS = 3  # a search trial costs about 3–4 baseline trials (measured: ``search_cost`` below)
+TPE_TRIALS = 4  # the tpe method's candidates per cell (each a baseline trial's cost)
+TPE_STARTUP = 2  # of which random before TPE models the results
+# The selection stage's candidates (autopose.platform.selection): none is always one of them.
+SELECTION = ("none", "handcrafted", "exported", "tpe")
 
 
 def _say(text: str) -> None:
@@ -148,6 +153,37 @@ def search_settings(overrides: list[str], configs: dict[str, Any] | None) -> tup
     return bilevel, "[" + hashlib.sha256(settings.encode()).hexdigest()[:12] + "]"
 
 
+def tpe_study(seed: int) -> Any:
+    """The tpe method's Optuna study of one cell (TPE, seeded: a resumed suite proposes the same
+    policies again from the cached results)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(
+        direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP)
+    )
+
+
+def tpe_ask(study: Any, space_dict: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The next policy TPE proposes: the same space as the platform's tpe method
+    (:func:`autopose.platform.tune.tpe_param_space`: each step's op, p in steps of 0.1, m 0–10)."""
+    from autopose.augment import SearchSpace
+    from autopose.platform.tune import tpe_policy
+
+    space = SearchSpace.from_dict(space_dict)
+    sampled: dict[str, Any] = {}
+    trial = study.ask()
+    for k in range(space.K):
+        for n in range(space.N):
+            key = f"s{k}/t{n}"
+            sampled.setdefault(f"s{k}", {})[f"t{n}"] = {
+                "op": trial.suggest_categorical(f"{key}/op", list(space.op_names)),
+                "p": trial.suggest_float(f"{key}/p", 0.0, 1.0, step=0.1),
+                "m": trial.suggest_int(f"{key}/m", 0, 10),
+            }
+    return trial, tpe_policy(sampled, space)
+
+
 def _jobs(
     configs: dict[str, Any], seed: int, randoms: int, bilevel: Any, variant: str
 ) -> dict[tuple[str, int, str], dict[str, Any]]:
@@ -192,6 +228,20 @@ def _cell(shift: str, seed: int, results: dict[str, dict[str, Any]], variant: st
         "search": scores["search"]["val_ap"],
         "exported": scores["exported"]["val_ap"],
     }
+    proposals = [k for k in results if k.startswith("tpe-")]
+    if proposals:  # the tpe method: its best proposal on holdout, reported on val
+        best_tpe = max(proposals, key=lambda k: scores[k]["holdout_ap"])
+        scores["tpe"] = scores[best_tpe]
+        ap["tpe"] = scores[best_tpe]["val_ap"]
+    # The selection stage: the candidate with the best holdout AP, reported on val. One seed per
+    # cell, so each candidate's training is the one above (the platform would train it again).
+    selection = select(
+        CandidateScore(k, seed, scores[k]["holdout_ap"], scores[k]["val_ap"], run_id=k)
+        for k in SELECTION
+        if k in scores
+    )
+    selected = selection.winner.candidate
+    ap["selected"] = scores[selected]["val_ap"]
     baseline_cpu = [results[k]["train_cpu_s"] for k in ("none", *randoms)]
     return {
         "shift": shift,
@@ -205,15 +255,24 @@ def _cell(shift: str, seed: int, results: dict[str, dict[str, Any]], variant: st
         "exported": search["exported"],
         "found": search_found_shift(search["op_prob"], search["exported"], MATCHED_OPS[shift]),
         "search_cost": round(search["train_cpu_s"] / (sum(baseline_cpu) / len(baseline_cpu)), 2),
+        "selected": selected,
+        "tpe_chosen": best_tpe if proposals else None,
         "train_cpu_s": {k: v["train_cpu_s"] for k, v in results.items()},
     }
 
 
 def run_suite(
-    workdir: Path, shifts: list[str], seeds: list[int], randoms: int, jobs: int, search: list[str] = ()
+    workdir: Path,
+    shifts: list[str],
+    seeds: list[int],
+    randoms: int,
+    jobs: int,
+    search: list[str] = (),
+    tpe: int = 0,
 ) -> list[dict[str, Any]]:
     """Every cell of ``shifts`` × ``seeds`` (see the module docstring); ``search``: ``KEY=VALUE``
-    overrides of the search's settings (see :func:`search_settings`)."""
+    overrides of the search's settings (see :func:`search_settings`); ``tpe``: policies the tpe
+    method proposes per cell, one after the other (each proposal reads the results before it)."""
     from autopose.platform.tracking import ensure_experiment
     from autopose.platform.warm_start import prepare_warm_start
 
@@ -234,7 +293,20 @@ def run_suite(
     for seed in seeds:
         pending.update(_jobs(configs, seed, randoms, bilevel, variant))
     done: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}  # (group, seed) -> label -> result
-    planned = {seed: len([k for k in pending if k[1] == seed]) + len(shifts) for seed in seeds}
+    studies: dict[tuple[str, int], tuple[Any, list[Any]]] = {}  # cell -> (study, its asked trials)
+
+    def ask_tpe(shift: str, seed: int) -> tuple[str, int, str]:
+        """Queue the cell's next tpe proposal (as a policy training scored on its own shift)."""
+        study, asked = studies.setdefault((shift, seed), (tpe_study(seed), []))
+        trial, policy = tpe_ask(study, configs[shift].space_dict)
+        asked.append(trial)
+        key = (shift, seed, f"tpe-{len(asked) - 1}")
+        template = pending[(shift, seed, "matched")]
+        spec = dataclasses.replace(template["spec"], policy=policy)
+        pending[key] = {**template, "spec": spec}
+        return key
+
+    planned = {seed: len([k for k in pending if k[1] == seed]) + len(shifts) * (1 + tpe) for seed in seeds}
 
     def cached(key: tuple[str, int, str]) -> dict[str, Any] | None:
         path = cache / key[0] / f"seed{key[1]}" / f"{key[2]}.json"
@@ -255,6 +327,8 @@ def run_suite(
     order = {shift: index for index, shift in enumerate(shifts)}
     searches = f"search{variant}"
     queue = sorted(pending, key=lambda k: (k[1], k[2] != searches, order.get(k[0], -1), k[2]))
+    if tpe:
+        queue += [ask_tpe(shift, seed) for seed in seeds for shift in shifts]
 
     def finish(key: tuple[str, int, str], result: dict[str, Any]) -> None:
         group, seed, label = key
@@ -265,6 +339,11 @@ def run_suite(
             )
             pending[(group, seed, f"exported{variant}")] = {**pending[key], "spec": exported, "adabn": False}
             queue.insert(0, (group, seed, f"exported{variant}"))
+        if label.startswith("tpe-"):  # TPE reads the result, then proposes the cell's next policy
+            study, asked = studies[(group, seed)]
+            study.tell(asked[int(label.removeprefix("tpe-"))], result["scores"][group]["holdout_ap"])
+            if len(asked) < tpe:
+                queue.insert(0, ask_tpe(group, seed))
         if sum(len(done.get((g, seed), {})) for g in (EVERY_SHIFT, *shifts)) == planned[seed]:
             for shift in shifts:
                 cell = _cell(shift, seed, {**done[(EVERY_SHIFT, seed)], **done[(shift, seed)]}, variant)
@@ -309,6 +388,9 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="override the search's settings (a variant: cached apart from the others)",
     )
+    parser.add_argument(
+        "--tpe", type=int, default=TPE_TRIALS, help="policies the tpe method proposes per cell (0: off)"
+    )
     parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/autopose-known-answer"))
     args = parser.parse_args()
@@ -320,7 +402,7 @@ def main() -> int:
     workdir = args.workdir.absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    cells = run_suite(workdir, args.shifts, args.seeds, args.randoms, args.jobs, args.search)
+    cells = run_suite(workdir, args.shifts, args.seeds, args.randoms, args.jobs, args.search, args.tpe)
     summary = summarize(cells)
     for shift, row in summary.items():
         print(json.dumps({"summary": shift, **row}), flush=True)
@@ -332,6 +414,7 @@ def main() -> int:
                 "seeds": args.seeds,
                 "randoms": args.randoms,
                 "search": args.search,
+                "tpe": args.tpe,
                 "wall_s": round(time.perf_counter() - started, 1),
                 "machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}",
             }

@@ -312,6 +312,8 @@ class TrainConfig:
     ``init_from``: the weights the run starts from (a warm start; optimizer and epochs
     start fresh): an autopose checkpoint file, or ``runs:/<run id>`` of an MLflow run that
     recorded one (resolved by the platform before training starts).
+    ``holdout_every_epoch``: score the held-out split (``data.search_val``) after every epoch,
+    not only after the last (the ``tpe`` method stops weak candidates early on it).
     """
 
     epochs: int = 10
@@ -332,6 +334,7 @@ class TrainConfig:
     max_failures: int = 1
     checkpoint_every: int = 1
     init_from: str | None = None
+    holdout_every_epoch: bool = False
 
     def _check(self, path, field_: str) -> None:
         if self.init_from is not None and not self.init_from.startswith(RUN_URI_PREFIX):

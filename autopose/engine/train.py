@@ -710,7 +710,8 @@ class Trainer:
             losses = self.train_epoch()
             train_s = time.perf_counter() - started
             is_last = self.epoch + 1 >= self.train_config.epochs
-            metrics = {**losses, **self.evaluate(holdout=is_last), **self.policy_metrics()}
+            holdout = is_last or self.train_config.holdout_every_epoch
+            metrics = {**losses, **self.evaluate(holdout=holdout), **self.policy_metrics()}
             epoch_s = time.perf_counter() - started
             self.wall_s += epoch_s
             samples = self.steps_per_epoch * self.train_config.batch_size * self.world_size

@@ -115,6 +115,86 @@ def collect(
     return name, rows
 
 
+# The search methods and baselines a row of ``method_rows`` can stand for, in the order shown.
+METHODS = ("search", "tpe", "random", "handcrafted", "none", "randaugment", "trivialaugment")
+
+
+@dataclass
+class MethodRow:
+    """One search method (or baseline) of a search: what it cost, and how its policy fared in
+    the selection (``candidate``: its best candidate; None when it had none)."""
+
+    method: str
+    trials: int
+    cost_cpu_s: float
+    cost_gpu_s: float
+    candidate: str | None
+    holdout_ap: float | None
+    gain: float | None
+    gain_sd: float | None
+    seeds: int
+
+
+def method_rows(rows: list[PolicyRow], selection: Selection | None) -> list[MethodRow]:
+    """One row per method that ran: its trials and their cost (the selection's retraining is
+    not counted: it is the same for every method), and its best candidate in the selection."""
+    ranked = selection.ranked if selection is not None else ()
+    out = []
+    for method in METHODS:
+        own = [r for r in rows if r.kind == method and r.candidate is None]
+        if not own:
+            continue
+        prefix = "search-" if method == "search" else None
+        best = next(
+            (c for c in ranked if (c.candidate.startswith(prefix) if prefix else c.candidate == method)), None
+        )
+        out.append(
+            MethodRow(
+                method=method,
+                trials=len(own),
+                cost_cpu_s=sum(r.cost_cpu_s or 0.0 for r in own),
+                cost_gpu_s=sum(r.cost_gpu_s or 0.0 for r in own),
+                candidate=best.candidate if best else None,
+                holdout_ap=best.holdout_ap if best else None,
+                gain=best.gain if best else None,
+                gain_sd=best.gain_sd if best else None,
+                seeds=len(best.seeds) if best else 0,
+            )
+        )
+    return out
+
+
+def format_methods(methods: list[MethodRow]) -> str:
+    """The methods as a plain-text table: cost, and the gain of their best candidate over none."""
+    header = ("method", "trials", "CPU-s", "GPU-s", "candidate", "holdout AP", "gain over none")
+    lines = [
+        (
+            m.method,
+            str(m.trials),
+            _number(m.cost_cpu_s, 0),
+            _number(m.cost_gpu_s, 0),
+            m.candidate or "-",
+            _number(m.holdout_ap, 4),
+            "-" if m.gain is None else f"{m.gain:+.4f}" + (f" ± {m.gain_sd:.4f}" if m.seeds > 1 else ""),
+        )
+        for m in methods
+    ]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+
+    def render(cells) -> str:
+        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+
+    body = [render(header), render(["-" * w for w in widths]), *(render(line) for line in lines)]
+    return "methods (cost of their own trials; gain: their best candidate on holdout):\n" + "\n".join(body)
+
+
+def selection_of(rows: list[PolicyRow]) -> Selection | None:
+    """The selection recorded in a search's rows (None: it had no selection stage)."""
+    if not any(r.candidate is not None for r in rows):
+        return None
+    return select(candidate_scores(rows))
+
+
 def read_selection(experiment: ExperimentConfig, search_name: str) -> Selection | None:
     """The selection of a finished search, read back from MLflow (None: the search has no
     selection stage, or ``none`` was never scored on holdout)."""

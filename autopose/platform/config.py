@@ -19,6 +19,7 @@ Layout (every section optional except ``data``; see search_spaces/smoke.yaml)::
     tune:       {max_concurrent, search_alg, scheduler, max_failures, ...}
     full_train: {epochs, num_workers, backend, registered_model, alias, ...}
     warm_start: {epochs, steps_per_epoch, batch_size, lr, seed}   # a base model every trial starts from
+    tpe:        {trials, startup_trials}   # the tpe method: Optuna TPE over discrete policies
     selection:  {enabled, seeds}   # the candidates retrained and chosen on data.search_val
 """
 
@@ -154,6 +155,31 @@ class WarmStartConfig:
 
 
 @dataclass
+class TpeConfig:
+    """The ``tpe`` search method: Optuna's TPE sampler over the discrete policy (each step's op,
+    probability in steps of 0.1 and magnitude 0–10), the way Fast AutoAugment searched on Ray
+    Tune. Each candidate policy fine-tunes from the same start as every trial, under their
+    budget, and is scored on the holdout split (``data.search_val``) after every epoch; ASHA
+    (``tune.grace_period``, ``tune.reduction_factor``) stops weak ones early. The best finished
+    candidate on holdout is the method's policy, a candidate of the selection stage.
+
+    ``trials``: candidate policies TPE proposes (0: the method is off). ``startup_trials``:
+    random proposals before TPE models the results (Optuna's ``n_startup_trials``).
+    """
+
+    trials: int = 0
+    startup_trials: int = 4
+
+    def _check(self, path, field_: str) -> None:
+        for name in ("trials", "startup_trials"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value < 0:
+                raise AutoposeError(
+                    f"must be an integer ≥ 0, got {value!r}", path=path, field=f"{field_}.{name}".lstrip(".")
+                )
+
+
+@dataclass
 class SelectionConfig:
     """The selection stage after a search's trials (:mod:`autopose.platform.selection`).
 
@@ -207,6 +233,7 @@ class ExperimentConfig:
     tune: TuneSettings = field(default_factory=TuneSettings)
     full_train: FullTrainConfig = field(default_factory=FullTrainConfig)
     warm_start: WarmStartConfig | None = None
+    tpe: TpeConfig = field(default_factory=TpeConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     examples: int = 8
     # filled by load_experiment: where the config came from, the space as a plain mapping
@@ -403,6 +430,12 @@ def load_experiment(
         raise AutoposeError("must be ≥ 0", path=path, field="examples")
     config.space_dict = load_space_mapping(config.space, path=path)
     _check_search_alg(config, path)
+    if config.tpe.trials and config.data.search_val is None:
+        raise AutoposeError(
+            "the tpe method scores its candidates on a holdout split: give data.search_val",
+            path=path,
+            field="tpe.trials",
+        )
     if config.selection.enabled and config.data.search_val is None:
         raise AutoposeError(
             "the selection stage scores candidates on a holdout split: give data.search_val, "

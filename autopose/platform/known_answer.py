@@ -28,7 +28,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-KINDS = (
+# The kinds the exported policy is ranked among (the matched ceiling too).
+RANKED = (
     "none",
     "adabn",
     "random",
@@ -39,6 +40,9 @@ KINDS = (
     "search",
     "exported",
 )
+# Plus the tpe method's best proposal on holdout, and the selection stage's pick among none,
+# hand-crafted, the exported policy and tpe's (by holdout AP): what a user would be handed.
+KINDS = (*RANKED, "tpe", "selected")
 
 
 def _policy(steps: Sequence[tuple[str, float]], p: float = 0.9) -> dict[str, Any]:
@@ -189,15 +193,15 @@ def summarize(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "seeds": len(members),
             "kinds": rows,
             "exported_rank": round(statistics.fmean(ranks), 2) if ranks else None,
-            "ranked": len(members[0]["ap"]) if members else 0,
+            "ranked": len([k for k in members[0]["ap"] if k in RANKED]) if members else 0,
             "found": sum(found),
         }
     return summary
 
 
 def _rank(ap: Mapping[str, float], kind: str) -> int:
-    """1 + the kinds ahead of ``kind`` (the matched ceiling counted too)."""
-    return 1 + sum(1 for other, value in ap.items() if other != kind and value > ap[kind])
+    """1 + the kinds of :data:`RANKED` ahead of ``kind`` (the matched ceiling counted too)."""
+    return 1 + sum(1 for other, value in ap.items() if other in RANKED and other != kind and value > ap[kind])
 
 
 def table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:

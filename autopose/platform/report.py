@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from autopose.platform.compare import collect, plot, read_selection
+from autopose.platform.compare import collect, method_rows, plot, read_selection
 from autopose.platform.config import ExperimentConfig
 from autopose.platform.tracking import (
     POLICY_ARTIFACT,
@@ -98,7 +98,7 @@ def plot_val_curves(runs: Sequence[Any], tracking_uri: str, out: Path) -> Path:
     colours = dict(
         zip(
             SEARCH_KINDS,
-            ("#d62728", "#7f7f7f", "#2ca02c", "#1f77b4", "#9467bd", "#8c564b", "#e377c2"),
+            ("#d62728", "#ff7f0e", "#7f7f7f", "#2ca02c", "#1f77b4", "#9467bd", "#8c564b", "#e377c2"),
             strict=True,
         )
     )
@@ -515,6 +515,25 @@ def write_report(
             )
         )
         parts.append(f"<p>{html.escape(selection.summary())}</p>")
+        parts.append(
+            _table(
+                ["method", "trials", "CPU-s", "GPU-s", "best candidate", "holdout AP", "gain over none"],
+                [
+                    [
+                        html.escape(m.method),
+                        str(m.trials),
+                        _fmt(m.cost_cpu_s, 0),
+                        _fmt(m.cost_gpu_s, 0),
+                        html.escape(m.candidate or "–"),
+                        _fmt(m.holdout_ap),
+                        "–"
+                        if m.gain is None
+                        else f"{m.gain:+.4f}" + (f" ± {m.gain_sd:.4f}" if m.seeds > 1 else ""),
+                    ]
+                    for m in method_rows(rows, selection)
+                ],
+            )
+        )
     cell = known_answer_cell(
         trial_runs, {label: doc for label, _, doc in examples_png}, space, shift, train.seed
     )

@@ -97,10 +97,16 @@ class Selection:
         return text + f"; above the noise floor ({best.noise_floor:.4f})"
 
 
-def candidate_scores(rows: Iterable[Any], seeds: list[int]) -> list[CandidateScore]:
+def candidate_scores(rows: Iterable[Any], seeds: list[int] | None = None) -> list[CandidateScore]:
     """The selection's scores from :func:`autopose.platform.compare.collect`'s rows (with
     ``kind``, ``seed``, ``candidate``, ``status``, ``holdout_ap``, ``val_ap``, ``run_id``): the
-    selection stage's runs, and the search's own finished baseline trials it reused."""
+    selection stage's runs, and the search's own finished baseline trials it reused.
+
+    ``seeds``: the selection's seeds (None: every seed the selection stage trained with, and
+    the search's own trials' when it trained none)."""
+    rows = list(rows)
+    if seeds is None:
+        seeds = sorted({r.seed for r in rows if r.candidate is not None}) or sorted({r.seed for r in rows})
     scores = []
     for row in rows:
         candidate = row.candidate

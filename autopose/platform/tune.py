@@ -9,6 +9,13 @@ and builds a Ray Train ``TorchTrainer`` (:func:`autopose.platform.runner.fit`);
 Tune runs as many trials at once as the cluster's resources allow (or
 ``tune.max_concurrent``) and ranks them by ``val_ap``.
 
+Selection: with a holdout split (``data.search_val``) the search ends with a second Tune run
+beside the first (``tune/<name>+selection``): every finished search trial's exported policy,
+``none`` and the hand-crafted recipe fine-tune from the same start under the trials' budget,
+once per ``selection.seeds``, and the best mean ``holdout_ap`` is tagged ``autopose.selected``
+(:mod:`autopose.platform.selection`). The search's own baseline trials of the same kind and
+seed are reused, not trained again.
+
 Resources: a trial with Ray Train workers holds almost nothing itself
 (0.01 CPU: Tune refuses 0) and its workers hold ``cpus_per_worker`` /
 ``gpus_per_worker`` each; a trial with ``num_workers: 0`` trains in its own
@@ -28,6 +35,7 @@ what is missing, and ``--resume`` completes the runs once it is back.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -42,6 +50,7 @@ import ray.tune
 from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
+from autopose.augment import SearchSpace
 from autopose.engine.config import AugmentSpec, to_plain
 from autopose.errors import AutoposeError
 from autopose.platform.cluster import ray_session
@@ -78,6 +87,7 @@ logger = logging.getLogger(__name__)
 
 METRIC, MODE = "val_ap", "max"
 SELECTION_STAGE = "selection"
+TPE_KIND, TPE_METRIC = "tpe", "holdout_ap"
 RANGED = ("tau1", "tau2", "policy_lr")
 # Fault injection for tests and drills: "N" makes every trial fail once, right after the
 # checkpoint of epoch N (0-based), to show that the retry resumes instead of restarting.
@@ -122,6 +132,9 @@ def trial_spec(config: dict[str, Any], experiment: ExperimentConfig) -> AugmentS
     bilevel = None
     if planned["kind"] == "search":
         bilevel = experiment.search.resolved(**{name: config[name] for name in RANGED if name in config})
+    if planned["kind"] == TPE_KIND:  # a policy TPE proposed: trained like any given policy
+        policy = tpe_policy(config["policy"], SearchSpace.from_dict(experiment.space_dict))
+        return AugmentSpec(kind="policy", seed=int(planned["seed"]), policy=policy)
     return AugmentSpec(
         kind=planned["kind"], seed=int(planned["seed"]), policy=planned.get("policy"), bilevel=bilevel
     )
@@ -560,8 +573,10 @@ def run_search(
         say: where the driver's own progress lines go (the warm start's base model).
 
     Returns:
-        One :class:`TrialOutcome` per trial; ``tracking`` says what its MLflow run still
-        misses when the tracking server went away and is not back yet.
+        One :class:`TrialOutcome` per trial, then one per selection-stage training (``candidate``
+        set); ``tracking`` says what its MLflow run still misses when the tracking server went
+        away and is not back yet. :func:`autopose.platform.compare.read_selection` reads the
+        selection back.
 
     Raises:
         AutoposeError: the tracking store is unreachable (before Ray starts), a
@@ -596,8 +611,10 @@ def run_search(
         # for minutes each when the server goes away.
         with bounded_http(**QUICK_TRACKING_ENV):
             stages = [_tuner(setup, path, resume=resume, verbose=verbose).fit()]
+            if experiment.tpe.trials:
+                stages.append(_run_tpe(setup, path, resume=resume, verbose=verbose, say=say))
             if experiment.runs_selection():
-                stages += _run_selection(setup, stages[0], path, resume=resume, verbose=verbose, say=say)
+                stages += _run_selection(setup, stages, path, resume=resume, verbose=verbose, say=say)
     with bounded_http(**QUICK_TRACKING_ENV):
         missing: dict[str, str] | None = {}
         for results in stages:
@@ -645,15 +662,19 @@ def _merge_missing(so_far: dict[str, str] | None, more: dict[str, str] | None) -
 
 
 # -- the selection stage ---------------------------------------------------------------------------------
-def selection_candidates(experiment: ExperimentConfig, results) -> list[dict[str, Any]]:
-    """The selection stage's trials: every finished search trial's exported policy and the
-    selection baselines, once per selection seed, less the baseline trials the search already
-    trained to the end with the same kind and seed (the same training: reused, not repeated).
+def selection_candidates(experiment: ExperimentConfig, results, tpe_results=()) -> list[dict[str, Any]]:
+    """The selection stage's trials: every finished search trial's exported policy, the ``tpe``
+    method's best policy, and the selection baselines, once per selection seed, less the
+    baseline trials the search already trained to the end with the same kind and seed (the same
+    training: reused, not repeated).
 
     A search trial counts as finished when its last report holds ``holdout_ap`` (reported only
     after the last epoch): one stopped early or failed exports nothing.
     """
     exports: dict[str, dict[str, Any]] = {}
+    best_tpe = tpe_best(experiment, tpe_results)
+    if best_tpe is not None:
+        exports[TPE_KIND] = best_tpe
     trained: set[tuple[str, int]] = set()
     for result in results:
         planned = result.config.get("trial", {})
@@ -681,11 +702,115 @@ def selection_candidates(experiment: ExperimentConfig, results) -> list[dict[str
     return plan
 
 
-def _run_selection(setup: TrialSetup, results, path: str, *, resume: bool, verbose: int, say) -> list:
+# -- the tpe method ---------------------------------------------------------------------------------------
+def tpe_param_space(space: SearchSpace) -> dict[str, Any]:
+    """Tune's space of one discrete policy: ``s<k>`` (sub-policy) → ``t<n>`` (step) → its op,
+    probability (steps of 0.1) and magnitude (an integer 0–10, as the paper's grid)."""
+    return {
+        f"s{k}": {
+            f"t{n}": {
+                "op": ray.tune.choice(list(space.op_names)),
+                "p": ray.tune.quniform(0.0, 1.0, 0.1),
+                "m": ray.tune.randint(0, 11),
+            }
+            for n in range(space.N)
+        }
+        for k in range(space.K)
+    }
+
+
+def tpe_policy(sampled: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
+    """The policy document of one point of :func:`tpe_param_space`."""
+    sub_policies = [
+        [
+            {
+                "op": sampled[f"s{k}"][f"t{n}"]["op"],
+                "p": round(float(sampled[f"s{k}"][f"t{n}"]["p"]), 1),
+                "m": float(sampled[f"s{k}"][f"t{n}"]["m"]),
+            }
+            for n in range(space.N)
+        ]
+        for k in range(space.K)
+    ]
+    return {"format": "autopose.policy/1", "space": space.name, "sub_policies": sub_policies}
+
+
+def tpe_best(experiment: ExperimentConfig, results) -> dict[str, Any] | None:
+    """The policy of the tpe trial with the best holdout AP among those that trained every epoch
+    (ASHA stops the others early); None when none did."""
+    space = SearchSpace.from_dict(experiment.space_dict)
+    finished = [
+        r
+        for r in results
+        if not r.error
+        and (r.metrics or {}).get(TPE_METRIC) is not None
+        and int((r.metrics or {}).get("epoch", -1)) == experiment.train.epochs - 1
+    ]
+    if not finished:
+        return None
+    best = max(finished, key=lambda r: r.metrics[TPE_METRIC])
+    return tpe_policy(best.config["policy"], space)
+
+
+def _run_tpe(setup: TrialSetup, path: str, *, resume: bool, verbose: int, say):
+    """The tpe method: ``tpe.trials`` policies proposed by Optuna's TPE, each fine-tuned from the
+    trials' start and scored on holdout after every epoch, ASHA stopping the weak (a Tune run of
+    its own, ``<name>+tpe``)."""
+    import optuna
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    experiment = setup.experiment
+    # every epoch scores holdout, so that ASHA can compare candidates before their last epoch
+    train = dataclasses.replace(experiment.train, holdout_every_epoch=True)
+    tpe_setup = dataclasses.replace(setup, experiment=experiment.replace(train=train))
+    tpe_path = f"{path}+{TPE_KIND}"
+    trainable = _trainable(tpe_setup)
+    if resume and ray.tune.Tuner.can_restore(tpe_path):
+        return ray.tune.Tuner.restore(tpe_path, trainable=trainable, resume_errored=True).fit()
+    settings = experiment.tune
+    say(f"tpe: {experiment.tpe.trials} policies proposed by Optuna's TPE, scored on the holdout split")
+    sampler = optuna.samplers.TPESampler(seed=train.seed, n_startup_trials=experiment.tpe.startup_trials)
+    tuner = ray.tune.Tuner(
+        trainable,
+        param_space={
+            "trial": {"kind": TPE_KIND, "seed": train.seed},
+            "policy": tpe_param_space(SearchSpace.from_dict(experiment.space_dict)),
+        },
+        tune_config=ray.tune.TuneConfig(
+            metric=TPE_METRIC,
+            mode=MODE,
+            search_alg=OptunaSearch(sampler=sampler),
+            scheduler=ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=train.epochs,
+                grace_period=min(settings.grace_period, train.epochs),
+                reduction_factor=settings.reduction_factor,
+            ),
+            num_samples=experiment.tpe.trials,
+            max_concurrent_trials=settings.max_concurrent,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+            reuse_actors=True,
+        ),
+        run_config=ray.tune.RunConfig(
+            name=Path(tpe_path).name,
+            storage_path=storage_join(experiment.storage_path, "tune"),
+            failure_config=ray.tune.FailureConfig(max_failures=settings.max_failures),
+            callbacks=[_close_runs(tpe_setup), WatchTracking(experiment.tracking_uri)],
+            checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
+            verbose=verbose,
+        ),
+    )
+    return tuner.fit()
+
+
+def _run_selection(setup: TrialSetup, stages: list, path: str, *, resume: bool, verbose: int, say) -> list:
     """Train the selection stage's candidates (a Tune run of its own beside the search's)."""
     selection_path = f"{path}+{SELECTION_STAGE}"  # '+' is never in a search's name: no clash
     restore = resume and ray.tune.Tuner.can_restore(selection_path)
-    candidates = [] if restore else selection_candidates(setup.experiment, results)
+    tpe_results = stages[1] if setup.experiment.tpe.trials else ()
+    candidates = [] if restore else selection_candidates(setup.experiment, stages[0], tpe_results)
     if not restore and not candidates:
         return []
     if not restore:

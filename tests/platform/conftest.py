@@ -28,8 +28,8 @@ def write_smoke_config(smoke_data) -> Callable[..., Path]:
     """``write(folder, overrides=None)``: search_spaces/smoke.yaml with its data, MLflow
     database and storage in ``folder``, plus ``overrides``; returns the file.
 
-    Without a ``data.search_val`` override there is no holdout split (so no selection stage):
-    most tests look at one trial at a time."""
+    Without a ``data.search_val`` override there is no holdout split (so no selection stage),
+    and without a ``tpe.trials`` override no tpe method: most tests look at one trial at a time."""
 
     def write(folder: Path, overrides: dict[str, Any] | None = None) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
@@ -42,6 +42,7 @@ def write_smoke_config(smoke_data) -> Callable[..., Path]:
                     "val": str(smoke_data["val"]),
                     "search_val": None,
                 },
+                "tpe": {"trials": 0},
                 "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
                 "storage_path": str(folder / "runs"),
             },

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from autopose.augment import Policy, SearchSpace
@@ -23,19 +24,25 @@ from autopose.platform.tracking import (
     TAG_SEED,
     TAG_SELECTED,
     TAG_STAGE,
+    TAG_STOPPED_EARLY,
     TAG_TRIAL,
 )
 from autopose.platform.tune import run_search
 
 pytestmark = [pytest.mark.platform, pytest.mark.slow]
 
+SMOKE = Path(__file__).resolve().parents[2] / "search_spaces" / "smoke.yaml"
+
 
 @pytest.fixture(scope="module")
 def smoke_search(ray_cluster, write_smoke_config, smoke_data, tmp_path_factory):
-    """The smoke experiment (with its holdout split, so with the selection stage) searched once
-    for the whole module."""
+    """search_spaces/smoke.yaml as it is (with its holdout split: the tpe method and the selection
+    stage run) searched once for the whole module."""
     folder = tmp_path_factory.mktemp("smoke-search")
-    config = load_experiment(write_smoke_config(folder, {"data": {"search_val": str(smoke_data["holdout"])}}))
+    shipped = yaml.safe_load(SMOKE.read_text())
+    overrides = {"data": {"search_val": str(smoke_data["holdout"])}, "tpe": shipped["tpe"]}
+    config = load_experiment(write_smoke_config(folder, overrides))
+    assert config.tpe.trials == 3
     outcomes = run_search(config, verbose=0)
     return config, outcomes
 
@@ -48,13 +55,21 @@ def _runs(config) -> list:
 
 def test_smoke_search_leaves_one_finished_run_per_trial(smoke_search):
     config, outcomes = smoke_search
-    # six trials, then the selection stage: both search trials' exports retrained (seed 0);
-    # none-0 and handcrafted-0 are the search's own trials, reused
-    assert [o.status for o in outcomes] == ["TERMINATED"] * 8, [o.error for o in outcomes]
-    trials = [r for r in _runs(config) if r.data.tags.get(TAG_KIND) != "full-train"]
-    assert len(trials) == 8 and {r.data.tags[TAG_TRIAL] for r in trials} == {
+    # six trials, three tpe candidates, then the selection stage: both search trials' exports and
+    # tpe's best retrained (seed 0); none-0 and handcrafted-0 are the search's own trials, reused
+    assert [o.status for o in outcomes] == ["TERMINATED"] * 12, [o.error for o in outcomes]
+    runs = [r for r in _runs(config) if r.data.tags.get(TAG_KIND) != "full-train"]
+    assert len(runs) == 12 and {r.data.tags[TAG_TRIAL] for r in runs} == {
         f"smoke/{o.trial_id}" for o in outcomes
     }
+    tpe = [r for r in runs if r.data.tags[TAG_KIND] == "tpe"]
+    assert len(tpe) == 3 and all(r.data.tags[TAG_SEED] == "0" for r in tpe)
+    for run in tpe:  # ASHA may stop a candidate after its first epoch: closed KILLED, so tagged
+        stopped = run.data.tags.get(TAG_STOPPED_EARLY) == "true"
+        assert run.info.status == ("KILLED" if stopped else "FINISHED")
+        assert 0.0 <= run.data.metrics["holdout_ap"] <= 1.0  # scored on holdout after every epoch
+    assert any(r.info.status == "FINISHED" for r in tpe)  # the first at each rung goes on
+    trials = [r for r in runs if r.data.tags[TAG_KIND] != "tpe"]
     kinds = sorted(
         (r.data.tags[TAG_KIND], int(r.data.tags[TAG_SEED]), r.data.tags.get(TAG_CANDIDATE, ""))
         for r in trials
@@ -64,6 +79,7 @@ def test_smoke_search_leaves_one_finished_run_per_trial(smoke_search):
         ("none", 0, ""),
         ("policy", 0, "search-0"),
         ("policy", 0, "search-1"),
+        ("policy", 0, "tpe"),
         ("random", 0, ""),
         ("random", 1, ""),
         ("search", 0, ""),
@@ -126,7 +142,7 @@ def test_the_selection_stage_retrains_the_exports_and_selects_the_holdout_best(s
         for r in runs.values()
         if r.data.tags.get(TAG_CANDIDATE) or r.data.tags[TAG_KIND] in ("none", "handcrafted")
     }
-    assert set(candidates) == {"none", "handcrafted", "search-0", "search-1"}
+    assert set(candidates) == {"none", "handcrafted", "search-0", "search-1", "tpe"}
     for name in ("search-0", "search-1"):
         run = candidates[name]
         assert run.data.tags[TAG_STAGE] == "selection" and run.info.status == "FINISHED"
@@ -150,13 +166,13 @@ def test_the_selection_stage_retrains_the_exports_and_selects_the_holdout_best(s
     selection = read_selection(config, config.experiment)
     assert selection.winner.run_id == selected[0].info.run_id
     assert selection.winner.gain == pytest.approx(best - holdout["none"])
-    assert {o.candidate for o in outcomes if o.candidate} == {"search-0", "search-1"}
+    assert {o.candidate for o in outcomes if o.candidate} == {"search-0", "search-1", "tpe"}
 
 
 def test_compare_reads_the_trials_back(smoke_search, tmp_path):
     config, outcomes = smoke_search
     name, rows = collect(config.tracking_uri, config.experiment)
-    assert name == "smoke" and len(rows) == 8
+    assert name == "smoke" and len(rows) == 12
     assert {r.run_id for r in rows} == {o.run_id for o in outcomes}
     assert [r.val_ap for r in rows] == sorted((r.val_ap for r in rows), reverse=True)
     table = format_table(name, rows)
@@ -172,7 +188,7 @@ def test_a_second_search_of_the_same_name_needs_resume(smoke_search):
         run_search(config, verbose=0)
     again = run_search(config, resume=True, verbose=0)  # finished: nothing left to run
     assert sorted(o.trial_id for o in again) == sorted(o.trial_id for o in outcomes)
-    assert len([r for r in _runs(config) if r.data.tags.get(TAG_KIND) != "full-train"]) == 8
+    assert len([r for r in _runs(config) if r.data.tags.get(TAG_KIND) != "full-train"]) == 12
 
 
 def test_promote_trains_on_two_gloo_workers_and_registers_the_model(smoke_search):

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from ray.train import Checkpoint
 
-from autopose.platform.compare import PolicyRow
+from autopose.platform.compare import PolicyRow, format_methods, method_rows, selection_of
 from autopose.platform.config import load_experiment
 from autopose.platform.runner import POLICY_FILE
 from autopose.platform.selection import CandidateScore, candidate_scores, format_selection, select
@@ -187,3 +187,31 @@ def test_a_bad_selection_section_names_its_field(smoke_config, selection, field,
         load_experiment(path)
     assert (error.value.field, error.value.path) == (field, str(path))
     assert words in str(error.value)
+
+
+def test_one_row_per_method_with_its_cost_and_its_best_candidates_gain():
+    rows = [
+        row("none", 0, 0.2),
+        row("handcrafted", 0, 0.1),
+        row("random", 0, 0.5),
+        row("random", 1, 0.1),
+        row("search", 0, 0.4),
+        row("search", 1, 0.4),
+        row("tpe", 0, 0.6),
+        row("tpe", 0, 0.2),
+        row("tpe", 0, 0.3),
+        row("policy", 0, 0.3, candidate="search-0"),
+        row("policy", 0, 0.35, candidate="search-1"),
+        row("policy", 0, 0.25, candidate="tpe"),
+    ]
+    selection = selection_of(rows)  # seeds: those the selection stage trained with
+    assert selection.winner.candidate == "search-1"
+    methods = {m.method: m for m in method_rows(rows, selection)}
+    assert list(methods) == ["search", "tpe", "random", "handcrafted", "none"]
+    assert (methods["tpe"].trials, methods["tpe"].cost_cpu_s) == (3, 3.0)  # the selection's not counted
+    assert (methods["search"].candidate, methods["search"].gain) == ("search-1", pytest.approx(0.15))
+    assert (methods["tpe"].candidate, methods["tpe"].gain) == ("tpe", pytest.approx(0.05))
+    assert methods["random"].candidate is None and methods["none"].gain == 0.0
+    table = format_methods(list(methods.values()))
+    assert "search-1" in table and "+0.1500" in table and "CPU-s" in table
+    assert selection_of([r for r in rows if r.candidate is None]) is None  # no selection stage
