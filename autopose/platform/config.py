@@ -137,6 +137,9 @@ class WarmStartConfig:
     Why: trials trained from scratch under a search's budget stop while every learning curve
     still climbs steeply, and the ranking of their policies is mostly noise; cheap policy
     searches pre-train or warm up the network first (DeepAA, MADAO).
+
+    ``cpus_per_worker`` and ``threads_per_worker`` place the base's training (it runs before any
+    trial, so the CPUs the trials will share are free); they are not part of the cache key.
     """
 
     epochs: int = 5
@@ -144,11 +147,13 @@ class WarmStartConfig:
     batch_size: int | None = None
     lr: float | None = None
     seed: int = 0
+    cpus_per_worker: float | None = None
+    threads_per_worker: int | None = None
 
     def _check(self, path, field_: str) -> None:
         if self.epochs <= 0:
             raise AutoposeError("must be > 0", path=path, field=f"{field_}.epochs")
-        for name in ("steps_per_epoch", "batch_size", "lr"):
+        for name in ("steps_per_epoch", "batch_size", "lr", "cpus_per_worker", "threads_per_worker"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise AutoposeError("must be > 0", path=path, field=f"{field_}.{name}")
@@ -303,6 +308,12 @@ class ExperimentConfig:
             lr_milestones=[],
             seed=warm.seed,
             init_from=None,
+            cpus_per_worker=warm.cpus_per_worker
+            if warm.cpus_per_worker is not None
+            else self.train.cpus_per_worker,
+            threads_per_worker=warm.threads_per_worker
+            if warm.threads_per_worker is not None
+            else self.train.threads_per_worker,
         )
 
     def full_train_data(self) -> DataConfig:

@@ -82,6 +82,9 @@ DEMO_POLICY_STEP: dict[str, Any] = {
 }
 
 
+BASE_THREADS = max(1, min(2, os.cpu_count() or 1))
+
+
 @dataclass(frozen=True)
 class DemoBudget:
     """How much work the demo does (``full``: the 15-minute demo; ``tiny``: the test's).
@@ -424,6 +427,10 @@ def demo_config(
             "epochs": budget.base_epochs,
             "steps_per_epoch": budget.base_steps_per_epoch,
             "seed": 0,
+            # The base trains before any trial, alone on the machine: two threads where there are
+            # two cores (placement only: the cached base's key does not change).
+            "cpus_per_worker": float(BASE_THREADS),
+            "threads_per_worker": BASE_THREADS,
         },
         "examples": budget.examples,
     }

@@ -43,9 +43,9 @@ TAG_BASE = "autopose.base"  # the base model's cache key
 TAG_USED_BY = "autopose.base_of"  # the search whose trials start from it
 TAG_REUSED = "autopose.reused"  # the run was logged from a cached base, not trained here
 _KEY_VERSION = 1
-# Settings that change where and how fast the base trains, not what it learns.
+# Settings that change where and how fast the base trains, or what is scored, not what it learns.
 _PLACEMENT = ("num_workers", "cpus_per_worker", "gpus_per_worker", "threads_per_worker", "loader_workers")
-_PLACEMENT += ("max_failures", "checkpoint_every", "val_batch_size")
+_PLACEMENT += ("max_failures", "checkpoint_every", "val_batch_size", "holdout_every_epoch")
 
 
 def _data_identity(experiment: ExperimentConfig) -> dict[str, str]:

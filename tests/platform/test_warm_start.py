@@ -73,8 +73,15 @@ def test_the_base_key_follows_what_the_base_learns_from_not_where_it_runs(write_
     longer = load_experiment(write_smoke_config(tmp_path, {**WARM, "warm_start": {"epochs": 2}}))
     elsewhere = load_experiment(write_smoke_config(tmp_path, {**WARM, "train": {"cpus_per_worker": 2}}))
     other_seed = load_experiment(write_smoke_config(tmp_path, {**WARM, "train": {"seed": 7}}))
+    scored = load_experiment(write_smoke_config(tmp_path, {**WARM, "train": {"holdout_every_epoch": True}}))
     assert base_key(config) != base_key(longer)
     assert base_key(config) == base_key(elsewhere) == base_key(other_seed)  # trials' seeds share one base
+    assert base_key(config) == base_key(scored)  # the tpe method's trials: one base with the others
+    placed = {**WARM, "warm_start": {**WARM["warm_start"], "cpus_per_worker": 2, "threads_per_worker": 2}}
+    wider = load_experiment(write_smoke_config(tmp_path, placed))
+    assert (wider.warm_start_config().cpus_per_worker, wider.warm_start_config().threads_per_worker) == (2, 2)
+    assert config.warm_start_config().threads_per_worker == config.train.threads_per_worker  # null: train's
+    assert base_key(config) == base_key(wider)  # where the base trains is not what it learns
 
 
 def test_a_warm_start_needs_a_folder_for_its_cache(write_smoke_config, tmp_path):
