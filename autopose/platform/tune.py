@@ -492,47 +492,39 @@ def _close_runs(setup: TrialSetup) -> CloseRuns:
     )
 
 
-def _tuner(
+def _asha(experiment: ExperimentConfig):
+    """ASHA over epochs (``tune.grace_period``, ``tune.reduction_factor``) on the Tuner's metric."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    epochs, settings = experiment.train.epochs, experiment.tune
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=epochs,
+        grace_period=min(settings.grace_period, epochs),
+        reduction_factor=settings.reduction_factor,
+    )
+
+
+def _new_tuner(
     setup: TrialSetup,
     path: str,
     *,
-    resume: bool,
+    param_space: dict[str, Any],
+    num_samples: int,
     verbose: int,
-    candidates: list[dict[str, Any]] | None = None,
+    metric: str = METRIC,
+    search_alg=None,
+    scheduler=None,
 ) -> ray.tune.Tuner:
-    """The Tuner of the search's trials, or with ``candidates`` of its selection stage (every
-    candidate trains to the end: no early stopping, no sampler)."""
+    """A Tuner of ``setup``'s trials in ``path`` (``<storage>/tune/<its name>``): what every Tune run
+    of a search shares (names, retries, the runs' closing callbacks, checkpoints kept)."""
     experiment = setup.experiment
-    trainable = _trainable(setup)
-    if resume:
-        return ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     settings = experiment.tune
-    scheduler = None
-    if settings.scheduler == "asha" and candidates is None:
-        from ray.tune.schedulers import ASHAScheduler
-
-        scheduler = ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=experiment.train.epochs,
-            grace_period=min(settings.grace_period, experiment.train.epochs),
-            reduction_factor=settings.reduction_factor,
-        )
-    plan = planned_trials(experiment) if candidates is None else candidates
-    if settings.search_alg == "optuna" and candidates is None:
-        search_alg = _optuna_searcher(experiment)
-        if settings.max_concurrent:
-            search_alg = ConcurrencyLimiter(search_alg, max_concurrent=settings.max_concurrent)
-        param_space: dict[str, Any] = {}
-        num_samples = len(plan)
-    else:
-        search_alg = None
-        param_space = {"trial": ray.tune.grid_search(plan)}
-        num_samples = 1
     return ray.tune.Tuner(
-        trainable,
+        _trainable(setup),
         param_space=param_space,
         tune_config=ray.tune.TuneConfig(
-            metric=METRIC,
+            metric=metric,
             mode=MODE,
             search_alg=search_alg,
             scheduler=scheduler,
@@ -550,6 +542,41 @@ def _tuner(
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
             verbose=verbose,
         ),
+    )
+
+
+def _tuner(
+    setup: TrialSetup,
+    path: str,
+    *,
+    resume: bool,
+    verbose: int,
+    candidates: list[dict[str, Any]] | None = None,
+) -> ray.tune.Tuner:
+    """The Tuner of the search's trials, or with ``candidates`` of its selection stage (every
+    candidate trains to the end: no early stopping, no sampler)."""
+    experiment = setup.experiment
+    if resume:
+        return ray.tune.Tuner.restore(path, trainable=_trainable(setup), resume_errored=True)
+    settings = experiment.tune
+    scheduler = _asha(experiment) if settings.scheduler == "asha" and candidates is None else None
+    plan = planned_trials(experiment) if candidates is None else candidates
+    if settings.search_alg == "optuna" and candidates is None:
+        search_alg = _optuna_searcher(experiment)
+        if settings.max_concurrent:
+            search_alg = ConcurrencyLimiter(search_alg, max_concurrent=settings.max_concurrent)
+        return _new_tuner(
+            setup,
+            path,
+            param_space={},
+            num_samples=len(plan),
+            verbose=verbose,
+            search_alg=search_alg,
+            scheduler=scheduler,
+        )
+    param_space = {"trial": ray.tune.grid_search(plan)}
+    return _new_tuner(
+        setup, path, param_space=param_space, num_samples=1, verbose=verbose, scheduler=scheduler
     )
 
 
@@ -757,7 +784,6 @@ def _run_tpe(setup: TrialSetup, path: str, *, resume: bool, verbose: int, say):
     trials' start and scored on holdout after every epoch, ASHA stopping the weak (a Tune run of
     its own, ``<name>+tpe``)."""
     import optuna
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     experiment = setup.experiment
@@ -765,42 +791,22 @@ def _run_tpe(setup: TrialSetup, path: str, *, resume: bool, verbose: int, say):
     train = dataclasses.replace(experiment.train, holdout_every_epoch=True)
     tpe_setup = dataclasses.replace(setup, experiment=experiment.replace(train=train))
     tpe_path = f"{path}+{TPE_KIND}"
-    trainable = _trainable(tpe_setup)
     if resume and ray.tune.Tuner.can_restore(tpe_path):
-        return ray.tune.Tuner.restore(tpe_path, trainable=trainable, resume_errored=True).fit()
-    settings = experiment.tune
+        return ray.tune.Tuner.restore(tpe_path, trainable=_trainable(tpe_setup), resume_errored=True).fit()
     say(f"tpe: {experiment.tpe.trials} policies proposed by Optuna's TPE, scored on the holdout split")
     sampler = optuna.samplers.TPESampler(seed=train.seed, n_startup_trials=experiment.tpe.startup_trials)
-    tuner = ray.tune.Tuner(
-        trainable,
+    tuner = _new_tuner(
+        tpe_setup,
+        tpe_path,
         param_space={
             "trial": {"kind": TPE_KIND, "seed": train.seed},
             "policy": tpe_param_space(SearchSpace.from_dict(experiment.space_dict)),
         },
-        tune_config=ray.tune.TuneConfig(
-            metric=TPE_METRIC,
-            mode=MODE,
-            search_alg=OptunaSearch(sampler=sampler),
-            scheduler=ASHAScheduler(
-                time_attr="training_iteration",
-                max_t=train.epochs,
-                grace_period=min(settings.grace_period, train.epochs),
-                reduction_factor=settings.reduction_factor,
-            ),
-            num_samples=experiment.tpe.trials,
-            max_concurrent_trials=settings.max_concurrent,
-            trial_name_creator=_trial_name,
-            trial_dirname_creator=_trial_name,
-            reuse_actors=True,
-        ),
-        run_config=ray.tune.RunConfig(
-            name=Path(tpe_path).name,
-            storage_path=storage_join(experiment.storage_path, "tune"),
-            failure_config=ray.tune.FailureConfig(max_failures=settings.max_failures),
-            callbacks=[_close_runs(tpe_setup), WatchTracking(experiment.tracking_uri)],
-            checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
-            verbose=verbose,
-        ),
+        num_samples=experiment.tpe.trials,
+        verbose=verbose,
+        metric=TPE_METRIC,
+        search_alg=OptunaSearch(sampler=sampler),
+        scheduler=_asha(tpe_setup.experiment),
     )
     return tuner.fit()
 
