@@ -88,7 +88,7 @@ def _check_only_clear_errors(load, path: Path, *, structured: bool) -> None:
 
 def _experiment_document(folder: Path) -> dict:
     document = copy.deepcopy(SMOKE)
-    for split in ("train", "val"):
+    for split in ("train", "val", "search_val"):
         (folder / f"{split}.parquet").write_bytes(b"")
         document["data"][split] = str(folder / f"{split}.parquet")
     document["tracking_uri"] = f"sqlite:///{folder / 'mlflow.db'}"
@@ -257,7 +257,8 @@ def test_malicious_checkpoint_in_the_resume_folder_is_refused(tmp_path, smoke_da
     from autopose.platform.runner import CHECKPOINT_FILE, TrainingJob, train_loop_per_worker
 
     path = tmp_path / "experiment.yaml"
-    document = {**EXPERIMENT, "data": {**EXPERIMENT["data"], **{k: str(v) for k, v in smoke_data.items()}}}
+    splits = {"train": smoke_data["train"], "val": smoke_data["val"], "search_val": smoke_data["holdout"]}
+    document = {**EXPERIMENT, "data": {**EXPERIMENT["data"], **{k: str(v) for k, v in splits.items()}}}
     path.write_text(yaml.safe_dump(document))
     config = load_experiment(path)
     marker = tmp_path / "unpickled"
