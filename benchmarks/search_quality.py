@@ -281,7 +281,11 @@ def run_suite(
     for shift in shifts:
         synth, _ = prepare_synth(workdir, budget, shift=shift)
         data, _ = prepare_proxies(workdir, budget, synth)
-        configs[shift] = demo_config(workdir, budget, data, name=f"known-answer-{shift}")
+        config = demo_config(workdir, budget, data, name=f"known-answer-{shift}")
+        # The base on one thread, as every figure in the README was measured (two threads train it
+        # faster in the demo but round differently, and end at another base of the same key).
+        one_thread = dataclasses.replace(config.warm_start, cpus_per_worker=1.0, threads_per_worker=1)
+        configs[shift] = config.replace(warm_start=one_thread)
     # One base model for every shift and seed: the train split is the same, so is its key.
     with quiet_libraries(), local_ray():
         for shift, config in configs.items():
