@@ -48,13 +48,16 @@ def atomic_write(path: str | Path, mode: str = "w", *, make_parents: bool = True
 
 
 def read_json(path: str | Path) -> Any:
-    """Parse a JSON file; a missing file or bad JSON is an :class:`AutoposeError` naming it."""
+    """Parse a JSON file; a missing or unreadable file, text that is not UTF-8 or not JSON is an
+    :class:`AutoposeError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise AutoposeError("file not found", path=path)
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
+    except OSError as error:
+        raise AutoposeError(f"cannot read ({error.strerror or error})", path=path) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AutoposeError(f"not valid json ({error})", path=path) from None
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from autopose.engine.config import AugmentSpec, to_plain
 from autopose.errors import AutoposeError
+from autopose.files import read_json
 from autopose.platform.cluster import ray_session
 from autopose.platform.config import BASELINE_KINDS, ExperimentConfig, check_name, storage_join
 from autopose.platform.runner import CHECKPOINT_FILE, TrainingJob, fit, local_checkpoint, resources_of
@@ -67,10 +68,7 @@ def policy_spec(policy: str | Path | dict[str, Any], seed: int) -> AugmentSpec:
         raise AutoposeError(
             f"not a policy file, nor one of {', '.join(BASELINE_KINDS)}: {text}", path=path, field="--policy"
         )
-    try:
-        document = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise AutoposeError(f"not valid JSON ({error.msg}, line {error.lineno})", path=path) from None
+    document = read_json(path)  # unreadable, not UTF-8, not JSON: one line naming the file
     if not isinstance(document, dict):
         raise AutoposeError("expected a JSON object", path=path)
     return AugmentSpec(kind="policy", seed=seed, policy=document)

@@ -198,6 +198,14 @@ def test_policy_argument_of_train(smoke_config, tmp_path):
     config = load_experiment(smoke_config())
     with pytest.raises(AutoposeError, match="Twirl"):
         _check_policy(policy_spec(str(bad), 0), config)  # before Ray starts
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(b"\xff\xfe{}")  # not UTF-8: one line naming the file, no traceback
+    with pytest.raises(AutoposeError, match="not valid json") as error:
+        policy_spec(str(binary), 0)
+    assert error.value.path == str(binary) and "\n" not in str(error.value)
+    result = _cli("train", "--policy", str(binary), "--config", str(smoke_config()), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert str(binary) in result.stderr.strip().splitlines()[-1]
 
 
 def test_the_coco_cluster_config_is_valid(smoke_data, coco_ann, coco_images):
