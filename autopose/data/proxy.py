@@ -426,6 +426,8 @@ def build_proxy(
     ann, images_dir, out = Path(ann), Path(images_dir), Path(out)
     if not out.parent.is_dir():
         raise AutoposeError("output folder does not exist", path=out.parent, field="out")
+    if out.is_dir():  # checked now, not at the rename after every crop is built
+        raise AutoposeError("is a folder: give the .parquet file to write", path=out, field="out")
     if max_images <= 0:
         raise AutoposeError(f"must be positive, got {max_images}", field="max_images")
     height, width = input_size

@@ -60,6 +60,17 @@ def test_missing_output_folder_exits_2_and_writes_nothing(tmp_path, capsys, coco
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_output_that_is_a_folder_exits_2_before_any_crop_is_built(tmp_path, capsys, coco_ann, coco_images):
+    out = tmp_path / "outdir"
+    out.mkdir()
+    code = main(
+        ["data", "build-proxy", "--ann", str(coco_ann), "--images", str(coco_images), "--out", str(out)]
+    )
+    assert code == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [out] and list(out.iterdir()) == []  # nothing written
+
+
 def test_failed_rebuild_keeps_the_existing_proxy(tmp_path, capsys, coco_ann, coco_images):
     out = tmp_path / "proxy.parquet"
     argv = ["data", "build-proxy", "--ann", str(coco_ann), "--images", str(coco_images), "--out", str(out)]
