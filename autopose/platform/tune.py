@@ -622,16 +622,17 @@ def run_search(
         inject_failure_after_epoch=int(failure) if failure not in (None, "") else None,
         inject_kill_after_epoch=int(kill) if kill not in (None, "") else None,
     )
+    # Said before Ray starts (tens of seconds): reading the storage folder needs no Ray.
+    exists = ray.tune.Tuner.can_restore(path)
+    if resume and not exists:
+        raise AutoposeError(f"no search named {search_name!r} to resume in {path}", field="--resume")
+    if exists and not resume:
+        raise AutoposeError(
+            f"a search named {search_name!r} exists already in {path}: add --resume to finish it, "
+            "or choose another --experiment name",
+            field="--experiment",
+        )
     with ray_session(address):
-        exists = ray.tune.Tuner.can_restore(path)
-        if resume and not exists:
-            raise AutoposeError(f"no search named {search_name!r} to resume in {path}", field="--resume")
-        if exists and not resume:
-            raise AutoposeError(
-                f"a search named {search_name!r} exists already in {path}: add --resume to finish it, "
-                "or choose another --experiment name",
-                field="--experiment",
-            )
         # Every trial starts from the same weights: the base model, trained once (or cached).
         setup.experiment = prepare_warm_start(experiment, experiment_id, search_name, say=say)
         # The driver's own MLflow calls (the callbacks, the clean-up) must not stall the search
