@@ -10,7 +10,7 @@ from pathlib import Path
 
 from autopose.errors import AutoposeError
 from autopose.platform.config import ExperimentConfig
-from autopose.platform.selection import Selection, candidate_scores, select
+from autopose.platform.selection import Selection, candidate_scores, format_gain, select, text_table
 from autopose.platform.tracking import (
     SEARCH_KINDS,
     TAG_CANDIDATE,
@@ -175,17 +175,13 @@ def format_methods(methods: list[MethodRow]) -> str:
             _number(m.cost_gpu_s, 0),
             m.candidate or "-",
             _number(m.holdout_ap, 4),
-            "-" if m.gain is None else f"{m.gain:+.4f}" + (f" ± {m.gain_sd:.4f}" if m.seeds > 1 else ""),
+            "-" if m.gain is None else format_gain(m.gain, m.gain_sd, m.seeds),
         )
         for m in methods
     ]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-
-    def render(cells) -> str:
-        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
-
-    body = [render(header), render(["-" * w for w in widths]), *(render(line) for line in lines)]
-    return "methods (cost of their own trials; gain: their best candidate on holdout):\n" + "\n".join(body)
+    return "methods (cost of their own trials; gain: their best candidate on holdout):\n" + text_table(
+        header, lines
+    )
 
 
 def selection_of(rows: list[PolicyRow]) -> Selection | None:
@@ -224,14 +220,8 @@ def format_table(name: str, rows: list[PolicyRow]) -> str:
         )
         for r in rows
     ]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-
-    def render(cells) -> str:
-        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
-
-    body = [render(header), render(["-" * w for w in widths]), *(render(line) for line in lines)]
     note = "  (* promoted)" if any(r.promoted for r in rows) else ""
-    return f"experiment {name}: {len(rows)} runs, best val AP first{note}\n" + "\n".join(body)
+    return f"experiment {name}: {len(rows)} runs, best val AP first{note}\n" + text_table(header, lines)
 
 
 def plot(name: str, rows: list[PolicyRow], out: str | Path) -> Path:

@@ -29,6 +29,7 @@ from typing import Any
 
 from autopose.platform.compare import collect, method_rows, plot, read_selection
 from autopose.platform.config import ExperimentConfig
+from autopose.platform.selection import format_gain
 from autopose.platform.tracking import (
     POLICY_ARTIFACT,
     SEARCH_KINDS,
@@ -506,7 +507,7 @@ def write_report(
                         html.escape(r.candidate) + (" (selected)" if r is selection.winner else ""),
                         str(len(r.seeds)),
                         _fmt(r.holdout_ap),
-                        f"{r.gain:+.4f}" + (f" ± {r.gain_sd:.4f}" if len(r.seeds) > 1 else ""),
+                        format_gain(r.gain, r.gain_sd, len(r.seeds)),
                         _fmt(r.val_ap),
                         f"<code>{r.run_id}</code>",
                     ]
@@ -526,9 +527,7 @@ def write_report(
                         _fmt(m.cost_gpu_s, 0),
                         html.escape(m.candidate or "–"),
                         _fmt(m.holdout_ap),
-                        "–"
-                        if m.gain is None
-                        else f"{m.gain:+.4f}" + (f" ± {m.gain_sd:.4f}" if m.seeds > 1 else ""),
+                        "–" if m.gain is None else format_gain(m.gain, m.gain_sd, m.seeds),
                     ]
                     for m in method_rows(rows, selection)
                 ],

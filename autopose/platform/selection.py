@@ -26,6 +26,21 @@ SELECTION_BASELINES = (NONE, "handcrafted")
 NOISE_STANDARD_ERRORS = 2.0
 
 
+def format_gain(gain: float, gain_sd: float, seeds: int) -> str:
+    """``+0.0953``, with ``± sd`` when there are two or more seeds (one has no spread)."""
+    return f"{gain:+.4f}" + (f" ± {gain_sd:.4f}" if seeds > 1 else "")
+
+
+def text_table(header: tuple[str, ...], lines: list[tuple[str, ...]]) -> str:
+    """Columns padded to their widest cell, a rule under the header (the console's tables)."""
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+
+    def render(cells) -> str:
+        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+
+    return "\n".join([render(header), render(["-" * w for w in widths]), *(render(line) for line in lines)])
+
+
 @dataclass(frozen=True)
 class CandidateScore:
     """One candidate trained with one seed: what its run scored."""
@@ -85,7 +100,7 @@ class Selection:
                 f"selected: none (holdout AP {best.holdout_ap:.4f}, {seeds} seed(s)): no candidate beat "
                 "training without augmentation on the holdout split; promoting it trains without augmentation"
             )
-        gain = f"{best.gain:+.4f}" + (f" ± {best.gain_sd:.4f}" if seeds > 1 else "")
+        gain = format_gain(best.gain, best.gain_sd, seeds)
         text = (
             f"selected: {best.candidate} (holdout AP {best.holdout_ap:.4f}, "
             f"{gain} over none, {seeds} seed(s))"
@@ -162,21 +177,15 @@ def format_selection(selection: Selection) -> str:
             r.candidate + (" *" if i == 0 else ""),
             str(len(r.seeds)),
             f"{r.holdout_ap:.4f}",
-            f"{r.gain:+.4f}" + (f" ± {r.gain_sd:.4f}" if len(r.seeds) > 1 else ""),
+            format_gain(r.gain, r.gain_sd, len(r.seeds)),
             "-" if r.val_ap is None else f"{r.val_ap:.4f}",
             r.run_id,
         )
         for i, r in enumerate(selection.ranked)
     ]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-
-    def render(cells) -> str:
-        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
-
-    body = [render(header), render(["-" * w for w in widths]), *(render(line) for line in lines)]
     return (
         "selection on the holdout split (* selected; val AP only reports):\n"
-        + "\n".join(body)
+        + text_table(header, lines)
         + "\n"
         + selection.summary()
     )
