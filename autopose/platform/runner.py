@@ -325,7 +325,8 @@ def fit(
             name=name,
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # As the trials' (tune.py): the newer replaces the older once it is persisted.
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=callbacks,
         ),
     )
