@@ -60,8 +60,11 @@ from autopose.platform.selection import CandidateScore, select
 RANDOMS = 3  # a search trial costs about 3–4 baseline trials (measured: ``search_cost`` below)
 TPE_TRIALS = 4  # the tpe method's candidates per cell (each a baseline trial's cost)
 TPE_STARTUP = 2  # of which random before TPE models the results
+PBA_POPULATION = 4  # the pba method's members per cell (each a baseline trial's cost)
+# PBA as the platform runs it (autopose.platform.config.PbaConfig's defaults).
+PBA_INTERVAL, PBA_QUANTILE, PBA_RESAMPLE = 1, 0.25, 0.2
 # The selection stage's candidates (autopose.platform.selection): none is always one of them.
-SELECTION = ("none", "handcrafted", "exported", "tpe")
+SELECTION = ("none", "handcrafted", "exported", "tpe", "pba")
 
 
 def _say(text: str) -> None:
@@ -119,6 +122,87 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def train_pba(job: dict[str, Any]) -> dict[str, Any]:
+    """The pba method on one cell, in this process: ``job["population"]`` random discrete policies
+    (drawn from the platform's space, :func:`autopose.platform.tune.policy_param_space`) fine-tune
+    epoch by epoch, scored on holdout after each; every ``PBA_INTERVAL`` epochs the bottom quarter
+    takes a top member's training state and a perturbed copy of its policy
+    (:func:`autopose.platform.tune.perturb_sampled`), as Tune's synchronous PBT does for the
+    platform's pba trials. The result is the best member on holdout, with the schedule of policies
+    it trained with; ``train_cpu_s`` counts the whole population."""
+    import math
+    import random
+    import tempfile
+
+    import torch
+
+    from autopose.augment import SearchSpace
+    from autopose.data import ProxyDataset
+    from autopose.engine.train import Trainer
+    from autopose.platform.tune import perturb_sampled, sampled_policy
+
+    torch.set_num_threads(1)
+    started = time.process_time()
+    space = SearchSpace.from_dict(job["space"])
+    rng = random.Random(job["spec"].seed)
+    train = dataclasses.replace(job["train"], holdout_every_epoch=True)
+
+    def member(point: dict[str, Any], state: Path | None = None) -> Any:
+        spec = dataclasses.replace(job["spec"], kind="policy", policy=sampled_policy(point, space))
+        trainer = Trainer(job["data"], job["model"], train, spec, job["space"], device="cpu")
+        if state is not None:
+            trainer.load(state)
+        return trainer
+
+    points = [
+        {
+            f"s{k}": {
+                f"t{n}": {
+                    "op": rng.choice(space.op_names),
+                    "p": rng.randint(0, 10) / 10,
+                    "m": rng.randint(0, 10),
+                }
+                for n in range(space.N)
+            }
+            for k in range(space.K)
+        }
+        for _ in range(job["population"])
+    ]
+    members = [member(point) for point in points]
+    count = min(math.ceil(len(members) * PBA_QUANTILE), len(members) // 2)
+    exploits = 0
+    for epoch in range(train.epochs):
+        holdout = []
+        for trainer in members:
+            trainer.run(epochs=1)
+            holdout.append(trainer.history[-1]["holdout_ap"])
+        if epoch + 1 < train.epochs and (epoch + 1) % PBA_INTERVAL == 0:
+            ranked = sorted(range(len(members)), key=holdout.__getitem__)
+            for loser in ranked[:count]:
+                donor = rng.choice(ranked[-count:])
+                points[loser] = perturb_sampled(points[donor], space.op_names, rng, PBA_RESAMPLE)
+                with tempfile.TemporaryDirectory(prefix="autopose-pba-") as folder:
+                    state = members[donor].save(Path(folder) / "donor.pt")
+                    members[loser] = member(points[loser], state)
+                exploits += 1
+    best = max(members, key=lambda trainer: trainer.history[-1]["holdout_ap"])
+    train_cpu = time.process_time() - started
+    ((shift, (val_path, holdout_path)),) = job["shifts"].items()
+    scores = {
+        shift: {
+            "val_ap": round(best.proxy_scores(ProxyDataset(Path(val_path)))["AP"], 4),
+            "holdout_ap": round(best.proxy_scores(ProxyDataset(Path(holdout_path)))["AP"], 4),
+        }
+    }
+    return {
+        "scores": scores,
+        "policy": best.policy_document(),
+        "exploits": exploits,
+        "train_cpu_s": round(train_cpu, 1),
+        "cpu_s": round(time.process_time() - started, 1),
+    }
+
+
 # -- the suite ------------------------------------------------------------------------------------------
 # Every shift shares the train split (only val and holdout are shifted), so a policy that does not
 # look at held-out data trains the same weights for every shift: it is trained once per seed and
@@ -166,9 +250,9 @@ def tpe_study(seed: int) -> Any:
 
 def tpe_ask(study: Any, space_dict: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The next policy TPE proposes: the same space as the platform's tpe method
-    (:func:`autopose.platform.tune.tpe_param_space`: each step's op, p in steps of 0.1, m 0–10)."""
+    (:func:`autopose.platform.tune.policy_param_space`: each step's op, p in steps of 0.1, m 0–10)."""
     from autopose.augment import SearchSpace
-    from autopose.platform.tune import tpe_policy
+    from autopose.platform.tune import sampled_policy
 
     space = SearchSpace.from_dict(space_dict)
     sampled: dict[str, Any] = {}
@@ -181,7 +265,7 @@ def tpe_ask(study: Any, space_dict: dict[str, Any]) -> tuple[Any, dict[str, Any]
                 "p": trial.suggest_float(f"{key}/p", 0.0, 1.0, step=0.1),
                 "m": trial.suggest_int(f"{key}/m", 0, 10),
             }
-    return trial, tpe_policy(sampled, space)
+    return trial, sampled_policy(sampled, space)
 
 
 def _jobs(
@@ -213,6 +297,15 @@ def _jobs(
     return jobs
 
 
+def _pba_jobs(pending: dict[tuple[str, int, str], dict[str, Any]], population: int) -> dict:
+    """One pba job per cell (its population trains in one process), from the cell's matched job."""
+    return {
+        (shift, seed, f"pba{population}"): {**job, "population": population, "adabn": False}
+        for (shift, seed, label), job in pending.items()
+        if label == "matched"
+    }
+
+
 def _cell(shift: str, seed: int, results: dict[str, dict[str, Any]], variant: str) -> dict[str, Any]:
     """One (shift, seed) row from its trainings' results (``label -> result``)."""
     results = {label.removesuffix(variant): result for label, result in results.items()}
@@ -228,6 +321,8 @@ def _cell(shift: str, seed: int, results: dict[str, dict[str, Any]], variant: st
         "search": scores["search"]["val_ap"],
         "exported": scores["exported"]["val_ap"],
     }
+    if "pba" in results:  # the pba method: its best member on holdout, reported on val
+        ap["pba"] = scores["pba"]["val_ap"]
     proposals = [k for k in results if k.startswith("tpe-")]
     if proposals:  # the tpe method: its best proposal on holdout, reported on val
         best_tpe = max(proposals, key=lambda k: scores[k]["holdout_ap"])
@@ -257,6 +352,7 @@ def _cell(shift: str, seed: int, results: dict[str, dict[str, Any]], variant: st
         "search_cost": round(search["train_cpu_s"] / (sum(baseline_cpu) / len(baseline_cpu)), 2),
         "selected": selected,
         "tpe_chosen": best_tpe if proposals else None,
+        "pba_schedule": len(results["pba"]["policy"].get("schedule", [0])) if "pba" in results else None,
         "train_cpu_s": {k: v["train_cpu_s"] for k, v in results.items()},
     }
 
@@ -269,10 +365,12 @@ def run_suite(
     jobs: int,
     search: list[str] = (),
     tpe: int = 0,
+    pba: int = 0,
 ) -> list[dict[str, Any]]:
     """Every cell of ``shifts`` × ``seeds`` (see the module docstring); ``search``: ``KEY=VALUE``
     overrides of the search's settings (see :func:`search_settings`); ``tpe``: policies the tpe
-    method proposes per cell, one after the other (each proposal reads the results before it)."""
+    method proposes per cell, one after the other (each proposal reads the results before it);
+    ``pba``: the pba method's population per cell (0: off)."""
     from autopose.platform.tracking import ensure_experiment
     from autopose.platform.warm_start import prepare_warm_start
 
@@ -296,6 +394,8 @@ def run_suite(
     pending: dict[tuple[str, int, str], dict[str, Any]] = {}
     for seed in seeds:
         pending.update(_jobs(configs, seed, randoms, bilevel, variant))
+    if pba:
+        pending.update(_pba_jobs(pending, pba))
     done: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}  # (group, seed) -> label -> result
     studies: dict[tuple[str, int], tuple[Any, list[Any]]] = {}  # cell -> (study, its asked trials)
 
@@ -350,7 +450,10 @@ def run_suite(
                 queue.insert(0, ask_tpe(group, seed))
         if sum(len(done.get((g, seed), {})) for g in (EVERY_SHIFT, *shifts)) == planned[seed]:
             for shift in shifts:
-                cell = _cell(shift, seed, {**done[(EVERY_SHIFT, seed)], **done[(shift, seed)]}, variant)
+                results = {**done[(EVERY_SHIFT, seed)], **done[(shift, seed)]}
+                if pba:
+                    results["pba"] = results.pop(f"pba{pba}")
+                cell = _cell(shift, seed, results, variant)
                 cells.append(cell)
                 print(json.dumps(cell), flush=True)
 
@@ -364,7 +467,8 @@ def run_suite(
                 if result is not None:
                     finish(key, result)
                 else:
-                    running[pool.submit(train_one, pending[key])] = key
+                    work = train_pba if "population" in pending[key] else train_one
+                    running[pool.submit(work, pending[key])] = key
             if not running:
                 continue
             finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -395,6 +499,9 @@ def main() -> int:
     parser.add_argument(
         "--tpe", type=int, default=TPE_TRIALS, help="policies the tpe method proposes per cell (0: off)"
     )
+    parser.add_argument(
+        "--pba", type=int, default=PBA_POPULATION, help="the pba method's population per cell (0: off)"
+    )
     parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/autopose-known-answer"))
     args = parser.parse_args()
@@ -406,7 +513,9 @@ def main() -> int:
     workdir = args.workdir.absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    cells = run_suite(workdir, args.shifts, args.seeds, args.randoms, args.jobs, args.search, args.tpe)
+    cells = run_suite(
+        workdir, args.shifts, args.seeds, args.randoms, args.jobs, args.search, args.tpe, args.pba
+    )
     summary = summarize(cells)
     for shift, row in summary.items():
         print(json.dumps({"summary": shift, **row}), flush=True)
@@ -419,6 +528,7 @@ def main() -> int:
                 "randoms": args.randoms,
                 "search": args.search,
                 "tpe": args.tpe,
+                "pba": args.pba,
                 "wall_s": round(time.perf_counter() - started, 1),
                 "machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}",
             }

@@ -49,6 +49,7 @@ from autopose.augment import (
     no_policy,
     random_policy,
 )
+from autopose.augment.schedule import PolicySchedule, policy_from_document, schedule_document
 from autopose.data import CocoCropDataset, HeatmapCodec, ProxyDataset, load_coco
 from autopose.engine.checkpoint import load_checkpoint, save_checkpoint
 from autopose.engine.config import (
@@ -211,7 +212,9 @@ def build_augment(
             return build_augment(
                 baseline, space, flip_pairs=flip_pairs, dataset=dataset, total_steps=total_steps
             )
-        return Policy.from_dict(spec.policy, space=space, seed=spec.seed)
+        policy = policy_from_document(spec.policy, space=space, seed=spec.seed)
+        # A schedule covers the same shares of this training as of the one it was found in.
+        return policy.stretched(total_steps) if isinstance(policy, PolicySchedule) else policy
     raise AutoposeError(f"unknown trial kind {spec.kind!r}", field="kind")
 
 
@@ -220,16 +223,30 @@ def policy_document(augment: Any, kind: str, seed: int) -> dict[str, Any]:
     or for baselines that are not a :class:`Policy` a small description of them."""
     if isinstance(augment, RelaxedPolicy):
         return augment.export().to_dict()
-    if isinstance(augment, Policy):
+    if isinstance(augment, Policy | PolicySchedule):
         return augment.to_dict()
     return {"format": BASELINE_FORMAT, "kind": kind, "seed": seed, "description": repr(augment)}
 
 
 def discrete_augment(augment: Any) -> Augment:
-    """A callable for pictures and final policies: the exported policy of a search."""
+    """A callable for pictures and final policies: the exported policy of a search, the last
+    policy of a schedule."""
     if isinstance(augment, RelaxedPolicy):
         return augment.export(seed=0)
+    if isinstance(augment, PolicySchedule):
+        return augment.final_policy
     return augment
+
+
+def _continued(saved: list, current: dict[str, Any], step: int) -> list[tuple[int, dict[str, Any]]]:
+    """The policies a run resumed at ``step`` has trained with: the checkpoint's (``saved``),
+    then ``current`` from ``step`` on when it is another policy."""
+    trained = [(int(start), dict(document)) for start, document in saved]
+    if trained[-1][1] == current:
+        return trained
+    if trained[-1][0] >= step:  # changed again before a step was taken with the last one
+        trained.pop()
+    return [*trained, (step, current)]
 
 
 def _fitted_optimizer_state(
@@ -360,6 +377,7 @@ class Trainer:
                 field="train.batch_size",
             )
         total_steps = self.steps_per_epoch * train.epochs
+        self.total_steps = total_steps
         self.augment = build_augment(
             augment,
             self.space,
@@ -379,6 +397,12 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.wall_s = 0.0  # training time so far, across resumptions
         self.history: list[dict[str, float]] = []
+        # A discrete policy's run: the policies it trained with, as (start step, document). A run
+        # resumed with another policy than its checkpoint's (Population Based Augmentation hands a
+        # trial a better one's checkpoint and a perturbed policy) trained with a schedule.
+        self.trained_policies: list[tuple[int, dict[str, Any]]] = []
+        if isinstance(self.augment, Policy):
+            self.trained_policies = [(0, self.augment.to_dict())]
 
     # -- construction ---------------------------------------------------------------------------------
     def _default_device(self) -> torch.device:
@@ -489,6 +513,7 @@ class Trainer:
             },
             "augment_generator": _generator_state(self.augment),
             "kind": self.spec.kind,
+            "trained_policies": [[start, document] for start, document in self.trained_policies],
         }
         if isinstance(self.augment, RelaxedPolicy):
             state["policy"] = {k: v.detach().cpu() for k, v in self.augment.state_dict().items()}
@@ -517,6 +542,8 @@ class Trainer:
         generator = getattr(self.augment, "generator", None)
         if isinstance(generator, torch.Generator) and state.get("augment_generator") is not None:
             generator.set_state(state["augment_generator"])
+        if self.trained_policies and state.get("trained_policies"):
+            self.trained_policies = _continued(state["trained_policies"], self.augment.to_dict(), self.step)
         if isinstance(self.augment, RelaxedPolicy):
             self.augment.load_state_dict(state["policy"])
             self.policy_optimizer.load_state_dict(
@@ -550,6 +577,10 @@ class Trainer:
 
     # -- the policy, for tracking ------------------------------------------------------------------
     def policy_document(self) -> dict[str, Any]:
+        """What ``policy/policy.json`` holds: the trained policy, or the schedule of the policies
+        a resumed run trained with when they differ."""
+        if len(self.trained_policies) > 1:
+            return schedule_document(self.trained_policies, self.total_steps)
         return policy_document(self.augment, self.spec.kind, self.spec.seed)
 
     def policy_metrics(self) -> dict[str, float]:
@@ -606,7 +637,7 @@ class Trainer:
     def _plain_step(self, images: Tensor, keypoints: Tensor, visibility: Tensor) -> dict[str, float]:
         """A weight step on the augmented batch; the augmentation (the relaxed policy of a search
         between its policy steps, too) runs without gradient."""
-        if isinstance(self.augment, RelaxedPolicy):
+        if isinstance(self.augment, RelaxedPolicy | PolicySchedule):
             self.augment.set_step(self.step)
         with torch.no_grad():
             images, keypoints, visibility = self.augment(images, keypoints, visibility)

@@ -116,7 +116,7 @@ def collect(
 
 
 # The search methods and baselines a row of ``method_rows`` can stand for, in the order shown.
-METHODS = ("search", "tpe", "random", "handcrafted", "none", "randaugment", "trivialaugment")
+METHODS = ("search", "tpe", "pba", "random", "handcrafted", "none", "randaugment", "trivialaugment")
 
 
 @dataclass

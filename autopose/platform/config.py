@@ -20,6 +20,8 @@ Layout (every section optional except ``data``; see search_spaces/smoke.yaml)::
     full_train: {epochs, num_workers, backend, registered_model, alias, ...}
     warm_start: {epochs, steps_per_epoch, batch_size, lr, seed}   # a base model every trial starts from
     tpe:        {trials, startup_trials}   # the tpe method: Optuna TPE over discrete policies
+    pba:        {population, perturbation_interval, quantile_fraction, resample_probability}
+                                           # the pba method: Population Based Augmentation (PBT)
     selection:  {enabled, seeds}   # the candidates retrained and chosen on data.search_val
 """
 
@@ -185,6 +187,40 @@ class TpeConfig:
 
 
 @dataclass
+class PbaConfig:
+    """The ``pba`` search method: Population Based Augmentation (Ho et al. 2019) on Ray Tune's
+    PBT scheduler. A population of discrete policies (each step's op, probability in steps of
+    0.1 and magnitude 0–10, drawn at random) fine-tunes from the same start as every trial,
+    under their budget, scored on the holdout split (``data.search_val``) after every epoch.
+    Every ``perturbation_interval`` epochs the members in the bottom ``quantile_fraction`` copy
+    the weights and policy of one in the top and perturb the policy: each step's op, p and m is
+    drawn afresh with ``resample_probability``, else p moves by 0–3 tenths and m by 0–3 either
+    way (PBA's explore). The best member on holdout trained under a schedule of policies
+    (``autopose.schedule/1``): the method's result, a candidate of the selection stage.
+
+    ``population``: members (0: the method is off; PBT needs 2 or more).
+    """
+
+    population: int = 0
+    perturbation_interval: int = 1
+    quantile_fraction: float = 0.25
+    resample_probability: float = 0.2
+
+    def _check(self, path, field_: str) -> None:
+        def fail(name: str, message: str) -> AutoposeError:
+            return AutoposeError(message, path=path, field=f"{field_}.{name}".lstrip("."))
+
+        if isinstance(self.population, bool) or self.population < 0 or self.population == 1:
+            raise fail("population", f"must be 0 (off) or ≥ 2 members, got {self.population!r}")
+        if isinstance(self.perturbation_interval, bool) or self.perturbation_interval < 1:
+            raise fail("perturbation_interval", f"must be ≥ 1 epoch, got {self.perturbation_interval!r}")
+        if not 0.0 < self.quantile_fraction <= 0.5:
+            raise fail("quantile_fraction", f"must be in (0, 0.5], got {self.quantile_fraction!r}")
+        if not 0.0 <= self.resample_probability <= 1.0:
+            raise fail("resample_probability", f"must be in [0, 1], got {self.resample_probability!r}")
+
+
+@dataclass
 class SelectionConfig:
     """The selection stage after a search's trials (:mod:`autopose.platform.selection`).
 
@@ -239,6 +275,7 @@ class ExperimentConfig:
     full_train: FullTrainConfig = field(default_factory=FullTrainConfig)
     warm_start: WarmStartConfig | None = None
     tpe: TpeConfig = field(default_factory=TpeConfig)
+    pba: PbaConfig = field(default_factory=PbaConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     examples: int = 8
     # filled by load_experiment: where the config came from, the space as a plain mapping
@@ -446,6 +483,19 @@ def load_experiment(
             "the tpe method scores its candidates on a holdout split: give data.search_val",
             path=path,
             field="tpe.trials",
+        )
+    if config.pba.population and config.data.search_val is None:
+        raise AutoposeError(
+            "the pba method scores its population on a holdout split: give data.search_val",
+            path=path,
+            field="pba.population",
+        )
+    if config.pba.population and config.train.num_workers > 0:
+        raise AutoposeError(
+            "the pba method hands one member's checkpoint to another through Tune: it needs "
+            "train.num_workers: 0 (each member trains in its trial's process)",
+            path=path,
+            field="pba.population",
         )
     if config.selection.enabled and config.data.search_val is None:
         raise AutoposeError(

@@ -40,9 +40,10 @@ RANKED = (
     "search",
     "exported",
 )
-# Plus the tpe method's best proposal on holdout, and the selection stage's pick among none,
-# hand-crafted, the exported policy and tpe's (by holdout AP): what a user would be handed.
-KINDS = (*RANKED, "tpe", "selected")
+# Plus the tpe method's best proposal on holdout, the pba method's best member on holdout, and
+# the selection stage's pick among none, hand-crafted, the exported policy, tpe's and pba's (by
+# holdout AP): what a user would be handed.
+KINDS = (*RANKED, "tpe", "pba", "selected")
 
 
 def _policy(steps: Sequence[tuple[str, float]], p: float = 0.9) -> dict[str, Any]:

@@ -204,12 +204,13 @@ def example_augment(
 ) -> Any:
     """What a run's examples picture applies: its policy document as a :class:`Policy` when it is
     one (``autopose.policy/1`` or ``/2``, seeded with the run's seed), else the baseline its kind
-    names (``space``: the :class:`~autopose.augment.SearchSpace`)."""
-    from autopose.augment import Handcrafted, Policy, no_policy, random_policy
-    from autopose.augment.policy import POLICY_FORMATS
+    names (``space``: the :class:`~autopose.augment.SearchSpace`); a schedule's last policy."""
+    from autopose.augment import Handcrafted, no_policy, random_policy
+    from autopose.augment.schedule import DOCUMENT_FORMATS, PolicySchedule, policy_from_document
 
-    if document.get("format") in POLICY_FORMATS:
-        return Policy.from_dict(document, space=space, seed=seed)
+    if document.get("format") in DOCUMENT_FORMATS:
+        policy = policy_from_document(document, space=space, seed=seed)
+        return policy.final_policy if isinstance(policy, PolicySchedule) else policy
     if kind == "handcrafted":
         return Handcrafted(flip_pairs=tuple(tuple(pair) for pair in flip_pairs), seed=seed)
     if kind == "random":
@@ -338,6 +339,7 @@ def _policy_table(
     sub-policies, heaviest first (ties in file order), with their weights and each step's op, p,
     m and value in the op's units; a signed step that may run mirrored shows both values with
     their chances. A note says how many are shown of how many and their share of the weight.
+    A schedule (``autopose.schedule/1``) is each of its policies so, under the step it starts at.
     Anything else (a baseline's description) is shown as its JSON.
 
     Args:
@@ -352,7 +354,16 @@ def _policy_table(
     """
     from autopose.augment import Policy
     from autopose.augment.policy import POLICY_FORMATS
+    from autopose.augment.schedule import SCHEDULE_FORMAT, PolicySchedule
 
+    if document.get("format") == SCHEDULE_FORMAT:
+        schedule = PolicySchedule.from_dict(document, space=space)  # checked
+        count, steps = len(schedule.entries), schedule.steps
+        parts = [f"<p class='note'>A schedule of {count} policies over {steps} steps.</p>"]
+        for start, policy in schedule.entries:
+            parts.append(f"<h4>From step {start}</h4>")
+            parts.append(_policy_table(policy.to_dict(), space, limit=limit))
+        return "".join(parts)
     if document.get("format") not in POLICY_FORMATS:
         return f"<p><code>{html.escape(json.dumps(document))}</code></p>"
     policy = Policy.from_dict(document, space=space)  # checked, with its defaults filled in

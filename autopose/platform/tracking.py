@@ -55,7 +55,17 @@ MLFLOW_PARENT = "mlflow.parentRunId"
 POLICY_ARTIFACT = "policy/policy.json"
 EXAMPLES_ARTIFACT = "policy/examples.png"
 CONFIG_ARTIFACT = "config/experiment.yaml"
-SEARCH_KINDS = ("search", "tpe", "random", "handcrafted", "none", "randaugment", "trivialaugment", "policy")
+SEARCH_KINDS = (
+    "search",
+    "tpe",
+    "pba",
+    "random",
+    "handcrafted",
+    "none",
+    "randaugment",
+    "trivialaugment",
+    "policy",
+)
 FULL_TRAIN_KIND = "full-train"
 
 # MLflow's own limits (mlflow.utils.validation): keep logged values inside them.

@@ -86,9 +86,10 @@ def _check_policy(spec: AugmentSpec, experiment: ExperimentConfig) -> None:
     """Validate a policy document against the space before Ray starts."""
     if spec.kind != "policy" or spec.policy is None or spec.policy.get("format") == "autopose.baseline/1":
         return
-    from autopose.augment import Policy, SearchSpace
+    from autopose.augment import SearchSpace
+    from autopose.augment.schedule import policy_from_document
 
-    Policy.from_dict(spec.policy, space=SearchSpace.from_dict(experiment.space_dict), path="--policy")
+    policy_from_document(spec.policy, space=SearchSpace.from_dict(experiment.space_dict), path="--policy")
 
 
 def run_training(

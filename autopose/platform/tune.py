@@ -9,8 +9,13 @@ and builds a Ray Train ``TorchTrainer`` (:func:`autopose.platform.runner.fit`);
 Tune runs as many trials at once as the cluster's resources allow (or
 ``tune.max_concurrent``) and ranks them by ``val_ap``.
 
-Selection: with a holdout split (``data.search_val``) the search ends with a second Tune run
-beside the first (``tune/<name>+selection``): every finished search trial's exported policy,
+Methods beside the differentiable search, each a Tune run of its own scored on the holdout split
+(``data.search_val``): ``tpe`` (``tune/<name>+tpe``: Optuna's TPE proposes discrete policies,
+ASHA stops the weak) and ``pba`` (``tune/<name>+pba``: Population Based Augmentation on Tune's
+PBT scheduler; its best member trained under a schedule of policies).
+
+Selection: with a holdout split the search ends with one more Tune run
+(``tune/<name>+selection``): every finished search trial's exported policy, tpe's and pba's best,
 ``none`` and the hand-crafted recipe fine-tune from the same start under the trials' budget,
 once per ``selection.seeds``, and the best mean ``holdout_ap`` is tagged ``autopose.selected``
 (:mod:`autopose.platform.selection`). The search's own baseline trials of the same kind and
@@ -35,10 +40,12 @@ what is missing, and ``--resume`` completes the runs once it is back.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,7 +94,7 @@ logger = logging.getLogger(__name__)
 
 METRIC, MODE = "val_ap", "max"
 SELECTION_STAGE = "selection"
-TPE_KIND, TPE_METRIC = "tpe", "holdout_ap"
+TPE_KIND, PBA_KIND, HOLDOUT_METRIC = "tpe", "pba", "holdout_ap"
 RANGED = ("tau1", "tau2", "policy_lr")
 # Fault injection for tests and drills: "N" makes every trial fail once, right after the
 # checkpoint of epoch N (0-based), to show that the retry resumes instead of restarting.
@@ -132,8 +139,8 @@ def trial_spec(config: dict[str, Any], experiment: ExperimentConfig) -> AugmentS
     bilevel = None
     if planned["kind"] == "search":
         bilevel = experiment.search.resolved(**{name: config[name] for name in RANGED if name in config})
-    if planned["kind"] == TPE_KIND:  # a policy TPE proposed: trained like any given policy
-        policy = tpe_policy(config["policy"], SearchSpace.from_dict(experiment.space_dict))
+    if planned["kind"] in (TPE_KIND, PBA_KIND):  # a sampled policy: trained like any given policy
+        policy = sampled_policy(config["policy"], SearchSpace.from_dict(experiment.space_dict))
         return AugmentSpec(kind="policy", seed=int(planned["seed"]), policy=policy)
     return AugmentSpec(
         kind=planned["kind"], seed=int(planned["seed"]), policy=planned.get("policy"), bilevel=bilevel
@@ -227,8 +234,12 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         if run is None:
             return
         try:
+            complete = _epochs_logged(run) >= experiment.train.epochs
+            if status == "STOPPED" and not complete and config["trial"]["kind"] == PBA_KIND:
+                # PBT pauses members at every perturbation and starts them again (the same run)
+                run.log_metrics({"attempt_wall_s": time.perf_counter() - started}, step=attempt)
+                return
             if status == "STOPPED":  # stopped by Tune: complete when its last epoch is logged
-                complete = _epochs_logged(run) >= experiment.train.epochs
                 if not complete:
                     run.set_tags({TAG_STOPPED_EARLY: "true"})
                 status = "FINISHED" if complete else "KILLED"
@@ -515,9 +526,11 @@ def _new_tuner(
     metric: str = METRIC,
     search_alg=None,
     scheduler=None,
+    checkpoints_kept: int | None = 1,
 ) -> ray.tune.Tuner:
     """A Tuner of ``setup``'s trials in ``path`` (``<storage>/tune/<its name>``): what every Tune run
-    of a search shares (names, retries, the runs' closing callbacks, checkpoints kept)."""
+    of a search shares (names, retries, the runs' closing callbacks); ``checkpoints_kept`` per
+    trial (None: all)."""
     experiment = setup.experiment
     settings = experiment.tune
     return ray.tune.Tuner(
@@ -541,7 +554,7 @@ def _new_tuner(
             callbacks=[_close_runs(setup), WatchTracking(experiment.tracking_uri)],
             # One checkpoint per trial: Tune deletes the older only once the newer is persisted,
             # and at two a smoke search's trials alone held 3.1 GB of a test run's 13 GB.
-            checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=checkpoints_kept),
             verbose=verbose,
         ),
     )
@@ -640,14 +653,18 @@ def run_search(
         # The driver's own MLflow calls (the callbacks, the clean-up) must not stall the search
         # for minutes each when the server goes away.
         with bounded_http(**QUICK_TRACKING_ENV):
-            stages = [_tuner(setup, path, resume=resume, verbose=verbose).fit()]
+            stages = {"search": _tuner(setup, path, resume=resume, verbose=verbose).fit()}
             if experiment.tpe.trials:
-                stages.append(_run_tpe(setup, path, resume=resume, verbose=verbose, say=say))
+                stages[TPE_KIND] = _run_tpe(setup, path, resume=resume, verbose=verbose, say=say)
+            if experiment.pba.population:
+                stages[PBA_KIND] = _run_pba(setup, path, resume=resume, verbose=verbose, say=say)
             if experiment.runs_selection():
-                stages += _run_selection(setup, stages, path, resume=resume, verbose=verbose, say=say)
+                selection = _run_selection(setup, stages, path, resume=resume, verbose=verbose, say=say)
+                if selection is not None:
+                    stages[SELECTION_STAGE] = selection
     with bounded_http(**QUICK_TRACKING_ENV):
         missing: dict[str, str] | None = {}
-        for results in stages:
+        for results in stages.values():
             missing = _merge_missing(missing, sync_runs(results, setup))
         if missing is None:
             try:
@@ -662,7 +679,9 @@ def run_search(
             missing = {}
         else:
             troubled = ", ".join(
-                sorted(_result_name(r) for results in stages for r in results if _trial_id(r) in missing)
+                sorted(
+                    _result_name(r) for results in stages.values() for r in results if _trial_id(r) in missing
+                )
             )
             logger.warning(
                 "autopose: MLflow tracking server at %s still does not answer: the runs of %d trial(s) "
@@ -677,7 +696,7 @@ def run_search(
             )
         outcomes = [
             o
-            for results in stages
+            for results in stages.values()
             for o in _outcomes(results, experiment, search_name, experiment_id, missing)
         ]
         if experiment.runs_selection() and not missing:
@@ -692,9 +711,12 @@ def _merge_missing(so_far: dict[str, str] | None, more: dict[str, str] | None) -
 
 
 # -- the selection stage ---------------------------------------------------------------------------------
-def selection_candidates(experiment: ExperimentConfig, results, tpe_results=()) -> list[dict[str, Any]]:
+def selection_candidates(
+    experiment: ExperimentConfig, results, tpe_results=(), pba_results=()
+) -> list[dict[str, Any]]:
     """The selection stage's trials: every finished search trial's exported policy, the ``tpe``
-    method's best policy, and the selection baselines, once per selection seed, less the
+    method's best policy, the ``pba`` method's best schedule, and the selection baselines, once
+    per selection seed, less the
     baseline trials the search already trained to the end with the same kind and seed (the same
     training: reused, not repeated).
 
@@ -705,6 +727,9 @@ def selection_candidates(experiment: ExperimentConfig, results, tpe_results=()) 
     best_tpe = tpe_best(experiment, tpe_results)
     if best_tpe is not None:
         exports[TPE_KIND] = best_tpe
+    best_pba = pba_best(experiment, pba_results)
+    if best_pba is not None:
+        exports[PBA_KIND] = best_pba
     trained: set[tuple[str, int]] = set()
     for result in results:
         planned = result.config.get("trial", {})
@@ -732,8 +757,8 @@ def selection_candidates(experiment: ExperimentConfig, results, tpe_results=()) 
     return plan
 
 
-# -- the tpe method ---------------------------------------------------------------------------------------
-def tpe_param_space(space: SearchSpace) -> dict[str, Any]:
+# -- the discrete policy space (the tpe and pba methods), and the tpe method -----------------------------
+def policy_param_space(space: SearchSpace) -> dict[str, Any]:
     """Tune's space of one discrete policy: ``s<k>`` (sub-policy) → ``t<n>`` (step) → its op,
     probability (steps of 0.1) and magnitude (an integer 0–10, as the paper's grid)."""
     return {
@@ -749,8 +774,8 @@ def tpe_param_space(space: SearchSpace) -> dict[str, Any]:
     }
 
 
-def tpe_policy(sampled: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
-    """The policy document of one point of :func:`tpe_param_space`."""
+def sampled_policy(sampled: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
+    """The policy document of one point of :func:`policy_param_space`."""
     sub_policies = [
         [
             {
@@ -768,18 +793,22 @@ def tpe_policy(sampled: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
 def tpe_best(experiment: ExperimentConfig, results) -> dict[str, Any] | None:
     """The policy of the tpe trial with the best holdout AP among those that trained every epoch
     (ASHA stops the others early); None when none did."""
-    space = SearchSpace.from_dict(experiment.space_dict)
+    best = _best_on_holdout(experiment, results)
+    if best is None:
+        return None
+    return sampled_policy(best.config["policy"], SearchSpace.from_dict(experiment.space_dict))
+
+
+def _best_on_holdout(experiment: ExperimentConfig, results):
+    """The result with the best holdout AP among those that trained every epoch; None when none did."""
     finished = [
         r
         for r in results
         if not r.error
-        and (r.metrics or {}).get(TPE_METRIC) is not None
+        and (r.metrics or {}).get(HOLDOUT_METRIC) is not None
         and int((r.metrics or {}).get("epoch", -1)) == experiment.train.epochs - 1
     ]
-    if not finished:
-        return None
-    best = max(finished, key=lambda r: r.metrics[TPE_METRIC])
-    return tpe_policy(best.config["policy"], space)
+    return max(finished, key=lambda r: r.metrics[HOLDOUT_METRIC]) if finished else None
 
 
 def _run_tpe(setup: TrialSetup, path: str, *, resume: bool, verbose: int, say):
@@ -803,25 +832,121 @@ def _run_tpe(setup: TrialSetup, path: str, *, resume: bool, verbose: int, say):
         tpe_path,
         param_space={
             "trial": {"kind": TPE_KIND, "seed": train.seed},
-            "policy": tpe_param_space(SearchSpace.from_dict(experiment.space_dict)),
+            "policy": policy_param_space(SearchSpace.from_dict(experiment.space_dict)),
         },
         num_samples=experiment.tpe.trials,
         verbose=verbose,
-        metric=TPE_METRIC,
+        metric=HOLDOUT_METRIC,
         search_alg=OptunaSearch(sampler=sampler),
         scheduler=_asha(tpe_setup.experiment),
     )
     return tuner.fit()
 
 
-def _run_selection(setup: TrialSetup, stages: list, path: str, *, resume: bool, verbose: int, say) -> list:
-    """Train the selection stage's candidates (a Tune run of its own beside the search's)."""
+# -- the pba method ---------------------------------------------------------------------------------------
+def perturb_sampled(
+    sampled: dict[str, Any], op_names: tuple[str, ...], rng: random.Random, resample_probability: float
+) -> dict[str, Any]:
+    """PBA's explore (Ho et al. 2019, Algorithm 2) on one point of :func:`policy_param_space`:
+    each step's op, p and m is drawn afresh with ``resample_probability``; otherwise the op stays,
+    p moves by 0–3 tenths and m by 0–3 either way, clipped to [0, 1] and [0, 10]."""
+
+    def moved(value: float, unit: float, high: float) -> float:
+        return min(max(value + rng.choice((-1, 1)) * rng.randint(0, 3) * unit, 0.0), high)
+
+    perturbed = copy.deepcopy(sampled)
+    for steps in perturbed.values():
+        for step in steps.values():
+            if rng.random() < resample_probability:
+                step["op"] = rng.choice(op_names)
+            fresh_p, fresh_m = rng.random() < resample_probability, rng.random() < resample_probability
+            step["p"] = rng.randint(0, 10) / 10 if fresh_p else round(moved(step["p"], 0.1, 1.0), 1)
+            step["m"] = rng.randint(0, 10) if fresh_m else int(moved(step["m"], 1, 10))
+    return perturbed
+
+
+@dataclass
+class PbaExplore:
+    """PBT's explore step for pba members: their config's policy perturbed (:func:`perturb_sampled`).
+    Unseeded, as PBT's own choice of which member to copy is."""
+
+    op_names: tuple[str, ...]
+    resample_probability: float
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        explored = dict(config)
+        explored["policy"] = perturb_sampled(
+            config["policy"], self.op_names, random.Random(), self.resample_probability
+        )
+        return explored
+
+
+def pba_best(experiment: ExperimentConfig, results) -> dict[str, Any] | None:
+    """The policy document of the pba member with the best holdout AP after its last epoch: the
+    schedule of policies it trained with (``autopose.schedule/1``; one policy when no other
+    member's was ever handed to it); None when no member finished."""
+    best = _best_on_holdout(experiment, results)
+    if best is None or best.checkpoint is None:
+        return None
+    with best.checkpoint.as_directory() as folder:
+        policy_file = Path(folder) / POLICY_FILE
+        return json.loads(policy_file.read_text()) if policy_file.is_file() else None
+
+
+def _run_pba(setup: TrialSetup, path: str, *, resume: bool, verbose: int, say):
+    """The pba method: a population of ``pba.population`` random discrete policies fine-tuned
+    from the trials' start, scored on holdout after every epoch, with Tune's PBT (synchronous)
+    copying the top members' checkpoints and perturbed policies into the bottom ones every
+    ``pba.perturbation_interval`` epochs (a Tune run of its own, ``<name>+pba``)."""
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    experiment = setup.experiment
+    settings = experiment.pba
+    # every member scores holdout and keeps a checkpoint every epoch: PBT ranks and copies them
+    train = dataclasses.replace(experiment.train, holdout_every_epoch=True, checkpoint_every=1)
+    pba_setup = dataclasses.replace(setup, experiment=experiment.replace(train=train))
+    pba_path = f"{path}+{PBA_KIND}"
+    if resume and ray.tune.Tuner.can_restore(pba_path):
+        return ray.tune.Tuner.restore(pba_path, trainable=_trainable(pba_setup), resume_errored=True).fit()
+    say(
+        f"pba: a population of {settings.population} policies, perturbed by PBT every "
+        f"{settings.perturbation_interval} epoch(s), scored on the holdout split"
+    )
+    space = SearchSpace.from_dict(experiment.space_dict)
+    scheduler = PopulationBasedTraining(
+        time_attr="training_iteration",
+        perturbation_interval=settings.perturbation_interval,
+        quantile_fraction=settings.quantile_fraction,
+        custom_explore_fn=PbaExplore(tuple(space.op_names), settings.resample_probability),
+        synch=True,  # every member reaches the interval before any is ranked: a fair comparison
+    )
+    tuner = _new_tuner(
+        pba_setup,
+        pba_path,
+        param_space={"trial": {"kind": PBA_KIND, "seed": train.seed}, "policy": policy_param_space(space)},
+        num_samples=settings.population,
+        verbose=verbose,
+        metric=HOLDOUT_METRIC,
+        scheduler=scheduler,
+        # every checkpoint stays: a bottom member copies the top one's checkpoint of the interval,
+        # which that member's next one would otherwise replace before the copy starts
+        checkpoints_kept=None,
+    )
+    return tuner.fit()
+
+
+def _run_selection(setup: TrialSetup, stages: dict, path: str, *, resume: bool, verbose: int, say):
+    """Train the selection stage's candidates (a Tune run of its own beside the search's); None
+    when there is nothing to train."""
     selection_path = f"{path}+{SELECTION_STAGE}"  # '+' is never in a search's name: no clash
     restore = resume and ray.tune.Tuner.can_restore(selection_path)
-    tpe_results = stages[1] if setup.experiment.tpe.trials else ()
-    candidates = [] if restore else selection_candidates(setup.experiment, stages[0], tpe_results)
+    candidates = []
+    if not restore:
+        candidates = selection_candidates(
+            setup.experiment, stages["search"], stages.get(TPE_KIND, ()), stages.get(PBA_KIND, ())
+        )
     if not restore and not candidates:
-        return []
+        return None
     if not restore:
         names = sorted({c["candidate"] for c in candidates})
         say(
@@ -829,7 +954,7 @@ def _run_selection(setup: TrialSetup, stages: list, path: str, *, resume: bool, 
             "from the trials' start, scored on the holdout split"
         )
     tuner = _tuner(setup, selection_path, resume=restore, verbose=verbose, candidates=candidates)
-    return [tuner.fit()]
+    return tuner.fit()
 
 
 def _mark_selected(experiment: ExperimentConfig, search_name: str, say) -> None:

@@ -405,3 +405,54 @@ def test_the_holdout_split_is_scored_once_at_the_end(smoke_data):
     assert ["holdout_ap" in r.metrics for r in hooks.reports] == [False, True]
     # the holdout here is the val split itself: the same crops, the same AP
     assert hooks.reports[-1].metrics["holdout_ap"] == hooks.reports[-1].metrics["val_ap"]
+
+
+# -- policy schedules ---------------------------------------------------------------------------------
+def _policy(op: str, p: float, m: float) -> dict:
+    return {"format": "autopose.policy/1", "space": "tiny", "sub_policies": [[{"op": op, "p": p, "m": m}]]}
+
+
+def test_a_run_resumed_with_another_policy_exports_the_schedule_it_trained_with(smoke_data, tmp_path):
+    """Population Based Augmentation hands a member another's checkpoint and a perturbed policy:
+    the run's policy file then holds both, each from the step it started at."""
+    data, model, train = configs(smoke_data)
+    first, second = _policy("Rotate", 0.5, 7.0), _policy("Cutout", 0.3, 4.0)
+    donor = Trainer(data, model, train, AugmentSpec(kind="policy", seed=0, policy=first), SPACE)
+    donor.run(epochs=1)
+    assert donor.policy_document() == first
+    donor.save(tmp_path / "donor.pt")
+    member = Trainer(data, model, train, AugmentSpec(kind="policy", seed=0, policy=second), SPACE)
+    member.load(tmp_path / "donor.pt")
+    member.run()
+    schedule = member.policy_document()
+    assert schedule["format"] == "autopose.schedule/1" and schedule["steps"] == 4
+    assert schedule["schedule"] == [{"start_step": 0, "policy": first}, {"start_step": 2, "policy": second}]
+    # a plain retry (the same policy) continues the schedule it had
+    member.save(tmp_path / "member.pt")
+    retried = Trainer(data, model, train, AugmentSpec(kind="policy", seed=0, policy=second), SPACE)
+    retried.load(tmp_path / "member.pt")
+    assert retried.policy_document() == schedule
+
+
+def test_a_schedule_switches_policies_at_its_steps_stretched_to_the_run(smoke_data):
+    data, model, train = configs(smoke_data, epochs=2, steps_per_epoch=2)
+    never, always = _policy("Rotate", 0.0, 9.0), _policy("Brightness", 1.0, 0.0)
+    document = {
+        "format": "autopose.schedule/1",
+        "space": "tiny",
+        "steps": 8,  # found in a training twice as long: the switch at 4 of 8 lands on 2 of 4
+        "schedule": [{"start_step": 0, "policy": never}, {"start_step": 4, "policy": always}],
+    }
+    trainer = Trainer(data, model, train, AugmentSpec(kind="policy", seed=0, policy=document), SPACE)
+    assert [start for start, _ in trainer.augment.entries] == [0, 2] and trainer.augment.steps == 4
+    seen = []
+    original = trainer._targets
+
+    def spy(keypoints, visibility):
+        seen.append((trainer.step, trainer.augment.policy_at(trainer.augment.step).to_dict()))
+        return original(keypoints, visibility)
+
+    trainer._targets = spy
+    trainer.run()
+    assert seen == [(0, never), (1, never), (2, always), (3, always)]
+    assert trainer.policy_document()["steps"] == 4  # what it trained with, at this run's steps

@@ -29,7 +29,8 @@ def write_smoke_config(smoke_data) -> Callable[..., Path]:
     database and storage in ``folder``, plus ``overrides``; returns the file.
 
     Without a ``data.search_val`` override there is no holdout split (so no selection stage),
-    and without a ``tpe.trials`` override no tpe method: most tests look at one trial at a time."""
+    and without a ``tpe.trials`` or ``pba.population`` override no tpe or pba method: most tests
+    look at one trial at a time."""
 
     def write(folder: Path, overrides: dict[str, Any] | None = None) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
@@ -43,6 +44,7 @@ def write_smoke_config(smoke_data) -> Callable[..., Path]:
                     "search_val": None,
                 },
                 "tpe": {"trials": 0},
+                "pba": {"population": 0},
                 "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
                 "storage_path": str(folder / "runs"),
             },

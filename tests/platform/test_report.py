@@ -148,3 +148,32 @@ def test_the_examples_picture_applies_a_policy_2_document_as_the_policy_it_is():
     baseline = {"format": "autopose.baseline/1", "kind": "none", "seed": 0, "description": "none"}
     untouched = example_augment(baseline, "none", 0, SPACE, [])(images, keypoints, visibility)
     torch.testing.assert_close(untouched[0], images, rtol=0, atol=0)
+
+
+def test_a_schedule_shows_each_policy_under_its_start_and_pictures_its_last():
+    first = {
+        "format": "autopose.policy/1",
+        "space": "smoke",
+        "sub_policies": [[{"op": "Rotate", "p": 0.6, "m": 7.5}]],
+    }
+    last = {
+        "format": "autopose.policy/1",
+        "space": "smoke",
+        "sub_policies": [[{"op": "Cutout", "p": 0.3, "m": 4.0}]],
+    }
+    document = {
+        "format": "autopose.schedule/1",
+        "space": "smoke",
+        "steps": 120,
+        "schedule": [{"start_step": 0, "policy": first}, {"start_step": 60, "policy": last}],
+    }
+    page = _policy_table(document, SPACE)
+    assert "A schedule of 2 policies over 120 steps." in parsed(page).notes
+    assert (
+        page.index("From step 0") < page.index("Rotate") < page.index("From step 60") < page.index("Cutout")
+    )
+    assert example_augment(document, "pba", 0, SPACE, []) == Policy.from_dict(last, space=SPACE)
+    document["schedule"][1]["start_step"] = 0
+    with pytest.raises(AutoposeError) as error:
+        _policy_table(document, SPACE)
+    assert error.value.field == "schedule[1].start_step"

@@ -36,13 +36,17 @@ SMOKE = Path(__file__).resolve().parents[2] / "search_spaces" / "smoke.yaml"
 
 @pytest.fixture(scope="module")
 def smoke_search(ray_cluster, write_smoke_config, smoke_data, tmp_path_factory):
-    """search_spaces/smoke.yaml as it is (with its holdout split: the tpe method and the selection
-    stage run) searched once for the whole module."""
+    """search_spaces/smoke.yaml as it is (with its holdout split: the tpe and pba methods and the
+    selection stage run) searched once for the whole module."""
     folder = tmp_path_factory.mktemp("smoke-search")
     shipped = yaml.safe_load(SMOKE.read_text())
-    overrides = {"data": {"search_val": str(smoke_data["holdout"])}, "tpe": shipped["tpe"]}
+    overrides = {
+        "data": {"search_val": str(smoke_data["holdout"])},
+        "tpe": shipped["tpe"],
+        "pba": shipped["pba"],
+    }
     config = load_experiment(write_smoke_config(folder, overrides))
-    assert config.tpe.trials == 3
+    assert config.tpe.trials == 3 and config.pba.population == 2
     outcomes = run_search(config, verbose=0)
     return config, outcomes
 
@@ -53,13 +57,14 @@ def _runs(config) -> list:
     return client.search_runs([experiment.experiment_id], max_results=100)
 
 
-def test_smoke_search_leaves_one_finished_run_per_trial(smoke_search):
+def test_smoke_search_leaves_one_finished_run_per_trial(smoke_search, tmp_path_factory):
     config, outcomes = smoke_search
-    # six trials, three tpe candidates, then the selection stage: both search trials' exports and
-    # tpe's best retrained (seed 0); none-0 and handcrafted-0 are the search's own trials, reused
-    assert [o.status for o in outcomes] == ["TERMINATED"] * 12, [o.error for o in outcomes]
+    # six trials, three tpe candidates, two pba members, then the selection stage: both search
+    # trials' exports, tpe's best and pba's best retrained (seed 0); none-0 and handcrafted-0 are
+    # the search's own trials, reused
+    assert [o.status for o in outcomes] == ["TERMINATED"] * 15, [o.error for o in outcomes]
     runs = [r for r in _runs(config) if r.data.tags.get(TAG_KIND) != "full-train"]
-    assert len(runs) == 12 and {r.data.tags[TAG_TRIAL] for r in runs} == {
+    assert len(runs) == 15 and {r.data.tags[TAG_TRIAL] for r in runs} == {
         f"smoke/{o.trial_id}" for o in outcomes
     }
     tpe = [r for r in runs if r.data.tags[TAG_KIND] == "tpe"]
@@ -70,6 +75,19 @@ def test_smoke_search_leaves_one_finished_run_per_trial(smoke_search):
         assert 0.0 <= run.data.metrics["holdout_ap"] <= 1.0  # scored on holdout after every epoch
     assert any(r.info.status == "FINISHED" for r in tpe)  # the first at each rung goes on
     trials = [r for r in runs if r.data.tags[TAG_KIND] != "tpe"]
+    # PBT ranked the two pba members after epoch 0 and handed the worse the better's checkpoint and
+    # a perturbed copy of its policy: that member trained under a schedule of two policies
+    client = MlflowClient(config.tracking_uri)
+    steps = config.train.steps_per_epoch
+    schedules = []
+    for run in (r for r in runs if r.data.tags[TAG_KIND] == "pba"):
+        folder = Path(tmp_path_factory.mktemp("pba"))
+        document = json.loads(
+            Path(client.download_artifacts(run.info.run_id, POLICY_ARTIFACT, str(folder))).read_text()
+        )
+        schedules.append([entry["start_step"] for entry in document.get("schedule", [{"start_step": 0}])])
+        assert 0.0 <= run.data.metrics["holdout_ap"] <= 1.0
+    assert sorted(schedules) == [[0], [0, steps]]
     kinds = sorted(
         (r.data.tags[TAG_KIND], int(r.data.tags[TAG_SEED]), r.data.tags.get(TAG_CANDIDATE, ""))
         for r in trials
@@ -77,6 +95,9 @@ def test_smoke_search_leaves_one_finished_run_per_trial(smoke_search):
     assert kinds == [
         ("handcrafted", 0, ""),
         ("none", 0, ""),
+        ("pba", 0, ""),
+        ("pba", 0, ""),
+        ("policy", 0, "pba"),
         ("policy", 0, "search-0"),
         ("policy", 0, "search-1"),
         ("policy", 0, "tpe"),
@@ -85,7 +106,6 @@ def test_smoke_search_leaves_one_finished_run_per_trial(smoke_search):
         ("search", 0, ""),
         ("search", 1, ""),
     ]
-    client = MlflowClient(config.tracking_uri)
     for run in trials:
         assert run.info.status == "FINISHED"
         metrics = run.data.metrics
@@ -142,7 +162,7 @@ def test_the_selection_stage_retrains_the_exports_and_selects_the_holdout_best(s
         for r in runs.values()
         if r.data.tags.get(TAG_CANDIDATE) or r.data.tags[TAG_KIND] in ("none", "handcrafted")
     }
-    assert set(candidates) == {"none", "handcrafted", "search-0", "search-1", "tpe"}
+    assert set(candidates) == {"none", "handcrafted", "search-0", "search-1", "tpe", "pba"}
     for name in ("search-0", "search-1"):
         run = candidates[name]
         assert run.data.tags[TAG_STAGE] == "selection" and run.info.status == "FINISHED"
@@ -157,6 +177,14 @@ def test_the_selection_stage_retrains_the_exports_and_selects_the_holdout_best(s
             search_run.info.run_id, POLICY_ARTIFACT, str(tmp_path / name / "s")
         )
         assert json.loads(Path(trained).read_text()) == json.loads(Path(exported).read_text())
+    # pba's candidate trains the schedule (or policy) of the member best on holdout
+    members = [r for r in runs.values() if r.data.tags[TAG_KIND] == "pba"]
+    best_member = max(members, key=lambda r: r.data.metrics["holdout_ap"])
+    trained = client.download_artifacts(
+        candidates["pba"].info.run_id, POLICY_ARTIFACT, str(tmp_path / "pba" / "c")
+    )
+    member = client.download_artifacts(best_member.info.run_id, POLICY_ARTIFACT, str(tmp_path / "pba" / "m"))
+    assert json.loads(Path(trained).read_text()) == json.loads(Path(member).read_text())
     holdout = {name: run.data.metrics["holdout_ap"] for name, run in candidates.items()}
     best = max(holdout.values())
     selected = [r for r in runs.values() if r.data.tags.get(TAG_SELECTED) == "true"]
@@ -166,13 +194,13 @@ def test_the_selection_stage_retrains_the_exports_and_selects_the_holdout_best(s
     selection = read_selection(config, config.experiment)
     assert selection.winner.run_id == selected[0].info.run_id
     assert selection.winner.gain == pytest.approx(best - holdout["none"])
-    assert {o.candidate for o in outcomes if o.candidate} == {"search-0", "search-1", "tpe"}
+    assert {o.candidate for o in outcomes if o.candidate} == {"search-0", "search-1", "tpe", "pba"}
 
 
 def test_compare_reads_the_trials_back(smoke_search, tmp_path):
     config, outcomes = smoke_search
     name, rows = collect(config.tracking_uri, config.experiment)
-    assert name == "smoke" and len(rows) == 12
+    assert name == "smoke" and len(rows) == 15
     assert {r.run_id for r in rows} == {o.run_id for o in outcomes}
     assert [r.val_ap for r in rows] == sorted((r.val_ap for r in rows), reverse=True)
     table = format_table(name, rows)
@@ -188,7 +216,7 @@ def test_a_second_search_of_the_same_name_needs_resume(smoke_search):
         run_search(config, verbose=0)
     again = run_search(config, resume=True, verbose=0)  # finished: nothing left to run
     assert sorted(o.trial_id for o in again) == sorted(o.trial_id for o in outcomes)
-    assert len([r for r in _runs(config) if r.data.tags.get(TAG_KIND) != "full-train"]) == 12
+    assert len([r for r in _runs(config) if r.data.tags.get(TAG_KIND) != "full-train"]) == 15
 
 
 def test_promote_trains_on_two_gloo_workers_and_registers_the_model(smoke_search):

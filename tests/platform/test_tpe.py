@@ -12,7 +12,7 @@ from ray.tune.search.optuna import OptunaSearch
 from autopose.augment import Policy, SearchSpace
 from autopose.errors import AutoposeError
 from autopose.platform.config import load_experiment
-from autopose.platform.tune import TPE_KIND, tpe_best, tpe_param_space, tpe_policy, trial_spec
+from autopose.platform.tune import TPE_KIND, policy_param_space, sampled_policy, tpe_best, trial_spec
 
 
 def point(space: SearchSpace, op: str, p: float, m: int) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def tpe_config(smoke_config, smoke_data):
 
 def test_every_step_of_every_sub_policy_is_searched_over_the_spaces_ops(tpe_config):
     space = SearchSpace.from_dict(tpe_config.space_dict)
-    param_space = tpe_param_space(space)
+    param_space = policy_param_space(space)
     assert sorted(param_space) == [f"s{k}" for k in range(space.K)]
     assert all(sorted(sub) == [f"t{n}" for n in range(space.N)] for sub in param_space.values())
     step = param_space["s0"]["t0"]
@@ -42,7 +42,7 @@ def test_every_step_of_every_sub_policy_is_searched_over_the_spaces_ops(tpe_conf
 def test_a_sampled_point_is_a_valid_policy_that_a_tpe_trial_trains(tpe_config):
     space = SearchSpace.from_dict(tpe_config.space_dict)
     sampled = point(space, "Rotate", 0.30000000000000004, 7)  # quniform's float noise
-    document = tpe_policy(sampled, space)
+    document = sampled_policy(sampled, space)
     policy = Policy.from_dict(document, space=space)
     assert [(s.op, s.p, s.m) for sub in policy.sub_policies for s in sub] == [("Rotate", 0.3, 7.0)] * (
         space.K * space.N
