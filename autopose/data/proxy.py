@@ -52,7 +52,7 @@ from autopose.data.coco import (
 )
 from autopose.data.instances import PersonInstance
 from autopose.data.mpii import MPII_FLIP_PAIRS, MPII_KEYPOINTS, is_mpii_layout, mpii_instances
-from autopose.data.transforms import crop_matrix, transform_points, warp_image
+from autopose.data.transforms import check_crop_size, crop_matrix, transform_points, warp_image
 from autopose.errors import AutoposeError
 from autopose.files import read_json
 
@@ -431,8 +431,10 @@ def build_proxy(
     if max_images <= 0:
         raise AutoposeError(f"must be positive, got {max_images}", field="max_images")
     height, width = input_size
-    if height <= 0 or width <= 0:
-        raise AutoposeError(f"crop size must be positive, got {input_size}", field="input_size")
+    try:
+        check_crop_size(height, width)
+    except ValueError as error:
+        raise AutoposeError(str(error), field="input_size") from None
     if not images_dir.is_dir():
         raise AutoposeError("image folder does not exist", path=images_dir, field="images")
 

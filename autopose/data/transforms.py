@@ -123,12 +123,27 @@ def warp_image(
     return np.asarray(warped)
 
 
+# The largest crop side accepted. Top-down pose networks take 256×192 or 384×288 (the P2Net
+# paper's); a 100000×100000 crop was once accepted and grew past 18 GB before it was killed.
+MAX_CROP_SIDE = 1024
+
+
+def check_crop_size(height: int, width: int) -> None:
+    """Raise ValueError unless both sides are positive multiples of 4 and at most MAX_CROP_SIDE."""
+    if height <= 0 or width <= 0 or height % 4 or width % 4:
+        raise ValueError(f"input size must be positive multiples of 4, got {height}x{width}")
+    if max(height, width) > MAX_CROP_SIDE:
+        raise ValueError(
+            f"input size {height}x{width} is larger than {MAX_CROP_SIDE} a side: pose crops are "
+            "256x192 or 384x288, and each crop's image and heatmaps grow with its area"
+        )
+
+
 def parse_size(text: str) -> tuple[int, int]:
-    """``"256x192"`` → ``(256, 192)`` (height, width)."""
+    """``"256x192"`` → ``(256, 192)`` (height, width), checked by :func:`check_crop_size`."""
     try:
         height, width = (int(part) for part in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"expected HxW such as 256x192, got {text!r}") from None
-    if height <= 0 or width <= 0 or height % 4 or width % 4:
-        raise ValueError(f"input size must be positive multiples of 4, got {text!r}")
+    check_crop_size(height, width)
     return height, width

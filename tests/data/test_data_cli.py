@@ -92,6 +92,11 @@ def test_bad_arguments_exit_2(tmp_path, capsys, coco_ann, coco_images):
     argv = ["data", "build-proxy", "--ann", str(coco_ann), "--images", str(coco_images), "--out", str(out)]
     assert main([*argv, "--input", "100x75"]) == 2
     assert "--input" in capsys.readouterr().err
+    # an absurd crop size is one line before any crop is built, not gigabytes later
+    assert main([*argv, "--input", "100000x100000"]) == 2
+    error = capsys.readouterr().err
+    assert "--input" in error and "larger than 1024" in error and len(error.strip().splitlines()) == 1
+    assert not out.exists()
     assert main(["data", "synth", "--out", str(tmp_path / "s"), "--images", "2", "--shift", "fog=3"]) == 2
     assert "fog" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
