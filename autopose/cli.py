@@ -174,7 +174,8 @@ def _search(args: argparse.Namespace) -> int:
     failed = [o for o in outcomes if o.status != "TERMINATED"]
     for outcome in failed:
         label = outcome.candidate or outcome.kind
-        print(f"autopose: trial {label}-{outcome.seed} failed: {outcome.error}", file=sys.stderr)
+        where = f" (traceback: {outcome.error_file})" if outcome.error_file else ""
+        print(f"autopose: trial {label}-{outcome.seed} failed: {outcome.error}{where}", file=sys.stderr)
     print(f"MLflow: mlflow ui --backend-store-uri {experiment.tracking_uri} --host 127.0.0.1")
     selection = read_selection(experiment, name)
     print(format_methods(method_rows(rows, selection)))

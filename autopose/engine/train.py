@@ -51,6 +51,7 @@ from autopose.augment import (
 )
 from autopose.augment.schedule import PolicySchedule, policy_from_document, schedule_document
 from autopose.data import CocoCropDataset, HeatmapCodec, ProxyDataset, load_coco
+from autopose.data.proxy import ProxyMetadata, read_proxy_metadata
 from autopose.engine.checkpoint import load_checkpoint, save_checkpoint
 from autopose.engine.config import (
     RUN_URI_PREFIX,
@@ -275,12 +276,37 @@ def _fitted_optimizer_state(
 
 
 # -- the trainer -----------------------------------------------------------------------------------------
+def check_data(data: DataConfig, model: ModelConfig) -> None:
+    """Before anything starts: every proxy ``data`` names exists, is an autopose proxy, and holds
+    the crops and keypoints ``model`` takes; a COCO training set's files exist. Reads the proxies'
+    footers only (milliseconds).
+
+    Raises:
+        AutoposeError: naming the file and the field (``data.train``, ``model.input_size`` …).
+    """
+    if data.train_ann is not None:
+        if not Path(data.train_ann).is_file():
+            raise AutoposeError("annotation file not found", path=data.train_ann, field="data.train_ann")
+        if data.train_images is None or not Path(data.train_images).is_dir():
+            raise AutoposeError("image folder not found", path=data.train_images, field="data.train_images")
+    splits = {"train": data.train if data.train_ann is None else None, "val": data.val}
+    splits["search_val"] = data.search_val
+    for name, path in splits.items():
+        if path is None:
+            continue
+        try:
+            meta = read_proxy_metadata(Path(path))
+        except AutoposeError as error:
+            raise AutoposeError(error.message, path=path, field=error.field or f"data.{name}") from None
+        field = "data.search_val" if name == "search_val" else None
+        _check_proxy_fits(meta, name, model, path=path, field=field)
+
+
 def _check_proxy_fits(
-    dataset: ProxyDataset, name: str, model: ModelConfig, *, path: str, field: str | None = None
+    meta: ProxyMetadata, name: str, model: ModelConfig, *, path: str, field: str | None = None
 ) -> None:
     """The proxy's crops and keypoints are what the model takes (``field``: where the error
     points; by default at the model setting that disagrees)."""
-    meta = dataset.metadata
     height, width = model.input_size
     if tuple(meta.input_size) != (height, width):
         raise AutoposeError(
@@ -331,7 +357,7 @@ class Trainer:
         meta = self.val_set.metadata
         self.keypoint_names, self.flip_pairs = tuple(meta.keypoint_names), tuple(meta.flip_pairs)
         self.dataset_name = meta.dataset
-        _check_proxy_fits(self.val_set, "val", model, path=data.val)
+        _check_proxy_fits(self.val_set.metadata, "val", model, path=data.val)
         self.train_set = self._train_dataset()
         # A split held out from the val distribution: the search's policy step reads it, and every
         # run scores it once at the end (``holdout_ap``) so that choices can be made without val.
@@ -339,7 +365,7 @@ class Trainer:
         if data.search_val is not None:
             self.holdout_set = ProxyDataset(Path(data.search_val))
             _check_proxy_fits(
-                self.holdout_set, "search_val", model, path=data.search_val, field="data.search_val"
+                self.holdout_set.metadata, "search_val", model, path=data.search_val, field="data.search_val"
             )
         self.codec = HeatmapCodec(tuple(model.input_size))
         self.space = search_space_from(space)
@@ -440,13 +466,7 @@ class Trainer:
             instances = load_coco(Path(data.train_ann), Path(data.train_images), training=True)
             return CocoCropDataset(instances, tuple(self.model_config.input_size))
         dataset = ProxyDataset(Path(data.train))
-        if tuple(dataset.metadata.input_size) != tuple(self.model_config.input_size):
-            raise AutoposeError(
-                f"the proxy holds {dataset.metadata.input_size[0]}x{dataset.metadata.input_size[1]} crops, "
-                f"the model takes {self.model_config.input_size[0]}x{self.model_config.input_size[1]}",
-                path=data.train,
-                field="model.input_size",
-            )
+        _check_proxy_fits(dataset.metadata, "train", self.model_config, path=data.train)
         return dataset
 
     def _train_loader(self) -> tuple[DistributedSampler | None, DataLoader]:

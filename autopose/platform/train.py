@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from autopose.engine.config import AugmentSpec, to_plain
+from autopose.engine.train import check_data
 from autopose.errors import AutoposeError
 from autopose.files import read_json
 from autopose.platform.cluster import ray_session
@@ -115,6 +116,7 @@ def run_training(
     """
     spec = policy_spec(policy, experiment.train.seed)
     _check_policy(spec, experiment)
+    check_data(experiment.full_train_data(), experiment.model)
     check_tracking(experiment.tracking_uri)
     experiment_name = check_name(name or experiment.experiment, field="--experiment")
     experiment_id = ensure_experiment(experiment.tracking_uri, experiment_name)

@@ -59,6 +59,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from autopose.augment import SearchSpace
 from autopose.engine.config import AugmentSpec, to_plain
+from autopose.engine.train import check_data
 from autopose.errors import AutoposeError
 from autopose.platform.cluster import ray_session
 from autopose.platform.compare import read_selection
@@ -128,6 +129,7 @@ class TrialOutcome:
     tracking: str | None = None  # what its MLflow run still misses (tracking server away)
     candidate: str | None = None  # the selection candidate it scores (selection stage only)
     holdout_ap: float | None = None
+    error_file: str | None = None  # Tune's record of a failed trial's traceback
 
 
 # -- the trial --------------------------------------------------------------------------------------------
@@ -626,6 +628,7 @@ def run_search(
             (with it).
     """
     search_name = check_name(name or experiment.experiment, field="--experiment")
+    check_data(experiment.data, experiment.model)  # every data file, from its footer: nothing written yet
     check_tracking(experiment.tracking_uri)
     experiment_id = ensure_experiment(experiment.tracking_uri, search_name)
     path = storage_join(experiment.storage_path, "tune", search_name)
@@ -1117,6 +1120,19 @@ def _fail_orphaned_runs(tracking_uri: str, experiment_id: str, search_name: str)
         mlflow_client.set_terminated(run.info.run_id, status="FAILED")
 
 
+def error_cause(error: BaseException | str) -> str:
+    """What went wrong, in one line: the last line of a trial's traceback that is not indented
+    (the exception and its message; the first line is Ray's banner of the actor that ran it)."""
+    lines = [line for line in str(error).splitlines() if line.strip() and not line[0].isspace()]
+    cause = lines[-1] if lines else type(error).__name__
+    return cause if len(cause) <= 300 else cause[:299] + "…"
+
+
+def _error_file(result) -> str | None:
+    path = Path(result.path) / "error.txt"
+    return str(path) if path.is_file() else None
+
+
 def _outcomes(
     results,
     experiment: ExperimentConfig,
@@ -1147,7 +1163,8 @@ def _outcomes(
                 val_ap=metrics.get(METRIC),
                 status="ERROR" if result.error else "TERMINATED",
                 run_id=run.info.run_id if run is not None else None,
-                error=str(result.error).splitlines()[0][:200] if result.error else None,
+                error=error_cause(result.error) if result.error else None,
+                error_file=_error_file(result) if result.error else None,
                 tracking=missing.get(str(trial_id)),
                 candidate=planned.get("candidate"),
                 holdout_ap=metrics.get("holdout_ap"),

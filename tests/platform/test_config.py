@@ -169,6 +169,33 @@ def test_cli_refuses_a_bad_config_before_ray_starts(smoke_config, tmp_path):
     assert "Ray" not in result.stderr + result.stdout and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        (
+            lambda c, tmp: c["data"].update(train=str(tmp / "train.json")),
+            "data.train",
+            "not a readable Parquet",
+        ),
+        (lambda c, tmp: c["data"].update(val=str(tmp / "missing.parquet")), "data.val", "not found"),
+        (lambda c, tmp: c["model"].update(input_size=[128, 96]), "model.input_size", "--input 128x96"),
+        (lambda c, tmp: c["model"].update(num_joints=5), "model.num_joints", "keypoints"),
+    ],
+)
+def test_cli_refuses_data_that_is_no_fitting_proxy_before_ray_starts(
+    smoke_config, tmp_path, change, field, words
+):
+    """Was: Ray started, every trial failed with hundreds of lines of tracebacks (newcomer issue)."""
+    (tmp_path / "train.json").write_text("{}")
+    path = edit(smoke_config(), lambda c: change(c, tmp_path))
+    result = _cli("search", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0] and words in lines[0], lines
+    assert "Started a local Ray instance" not in result.stderr and not (tmp_path / "runs").exists()
+    assert not (tmp_path / "mlflow.db").exists()  # nothing written
+
+
 def test_cli_refuses_an_unreachable_tracking_server_before_ray_starts(smoke_config, tmp_path):
     path = smoke_config({"tracking_uri": f"http://127.0.0.1:{_closed_port()}"})
     result = _cli("search", "--config", str(path), cwd=tmp_path)
