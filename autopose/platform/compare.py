@@ -21,6 +21,7 @@ from autopose.platform.tracking import (
     TAG_SELECTED,
     check_tracking,
     client,
+    require_store,
 )
 
 
@@ -79,8 +80,9 @@ def collect(
         ``(experiment name, rows)``, rows best ``val_ap`` first.
 
     Raises:
-        AutoposeError: unreachable tracking store, unknown experiment, no trials.
+        AutoposeError: no store, unreachable tracking store, unknown experiment, no trials.
     """
+    require_store(tracking_uri)
     check_tracking(tracking_uri)
     name = experiment or _latest_experiment(tracking_uri)
     mlflow_client = client(tracking_uri)

@@ -19,6 +19,7 @@ from autopose.platform.tracking import (
     client,
     download_artifact,
     get_run,
+    require_store,
 )
 from autopose.platform.train import TrainingOutcome, run_training
 
@@ -65,6 +66,7 @@ def promote(
             starts), or a failed training.
     """
     uri = resolve_tracking_uri(tracking_uri or (config.tracking_uri if config is not None else None))
+    require_store(uri)
     check_tracking(uri)
     policy, logged, experiment_name = promoted_policy(uri, run_id)
     if config is None:

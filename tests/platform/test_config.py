@@ -19,7 +19,7 @@ from autopose.platform.config import (
     resolve_tracking_uri,
     storage_join,
 )
-from autopose.platform.tracking import check_tracking
+from autopose.platform.tracking import check_tracking, ensure_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -205,11 +205,29 @@ def test_cli_refuses_an_unreachable_tracking_server_before_ray_starts(smoke_conf
 
 
 def test_cli_promote_of_an_unknown_run_is_one_clear_error(tmp_path):
-    result = _cli(
-        "promote", "0123456789abcdef", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path
-    )
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    ensure_experiment(uri, "exists")  # a store with nothing of that id in it
+    result = _cli("promote", "0123456789abcdef", "--tracking-uri", uri, cwd=tmp_path)
     assert result.returncode == 2
     assert "no MLflow run '0123456789abcdef'" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["promote", "0123456789abcdef"], ["compare"]])
+def test_a_read_only_command_where_nothing_was_tracked_creates_no_store(tmp_path, command):
+    """Was: a 950 KB mlflow.db, MLflow's table-creation lines and 15–47 s (newcomer issue)."""
+    env_free = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    result = subprocess.run(
+        [sys.executable, "-m", "autopose.cli", *command],
+        cwd=tmp_path,
+        env={**env_free, "RAY_ADDRESS": ""},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no MLflow store at" in lines[0] and "--tracking-uri" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_policy_argument_of_train(smoke_config, tmp_path):
