@@ -13,7 +13,7 @@ Layout (every section optional except ``data``; see search_spaces/smoke.yaml)::
     data:       {train, val, train_ann, train_images, max_val_samples}
     model:      {arch, input_size, num_joints}
     train:      {epochs, steps_per_epoch, batch_size, lr, ..., num_workers, cpus_per_worker, ...}
-    space:      search_spaces/p2net.yaml   # or the space inline
+    space:      p2net              # a built-in space's name, a space file, or the space inline
     search:     {trials, tau1, tau2, policy_lr, unroll_lr, hessian, num_sub_policies, ...}
     baselines:  {random_seeds, handcrafted, none, randaugment, trivialaugment}
     tune:       {max_concurrent, search_alg, scheduler, max_failures, ...}
@@ -268,7 +268,7 @@ class ExperimentConfig:
     storage_path: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    space: str | dict[str, Any] = "search_spaces/p2net.yaml"
+    space: str | dict[str, Any] = "p2net"  # the paper's, built in: the same from any folder
     search: BilevelConfig = field(default_factory=BilevelConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     tune: TuneSettings = field(default_factory=TuneSettings)
@@ -434,12 +434,16 @@ def storage_join(base: str, *parts: str) -> str:
 
 
 def load_space_mapping(space: str | dict[str, Any], *, path: str | Path | None) -> dict[str, Any]:
-    """The search space as a plain mapping, checked by the augment layer's own loader
-    (unknown ops and keys are named with the file and field)."""
-    from autopose.augment.space import SearchSpace, load_search_space
+    """The search space as a plain mapping: a built-in space's name (``p2net``, the paper's), a
+    space file (found from the working folder or beside the experiment file), or the space
+    inline; checked by the augment layer's own loader (unknown ops and keys are named with the
+    file and field)."""
+    from autopose.augment.space import BUILTIN_SPACES, SearchSpace, load_search_space
 
     if isinstance(space, dict):
         return SearchSpace.from_dict(space, path=path, field_prefix="space").to_dict()
+    if space in BUILTIN_SPACES:
+        return BUILTIN_SPACES[space]().to_dict()
     space_path = Path(space)
     if not space_path.is_absolute() and not space_path.exists() and path is not None:
         # also look beside the experiment file (search_spaces/smoke.yaml names p2net.yaml)
@@ -447,7 +451,11 @@ def load_space_mapping(space: str | dict[str, Any], *, path: str | Path | None) 
         if beside.exists():
             space_path = beside
     if not space_path.is_file():
-        raise AutoposeError(f"search space file not found: {space}", path=path, field="space")
+        raise AutoposeError(
+            f"search space file not found: {space} (built in: {', '.join(BUILTIN_SPACES)})",
+            path=path,
+            field="space",
+        )
     return load_search_space(space_path).to_dict()
 
 

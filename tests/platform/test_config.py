@@ -121,6 +121,20 @@ def test_the_papers_space_file_is_found_beside_the_config(smoke_config):
     assert config.space_dict["num_sub_policies"] == 3 and len(config.space_dict["ops"]) == 10
 
 
+def test_without_a_space_line_the_papers_built_in_space_is_used_from_any_folder(
+    smoke_config, monkeypatch, tmp_path
+):
+    """Was: search_spaces/p2net.yaml looked up in the working folder (newcomer issue)."""
+    path = edit(smoke_config(), lambda c: c.pop("space"))
+    monkeypatch.chdir(tmp_path)  # no search_spaces/ here
+    config = load_experiment(path)
+    assert (
+        config.space_dict
+        == load_experiment(path, {"space": str(REPO / "search_spaces" / "p2net.yaml")}).space_dict
+    )
+    assert load_experiment(path, {"space": "p2net"}).space_dict == config.space_dict
+
+
 def test_tracking_uri_defaults_and_storage_uris(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
