@@ -68,6 +68,7 @@ Tensor = torch.Tensor
 Augment = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 BASELINE_FORMAT = "autopose.baseline/1"
 MPII_UPPER_BODY = tuple(range(7, 16))  # thorax … wrists in MPII's joint order
+PASS_STRIDE = 1_000_003  # a further pass over the data within one epoch shuffles as epoch + k·this
 
 
 # -- what the loop hands to its hooks -----------------------------------------------------------------
@@ -393,15 +394,15 @@ class Trainer:
         )
 
         self.sampler, self.loader = self._train_loader()
-        self.steps_per_epoch = len(self.loader)
-        if train.steps_per_epoch is not None:
-            self.steps_per_epoch = min(self.steps_per_epoch, train.steps_per_epoch)
-        if self.steps_per_epoch == 0:
+        if len(self.loader) == 0:
             raise AutoposeError(
                 f"{len(self.train_set)} training crops make no batch of {train.batch_size}"
                 + (f" per each of {self.world_size} workers" if self.world_size > 1 else ""),
                 field="train.batch_size",
             )
+        # An epoch is train.steps_per_epoch steps, passing over the data again when one pass (of
+        # this worker's shard) holds fewer batches: the count in the config is the count done.
+        self.steps_per_epoch = train.steps_per_epoch or len(self.loader)
         total_steps = self.steps_per_epoch * train.epochs
         self.total_steps = total_steps
         self.augment = build_augment(
@@ -687,15 +688,9 @@ class Trainer:
         value the steps report, over the steps that report it (a search trial's policy metrics
         over its search steps only)."""
         self.model.train()
-        if self.sampler is not None:
-            self.sampler.set_epoch(self.epoch)
-        else:
-            self.loader.sampler.set_epoch(self.epoch)
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
-        for count, batch in enumerate(self.loader):
-            if count >= self.steps_per_epoch:
-                break
+        for batch in self._epoch_batches():
             images, keypoints, visibility = self._batch(batch)
             if self.is_search_step():
                 losses = self._search_step(images, keypoints, visibility)
@@ -708,6 +703,21 @@ class Trainer:
                 totals[key] = totals.get(key, 0.0) + value
                 counts[key] = counts.get(key, 0) + 1
         return {key: value / counts[key] for key, value in totals.items()}
+
+    def _epoch_batches(self) -> Iterator[dict[str, Tensor]]:
+        """The epoch's ``steps_per_epoch`` batches: its pass over the data in the epoch's order,
+        then, when that pass is shorter, further passes each shuffled afresh (pass ``k`` of epoch
+        ``e`` in the order of ``e + k·PASS_STRIDE``: a function of the epoch, as on resume)."""
+        sampler = self.sampler if self.sampler is not None else self.loader.sampler
+        taken, passes = 0, 0
+        while taken < self.steps_per_epoch:
+            sampler.set_epoch(self.epoch + passes * PASS_STRIDE)
+            for batch in self.loader:
+                if taken >= self.steps_per_epoch:
+                    return
+                taken += 1
+                yield batch
+            passes += 1
 
     def proxy_scores(self, rows: Dataset) -> dict[str, float]:
         """pycocotools' keypoint scores (``AP``, ``AP50``, ``AP75``, ``AR`` …; NaN read as 0) of

@@ -456,3 +456,19 @@ def test_a_schedule_switches_policies_at_its_steps_stretched_to_the_run(smoke_da
     trainer.run()
     assert seen == [(0, never), (1, never), (2, always), (3, always)]
     assert trainer.policy_document()["steps"] == 4  # what it trained with, at this run's steps
+
+
+def test_an_epoch_longer_than_the_data_does_its_steps_on_a_fresh_shuffle(smoke_data):
+    """steps_per_epoch is the count done (was: capped silently at one pass; newcomer issue)."""
+    data, model, train = configs(smoke_data, epochs=1, steps_per_epoch=1)
+    one_pass = len(Trainer(data, model, train, AugmentSpec(kind="none", seed=0), SPACE).loader)
+    data, model, train = configs(smoke_data, epochs=1, steps_per_epoch=one_pass + 2)
+    trainer = Trainer(data, model, train, AugmentSpec(kind="none", seed=0), SPACE)
+    orders = []
+    sampler = trainer.loader.sampler
+    original = sampler.set_epoch
+    sampler.set_epoch = lambda epoch: (original(epoch), orders.append(list(iter(sampler))))[0]
+    result = trainer.run()
+    assert result.steps == trainer.step == one_pass + 2
+    assert trainer.history[-1]["step"] == one_pass + 2
+    assert len(orders) == 2 and sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]
