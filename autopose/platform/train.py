@@ -83,14 +83,15 @@ def _policy_key(spec: AugmentSpec) -> str:
     return f"policy-{digest}"
 
 
-def _check_policy(spec: AugmentSpec, experiment: ExperimentConfig) -> None:
-    """Validate a policy document against the space before Ray starts."""
+def _check_policy(spec: AugmentSpec, experiment: ExperimentConfig, source: str | Path = "--policy") -> None:
+    """Validate a policy document against the space before Ray starts (errors name ``source``:
+    the policy file, or ``--policy`` for a document given as it is)."""
     if spec.kind != "policy" or spec.policy is None or spec.policy.get("format") == "autopose.baseline/1":
         return
     from autopose.augment import SearchSpace
     from autopose.augment.schedule import policy_from_document
 
-    policy_from_document(spec.policy, space=SearchSpace.from_dict(experiment.space_dict), path="--policy")
+    policy_from_document(spec.policy, space=SearchSpace.from_dict(experiment.space_dict), path=source)
 
 
 def run_training(
@@ -115,7 +116,7 @@ def run_training(
             starts), or a failed training run.
     """
     spec = policy_spec(policy, experiment.train.seed)
-    _check_policy(spec, experiment)
+    _check_policy(spec, experiment, policy if isinstance(policy, str | Path) else "--policy")
     check_data(experiment.full_train_data(), experiment.model)
     check_tracking(experiment.tracking_uri)
     experiment_name = check_name(name or experiment.experiment, field="--experiment")

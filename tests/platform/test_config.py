@@ -255,8 +255,11 @@ def test_policy_argument_of_train(smoke_config, tmp_path):
     step = {"op": "Twirl", "p": 1, "m": 1}
     bad.write_text(json.dumps({"format": "autopose.policy/1", "space": "smoke", "sub_policies": [[step]]}))
     config = load_experiment(smoke_config())
-    with pytest.raises(AutoposeError, match="Twirl"):
-        _check_policy(policy_spec(str(bad), 0), config)  # before Ray starts
+    with pytest.raises(AutoposeError, match="Twirl") as error:
+        _check_policy(policy_spec(str(bad), 0), config, bad)  # before Ray starts
+    assert (
+        error.value.path == str(bad) and error.value.field == "sub_policies[0][0].op"
+    )  # the file, not --policy
     binary = tmp_path / "bin.json"
     binary.write_bytes(b"\xff\xfe{}")  # not UTF-8: one line naming the file, no traceback
     with pytest.raises(AutoposeError, match="not valid json") as error:
