@@ -150,6 +150,7 @@ def _search(args: argparse.Namespace) -> int:
     experiment = load_experiment(args.config)  # every check happens here, before Ray starts
     from autopose.platform.compare import collect, format_methods, format_table, method_rows, read_selection
     from autopose.platform.selection import format_selection
+    from autopose.platform.tracking import mlflow_ui_command
     from autopose.platform.tune import run_search
 
     name = args.experiment or experiment.experiment
@@ -176,7 +177,7 @@ def _search(args: argparse.Namespace) -> int:
         label = outcome.candidate or outcome.kind
         where = f" (traceback: {outcome.error_file})" if outcome.error_file else ""
         print(f"autopose: trial {label}-{outcome.seed} failed: {outcome.error}{where}", file=sys.stderr)
-    print(f"MLflow: mlflow ui --backend-store-uri {experiment.tracking_uri} --host 127.0.0.1")
+    print(f"MLflow: {mlflow_ui_command(experiment.tracking_uri)}")
     selection = read_selection(experiment, name)
     print(format_methods(method_rows(rows, selection)))
     if selection is not None:
@@ -252,11 +253,26 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+ADDRESS_HELP = "Ray address (default: $RAY_ADDRESS, else a new local Ray)"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("autopose")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from autopose.platform.config import BASELINE_KINDS
+
     parser = argparse.ArgumentParser(
         prog="autopose",
         description="Differentiable augmentation-policy search for top-down pose estimation.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
 
     demo = verbs.add_parser("demo", help="run the whole loop on bundled data (local Ray, SQLite MLflow)")
@@ -272,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument(
         "--val-images", type=int, default=None, help="images in the val split (default: images/4)"
     )
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=int, default=0, help="seeds the figures, poses and backgrounds")
     synth.add_argument(
         "--shift",
         default="none",
@@ -296,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--ann", type=Path, required=True, help="COCO keypoint json (or MPII json)")
     proxy.add_argument("--images", type=Path, required=True, help="image folder")
     proxy.add_argument("--out", type=Path, required=True, help="output .parquet file")
-    proxy.add_argument("--max-images", type=int, default=5000)
-    proxy.add_argument("--seed", type=int, default=0)
+    proxy.add_argument("--max-images", type=int, default=5000, help="images drawn at most (default 5000)")
+    proxy.add_argument("--seed", type=int, default=0, help="seeds the draw of the images")
     proxy.add_argument("--input", default="256x192", help="crop size HxW")
     proxy.add_argument(
         "--exclude",
@@ -309,14 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
     info = verbs.add_parser("model-info", help="parameters and GFLOPs of an architecture")
     info.add_argument("--arch", required=True, help="e.g. p2net_r50, p2net_r101_prog, simplebaseline_r50")
     info.add_argument("--input", default="256x192", help="input size HxW")
-    info.add_argument("--joints", type=int, default=17)
+    info.add_argument("--joints", type=int, default=17, help="keypoints per person (COCO 17, MPII 16)")
     info.set_defaults(handler=_model_info)
 
     detect = verbs.add_parser("detect", help="person boxes with torchvision Faster R-CNN (local weights)")
-    detect.add_argument("--images", type=Path, required=True)
+    detect.add_argument("--images", type=Path, required=True, help="image folder (or one image)")
     detect.add_argument("--weights", type=Path, required=True, help="Faster R-CNN ResNet-50-FPN state dict")
     detect.add_argument("--out", type=Path, required=True, help="COCO detection json")
-    detect.add_argument("--score-thr", type=float, default=0.0)
+    detect.add_argument("--score-thr", type=float, default=0.0, help="keep boxes scored at least this")
     detect.set_defaults(handler=_detect)
 
     evaluate = verbs.add_parser("evaluate", help="COCO keypoint AP (or MPII PCKh)")
@@ -333,9 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=_evaluate)
 
     search = verbs.add_parser("search", help="Ray Tune experiment: policy search beside baselines")
-    search.add_argument("--config", type=Path, required=True)
+    search.add_argument("--config", type=Path, required=True, help="experiment YAML (search_spaces/*.yaml)")
     search.add_argument("--experiment", help="MLflow experiment name (default: from the config)")
-    search.add_argument("--address", help="Ray address (default: start a local Ray)")
+    search.add_argument("--address", help=ADDRESS_HELP)
     search.add_argument("--resume", action="store_true", help="finish an interrupted experiment")
     search.set_defaults(handler=_search)
 
@@ -348,16 +364,22 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(handler=_compare)
 
     promote = verbs.add_parser("promote", help="mark a run's policy promoted and train it fully")
-    promote.add_argument("run_id")
+    promote.add_argument("run_id", help="the MLflow run of a search trial or selection candidate")
     promote.add_argument("--config", type=Path, help="training config (default: the run's own)")
-    promote.add_argument("--tracking-uri")
-    promote.add_argument("--address")
+    promote.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: the run's config's, else ./mlflow.db)"
+    )
+    promote.add_argument("--address", help=ADDRESS_HELP)
     promote.set_defaults(handler=_promote)
 
     train = verbs.add_parser("train", help="full training on Ray Train")
-    train.add_argument("--policy", required=True, help="policy JSON file, or handcrafted | random | none")
-    train.add_argument("--config", type=Path, required=True)
-    train.add_argument("--address")
+    train.add_argument(
+        "--policy",
+        required=True,
+        help="policy or schedule JSON file, or one of " + " | ".join(BASELINE_KINDS),
+    )
+    train.add_argument("--config", type=Path, required=True, help="experiment YAML (its full_train section)")
+    train.add_argument("--address", help=ADDRESS_HELP)
     train.set_defaults(handler=_train)
     return parser
 

@@ -799,7 +799,9 @@ def _run_demo(workdir: Path, budget_name: str, stream) -> Path:
     save_state(best_run=best.run_id, full_run=full.run_id, report=str(html))
 
     progress.say(f"report: {html}")
-    progress.say(f"MLflow UI: mlflow ui --backend-store-uri {config.tracking_uri} --host 127.0.0.1")
+    from autopose.platform.tracking import mlflow_ui_command
+
+    progress.say(f"MLflow UI: {mlflow_ui_command(config.tracking_uri)}")
     return html
 
 

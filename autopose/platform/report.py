@@ -40,6 +40,7 @@ from autopose.platform.tracking import (
     TAG_SEED,
     client,
     download_artifact,
+    mlflow_ui_command,
     render_policy_examples,
 )
 
@@ -468,11 +469,7 @@ def write_report(
         f"turned up to ±45° and darker than train; the ops that match that shift: "
         f"{', '.join(shift_ops) or '–'}.</p>"
     )
-    parts.append(
-        "<p>MLflow UI: <code>"
-        + html.escape(f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
-        + "</code></p>"
-    )
+    parts.append("<p>MLflow UI: <code>" + html.escape(mlflow_ui_command(uri)) + "</code></p>")
 
     base_train = config.warm_start_config()
     for base in (r for r in runs.values() if r.data.tags.get(TAG_KIND) == "base"):

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 import urllib.error
@@ -134,6 +135,18 @@ def first_line(error: BaseException) -> str:
     """An error's first line (MLflow's messages run long), or its type's name."""
     text = str(error).strip()
     return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def mlflow_ui_command(tracking_uri: str) -> str:
+    """The command that opens MLflow's UI on ``tracking_uri``, runnable as printed: the ``mlflow``
+    beside this Python (the project's venv is not on PATH after ``make demo``), relative to the
+    working folder when it lies below it."""
+    executable = Path(sys.executable).parent / "mlflow"
+    try:
+        shown = f"./{executable.relative_to(Path.cwd())}"
+    except ValueError:
+        shown = str(executable)
+    return f"{shown} ui --backend-store-uri {tracking_uri} --host 127.0.0.1"
 
 
 def require_store(tracking_uri: str) -> None:
