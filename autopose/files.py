@@ -2,7 +2,11 @@
 
 A file autopose writes is either the old one or the complete new one, never a
 partial one: it is written beside its destination, flushed to disk, then
-renamed over it (a rename within one folder is atomic on POSIX).
+renamed over it (a rename within one folder is atomic on POSIX). It gets the
+permissions a plain ``open`` would give it (0666 less the umask), whatever
+kind of file it is. Every write goes through :func:`atomic_write` (a figure
+through :func:`save_figure`); a proxy's Parquet file has its own temporary
+names, which a later build recognises and removes (``autopose.data.proxy``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ def atomic_write(path: str | Path, mode: str = "w", *, make_parents: bool = True
         path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename
         encoding = None if "b" in mode else "utf-8"
         with os.fdopen(handle, mode, encoding=encoding) as stream:
             yield stream
@@ -45,6 +50,24 @@ def atomic_write(path: str | Path, mode: str = "w", *, make_parents: bool = True
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def save_figure(figure: Any, path: str | Path, *, dpi: int) -> Path:
+    """Write a matplotlib figure as a PNG through :func:`atomic_write`, then close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_write(path, "wb") as stream:
+            figure.savefig(stream, format="png", dpi=dpi)
+    finally:
+        plt.close(figure)
+    return Path(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def read_json(path: str | Path) -> Any:

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +57,7 @@ from tqdm import tqdm
 from autopose.data.coco import COCO_KEYPOINTS, COCO_SKELETON
 from autopose.data.proxy import ProxyReport, build_proxy
 from autopose.errors import AutoposeError
+from autopose.files import atomic_write
 
 SYNTH_GENERATOR = 2  # 1: every figure faced the camera, limbs coloured by side
 SYNTH_IMAGE_SIZE = (240, 320)  # (height, width)
@@ -717,10 +717,9 @@ def _write_split(
         picture, people = _render_image(rng, size, shift, max_persons, clutter)
         image_id = id_offset + index + 1
         file_name = f"{image_id:012d}.jpg"
-        tmp = images_dir / f".{file_name}.tmp"
-        # fixed encoder settings: the same pixels give the same bytes
-        picture.save(tmp, format="JPEG", quality=JPEG_QUALITY, subsampling=0, optimize=False)
-        os.replace(tmp, images_dir / file_name)
+        with atomic_write(images_dir / file_name, "wb") as stream:
+            # fixed encoder settings: the same pixels give the same bytes
+            picture.save(stream, format="JPEG", quality=JPEG_QUALITY, subsampling=0, optimize=False)
         images.append({"id": image_id, "file_name": file_name, "width": size[1], "height": size[0]})
         for person in people:
             keypoints = person["keypoints"]
@@ -756,10 +755,8 @@ def _write_split(
         "images": images,
         "annotations": annotations,
     }
-    target = folder / "annotations.json"
-    tmp = folder / ".annotations.json.tmp"
-    tmp.write_text(json.dumps(dataset))
-    os.replace(tmp, target)
+    with atomic_write(folder / "annotations.json") as stream:
+        stream.write(json.dumps(dataset))
     return len(annotations)
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from autopose.errors import AutoposeError
+from autopose.files import save_figure
 from autopose.platform.config import ExperimentConfig
 from autopose.platform.selection import Selection, candidate_scores, format_gain, select, text_table
 from autopose.platform.tracking import (
@@ -258,12 +257,4 @@ def plot(name: str, rows: list[PolicyRow], out: str | Path) -> Path:
     out = Path(out)
     if not out.parent.is_dir():
         raise AutoposeError("folder does not exist", path=out.parent, field="--plot")
-    handle, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(handle)
-    try:
-        figure.savefig(temporary, dpi=150)
-        os.replace(temporary, out)
-    finally:
-        plt.close(figure)
-        Path(temporary).unlink(missing_ok=True)
-    return out
+    return save_figure(figure, out, dpi=150)

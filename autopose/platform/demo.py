@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from autopose.errors import AutoposeError
+from autopose.files import atomic_write
 from autopose.platform.config import ExperimentConfig, load_experiment, storage_join
 
 DEMO_DATA = Path(__file__).parent / "demo_data"
@@ -253,9 +254,8 @@ def _read_state(workdir: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    temporary = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, path)
+    with atomic_write(path) as stream:
+        stream.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # -- stage 1–2: data ---------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from autopose.files import atomic_write, save_figure
 from autopose.platform.compare import collect, method_rows, plot, read_selection
 from autopose.platform.config import ExperimentConfig
 from autopose.platform.selection import format_gain
@@ -63,18 +64,7 @@ def metric_series(tracking_uri: str, run_id: str, prefix: str) -> dict[str, list
 
 
 def _save(figure, out: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(handle)
-    try:
-        figure.savefig(temporary, dpi=120)
-        os.replace(temporary, out)
-    finally:
-        plt.close(figure)
-        Path(temporary).unlink(missing_ok=True)
-    return out
+    return save_figure(figure, out, dpi=120)
 
 
 def _pyplot():
@@ -647,7 +637,6 @@ def write_report(
         f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n"
     )
     out = folder / "index.html"
-    temporary = folder / f".index.html.{os.getpid()}.tmp"
-    temporary.write_text(page)
-    os.replace(temporary, out)
+    with atomic_write(out) as stream:
+        stream.write(page)
     return out

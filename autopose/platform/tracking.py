@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +37,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
 from autopose.errors import AutoposeError
+from autopose.files import save_figure
 
 TAG_KIND = "autopose.kind"
 TAG_SEED = "autopose.seed"
@@ -485,17 +485,7 @@ def render_policy_examples(
         axes[row][0].set_ylabel("original" if row == 0 else f"draw {row}", fontsize=7)
     figure.suptitle(title, fontsize=8)
     figure.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(handle)
-    try:
-        figure.savefig(temporary, dpi=150)
-        os.replace(temporary, out)
-    finally:
-        plt.close(figure)
-        Path(temporary).unlink(missing_ok=True)
-    return out
+    return save_figure(figure, out, dpi=150)
 
 
 def run_status_counts(tracking_uri: str, experiment_id: str) -> dict[str, int]:
