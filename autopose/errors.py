@@ -36,3 +36,20 @@ class AutoposeError(Exception):
 
 def _rebuild(message: str, path: str | None, field: str | None) -> AutoposeError:
     return AutoposeError(message, path=path, field=field)
+
+
+def first_line(error: BaseException | str, limit: int = 200) -> str:
+    """An error's first line, at most ``limit`` characters (MLflow's and Ray's messages run
+    long), or its type's name when it says nothing."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
+def error_cause(error: BaseException | str, limit: int = 300) -> str:
+    """What went wrong, in one line: the last line of an error's text that is not indented. A
+    failure that crossed Ray carries the remote traceback in its text, whose first line is Ray's
+    banner of the actor ("ray::ImplicitFunc.train() (pid=…)") or "Training failed due to worker
+    errors:", and whose last is the exception and its message."""
+    lines = [line for line in str(error).splitlines() if line.strip() and not line[0].isspace()]
+    cause = lines[-1] if lines else type(error).__name__
+    return cause if len(cause) <= limit else cause[: limit - 1] + "…"

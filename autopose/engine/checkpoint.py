@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autopose.errors import AutoposeError
+from autopose.errors import AutoposeError, first_line
 from autopose.files import atomic_write
 
 CHECKPOINT_FORMAT = "autopose.checkpoint/1"
@@ -163,7 +163,7 @@ def load_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
             path=path,
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as error:
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        reason = first_line(error, 160)
         raise AutoposeError(
             f"not a readable checkpoint, truncated or corrupt ({reason})", path=path
         ) from None

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import ray
 
-from autopose.errors import AutoposeError
+from autopose.errors import AutoposeError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as error:
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise AutoposeError(
             f"cannot connect to Ray at {target or 'a new local instance'} ({first})"
         ) from None

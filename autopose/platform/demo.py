@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from autopose.errors import AutoposeError
+from autopose.errors import AutoposeError, first_line
 from autopose.files import atomic_write
 from autopose.platform.config import ExperimentConfig, load_experiment, storage_join
 
@@ -474,7 +474,7 @@ def local_ray(num_cpus: int | None = None) -> Iterator[None]:
             logging_level="ERROR",
         )
     except (ConnectionError, RuntimeError, ValueError) as error:
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise AutoposeError(f"cannot start a local Ray ({first})") from None
     try:
         yield

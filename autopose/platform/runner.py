@@ -51,7 +51,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from autopose.engine.config import AugmentSpec, DataConfig, ModelConfig, TrainConfig
 from autopose.engine.train import EpochReport, Trainer, TrainHooks, discrete_augment
-from autopose.errors import AutoposeError
+from autopose.errors import AutoposeError, error_cause, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -215,8 +215,6 @@ class _ReportingHooks(TrainHooks):
                 self._policy_unlogged = False
             self._in_doubt = False
         except Exception as error:  # MlflowException, requests' and OSError kinds: the server is away
-            from autopose.platform.tracking import first_line
-
             self._in_doubt = True
             self.tracking_errors += 1
             # Said once; in a search the driver says it instead (its console is the one read).
@@ -335,7 +333,7 @@ def fit(
     except AutoposeError:
         raise
     except ray.train.TrainingFailedError as error:
-        raise AutoposeError(f"training run {name} failed: {_first_line(error)}") from error
+        raise AutoposeError(f"training run {name} failed: {error_cause(error)}") from error
 
 
 @contextlib.contextmanager
@@ -353,13 +351,6 @@ def local_checkpoint(result, job: TrainingJob) -> Iterator[Path]:
         if not path.is_file():
             raise AutoposeError("training finished without a checkpoint", path=result.checkpoint.path)
         yield path
-
-
-def _first_line(error: BaseException) -> str:
-    for line in str(error).splitlines():
-        if line.strip() and not line.startswith("Traceback"):
-            return line.strip()[:300]
-    return type(error).__name__
 
 
 def resources_of(train: TrainConfig) -> tuple[float, float]:

@@ -36,7 +36,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
-from autopose.errors import AutoposeError
+from autopose.errors import AutoposeError, first_line
 from autopose.files import save_figure
 
 TAG_KIND = "autopose.kind"
@@ -131,12 +131,6 @@ def _quick_http() -> contextlib.AbstractContextManager[None]:
     return bounded_http(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
 
 
-def first_line(error: BaseException) -> str:
-    """An error's first line (MLflow's messages run long), or its type's name."""
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
-
-
 def mlflow_ui_command(tracking_uri: str) -> str:
     """The command that opens MLflow's UI on ``tracking_uri``, runnable as printed: the ``mlflow``
     beside this Python (the project's venv is not on PATH after ``make demo``), relative to the
@@ -199,7 +193,7 @@ def check_tracking(tracking_uri: str, timeout_s: float = 5.0) -> None:
         with _quick_http():
             client(tracking_uri).search_experiments(max_results=1)
     except (MlflowException, OSError) as error:
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise AutoposeError(
             f"MLflow tracking store {tracking_uri} is not usable ({first})", field="tracking_uri"
         ) from None
@@ -371,7 +365,7 @@ def download_artifact(tracking_uri: str, run_id: str, artifact: str, dst: str | 
     try:
         local = client(tracking_uri).download_artifacts(run_id, artifact, str(dst))
     except (MlflowException, OSError) as error:
-        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        first = first_line(error, 160)
         raise AutoposeError(f"run {run_id} has no artifact {artifact} ({first})", field="RUN_ID") from None
     return Path(local)
 

@@ -60,7 +60,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from autopose.augment import SearchSpace
 from autopose.engine.config import AugmentSpec, to_plain
 from autopose.engine.train import check_data
-from autopose.errors import AutoposeError
+from autopose.errors import AutoposeError, error_cause, first_line
 from autopose.platform.cluster import ray_session
 from autopose.platform.compare import read_selection
 from autopose.platform.config import ExperimentConfig, check_name, storage_join
@@ -85,7 +85,6 @@ from autopose.platform.tracking import (
     check_tracking,
     client,
     ensure_experiment,
-    first_line,
     flatten,
     quick_tracking_failures,
 )
@@ -1118,14 +1117,6 @@ def _fail_orphaned_runs(tracking_uri: str, experiment_id: str, search_name: str)
     ):
         mlflow_client.set_tag(run.info.run_id, TAG_ORPHANED, "true")
         mlflow_client.set_terminated(run.info.run_id, status="FAILED")
-
-
-def error_cause(error: BaseException | str) -> str:
-    """What went wrong, in one line: the last line of a trial's traceback that is not indented
-    (the exception and its message; the first line is Ray's banner of the actor that ran it)."""
-    lines = [line for line in str(error).splitlines() if line.strip() and not line[0].isspace()]
-    cause = lines[-1] if lines else type(error).__name__
-    return cause if len(cause) <= 300 else cause[:299] + "…"
 
 
 def _error_file(result) -> str | None:

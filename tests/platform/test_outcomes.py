@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from autopose.platform.tune import _error_file, error_cause
+from autopose.errors import error_cause
+from autopose.platform.tune import _error_file
 
 # What str(result.error) held for a trial that raised (Ray 2.60, copied from a real run).
 RAY_ERROR = (
