@@ -84,16 +84,23 @@ def _epoch_axis(axis) -> None:
 
 
 # -- pictures ----------------------------------------------------------------------------------------------
+# One colour per trial kind (a kind missing here is drawn black).
+KIND_COLOURS = {
+    "search": "#d62728",
+    "tpe": "#ff7f0e",
+    "pba": "#bcbd22",
+    "random": "#7f7f7f",
+    "handcrafted": "#2ca02c",
+    "none": "#1f77b4",
+    "randaugment": "#9467bd",
+    "trivialaugment": "#8c564b",
+    "policy": "#e377c2",
+}
+
+
 def plot_val_curves(runs: Sequence[Any], tracking_uri: str, out: Path) -> Path:
     """val AP per epoch, one line per trial (colour by kind)."""
     plt = _pyplot()
-    colours = dict(
-        zip(
-            SEARCH_KINDS,
-            ("#d62728", "#ff7f0e", "#7f7f7f", "#2ca02c", "#1f77b4", "#9467bd", "#8c564b", "#e377c2"),
-            strict=True,
-        )
-    )
     figure, axis = plt.subplots(figsize=(6.4, 3.6))
     for run in runs:
         kind, seed = run.data.tags.get(TAG_KIND), run.data.tags.get(TAG_SEED, "0")
@@ -104,7 +111,7 @@ def plot_val_curves(runs: Sequence[Any], tracking_uri: str, out: Path) -> Path:
                 [v for _, v in points],
                 marker="o",
                 markersize=3,
-                color=colours.get(kind, "black"),
+                color=KIND_COLOURS.get(kind, "black"),
                 linestyle="-" if kind == "search" else "--",
                 label=f"{kind}-{seed}",
             )

@@ -117,9 +117,9 @@ def run_training(
     """
     spec = policy_spec(policy, experiment.train.seed)
     _check_policy(spec, experiment, policy if isinstance(policy, str | Path) else "--policy")
+    experiment_name = check_name(name or experiment.experiment, field="--experiment")
     check_data(experiment.full_train_data(), experiment.model)
     check_tracking(experiment.tracking_uri)
-    experiment_name = check_name(name or experiment.experiment, field="--experiment")
     experiment_id = ensure_experiment(experiment.tracking_uri, experiment_name)
     # The full training starts where the trials did: the base model (cached, or trained now).
     experiment = prepare_warm_start(experiment, experiment_id, experiment_name, address=address)

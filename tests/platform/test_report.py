@@ -177,3 +177,10 @@ def test_a_schedule_shows_each_policy_under_its_start_and_pictures_its_last():
     with pytest.raises(AutoposeError) as error:
         _policy_table(document, SPACE)
     assert error.value.field == "schedule[1].start_step"
+
+
+def test_every_trial_kind_has_its_own_colour():
+    from autopose.platform.report import KIND_COLOURS
+    from autopose.platform.tracking import SEARCH_KINDS
+
+    assert set(KIND_COLOURS) == set(SEARCH_KINDS) and len(set(KIND_COLOURS.values())) == len(KIND_COLOURS)
