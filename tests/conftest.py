@@ -16,6 +16,19 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny tensors and models run fastest so, and stay fast on a
+    shared 2-core machine, where a second thread mostly waits for a busy core and the many small
+    ops of a tiny P2Net then run tens of times slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def coco_ann() -> Path:
     return COCO_SAMPLES / "test_coco.json"

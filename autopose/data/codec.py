@@ -9,8 +9,6 @@ coordinate ``x`` sits at heatmap coordinate ``(x + 0.5) / s − 0.5``.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -162,8 +160,3 @@ class HeatmapCodec:
             f"HeatmapCodec(input_size={self.input_size}, heatmap_size={self.heatmap_size}, "
             f"sigma={self.sigma}, blur_kernel={self.blur_kernel})"
         )
-
-
-def gaussian_radius(sigma: float) -> int:
-    """Three-sigma radius in heatmap pixels (for drawing and truncation)."""
-    return math.ceil(3 * sigma)

@@ -68,7 +68,15 @@ Tensor = torch.Tensor
 Augment = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 BASELINE_FORMAT = "autopose.baseline/1"
 MPII_UPPER_BODY = tuple(range(7, 16))  # thorax … wrists in MPII's joint order
-PASS_STRIDE = 1_000_003  # a further pass over the data within one epoch shuffles as epoch + k·this
+# The random orders below are seeded by numbers, not by a generator's state, so that a resumed run
+# draws what the uninterrupted one would. seed·SEED_STRIDE + (epoch, or VAL_ORDER_OFFSET + round)
+# keeps the streams of nearby seeds apart (the stride exceeds any epoch or round count) and the
+# val-batch order apart from the training order of the same seed; RANK_OFFSET starts each DDP
+# rank's val batches that many search steps further on, so that ranks read different batches;
+# PASS_STRIDE does for a further pass within one epoch what the stride does for seeds. Primes, to
+# land apart; the values stay as they are, since results depend on them.
+SEED_STRIDE, VAL_ORDER_OFFSET, RANK_OFFSET = 100_003, 17, 7919
+PASS_STRIDE = 1_000_003
 
 
 # -- what the loop hands to its hooks -----------------------------------------------------------------
@@ -647,8 +655,9 @@ class Trainer:
         search steps (``step // policy_every``), so that every batch of a pass is read."""
         size = self.search_val_batch
         per_pass = len(self.search_val_set) // size
-        rounds, within = divmod(self.step // self.policy_every + self.rank * 7919, per_pass)
-        generator = torch.Generator().manual_seed(self.train_config.seed * 100_003 + 17 + rounds)
+        rounds, within = divmod(self.step // self.policy_every + self.rank * RANK_OFFSET, per_pass)
+        seed = self.train_config.seed * SEED_STRIDE + VAL_ORDER_OFFSET + rounds
+        generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.search_val_set), generator=generator)[
             within * size : (within + 1) * size
         ]
@@ -805,7 +814,7 @@ class _EpochPermutation(torch.utils.data.Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed * SEED_STRIDE + self.epoch)
         return iter(torch.randperm(self.length, generator=generator).tolist())
 
     def __len__(self) -> int:

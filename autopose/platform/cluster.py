@@ -44,8 +44,3 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
         yield
     finally:
         ray.shutdown()
-
-
-def cluster_resources() -> dict[str, float]:
-    """The connected cluster's total resources (CPU, GPU, memory …)."""
-    return dict(ray.cluster_resources())

@@ -48,7 +48,6 @@ from autopose.engine.config import (
 from autopose.errors import AutoposeError
 
 BASELINE_KINDS = ("random", "handcrafted", "none", "randaugment", "trivialaugment")
-TRIAL_KINDS = ("search", *BASELINE_KINDS)
 
 
 @dataclass
