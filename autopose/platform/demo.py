@@ -718,7 +718,7 @@ def _run_demo(workdir: Path, budget_name: str, stream) -> Path:
     state = _read_state(workdir)
     timings: dict[str, Any] = state.get(budget.name, {}).get("stages", {})
     progress = Progress(STAGES, stream)
-    progress.say(f"autopose demo ({budget.name} budget) in {workdir}")
+    progress.say(f"autopose demo ({budget.name} budget) in {_shown(workdir)}")
 
     def save_state(**extra: Any) -> None:
         entry = state.setdefault(budget.name, {})
@@ -731,7 +731,7 @@ def _run_demo(workdir: Path, budget_name: str, stream) -> Path:
         "data", "synthetic train/val/holdout (val and holdout turned ±45° and darker)", timings
     ) as info:
         synth, info["reused"] = prepare_synth(workdir, budget)
-        info["note"] = f"{synth}"
+        info["note"] = _shown(synth)
     save_state()
 
     with progress.stage(
@@ -795,14 +795,22 @@ def _run_demo(workdir: Path, budget_name: str, stream) -> Path:
             budget=asdict(budget),
             shift_ops=SHIFT_OPS,
         )
-        info["note"] = str(html)
+        info["note"] = _shown(html)
     save_state(best_run=best.run_id, full_run=full.run_id, report=str(html))
 
-    progress.say(f"report: {html}")
+    progress.say(f"report: {_shown(html)}")
     from autopose.platform.tracking import mlflow_ui_command
 
     progress.say(f"MLflow UI: {mlflow_ui_command(config.tracking_uri)}")
     return html
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working folder when below it."""
+    try:
+        return str(Path(path).absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _fmt(value: float | None) -> str:
