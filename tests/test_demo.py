@@ -3,6 +3,7 @@ report, and a second run that reuses every finished stage."""
 
 from __future__ import annotations
 
+import html
 import math
 import re
 from pathlib import Path
@@ -82,6 +83,9 @@ def test_the_report_shows_existing_pictures(demo_run):
     for run in _runs(demo_run):
         assert run.info.run_id in text or run.data.tags.get("autopose.kind") == "full-train"
     assert "<h2>Against no augmentation</h2>" in text and "<td>none</td>" in text
+    # the first line says what won and by how much over none (the selection's own summary)
+    summary = html.unescape(re.search(r"<p class='summary'>([^<]+)</p>", text).group(1))
+    assert text.index("class='summary'") < text.index("<h2>") and summary.startswith("selected: ")
 
 
 def test_every_trial_fine_tunes_the_one_base_model(demo_run):

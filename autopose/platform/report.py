@@ -30,7 +30,7 @@ from typing import Any
 from autopose.files import atomic_write, save_figure
 from autopose.platform.compare import collect, method_rows, plot, read_selection
 from autopose.platform.config import ExperimentConfig
-from autopose.platform.selection import format_gain
+from autopose.platform.selection import Selection, format_gain
 from autopose.platform.tracking import (
     POLICY_ARTIFACT,
     SEARCH_KINDS,
@@ -80,7 +80,7 @@ def _epoch_axis(axis) -> None:
     from matplotlib.ticker import MaxNLocator
 
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.set_xlabel("epoch")
+    axis.set_xlabel("epoch (from 0, as MLflow's steps)")
 
 
 # -- pictures ----------------------------------------------------------------------------------------------
@@ -99,20 +99,21 @@ KIND_COLOURS = {
 
 
 def plot_val_curves(runs: Sequence[Any], tracking_uri: str, out: Path) -> Path:
-    """val AP per epoch, one line per trial (colour by kind)."""
+    """val AP per epoch, one line per trial (colour by kind, line style by seed)."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6.4, 3.6))
+    styles = ("-", "--", ":", "-.")
     for run in runs:
         kind, seed = run.data.tags.get(TAG_KIND), run.data.tags.get(TAG_SEED, "0")
         points = metric_series(tracking_uri, run.info.run_id, "val_ap").get("", [])
         if points:
             axis.plot(
-                [s + 1 for s, _ in points],
+                [s for s, _ in points],
                 [v for _, v in points],
                 marker="o",
                 markersize=3,
                 color=KIND_COLOURS.get(kind, "black"),
-                linestyle="-" if kind == "search" else "--",
+                linestyle=styles[int(seed) % len(styles)],
                 label=f"{kind}-{seed}",
             )
     _epoch_axis(axis)
@@ -145,7 +146,7 @@ def plot_search_ops(
         for op, points in probabilities.items():
             style = "-" if op in shift_ops else ":"
             top.plot(
-                [s + 1 for s, _ in points], [v for _, v in points], style, marker="o", markersize=3, label=op
+                [s for s, _ in points], [v for _, v in points], style, marker="o", markersize=3, label=op
             )
         for op, points in magnitudes.items():
             convert = value_of.get(op)
@@ -154,7 +155,7 @@ def plot_search_ops(
             style = "-" if op in shift_ops else ":"
             label = f"{op} (last: {convert(points[-1][1]):.3g})"
             bottom.plot(
-                [s + 1 for s, _ in points],
+                [s for s, _ in points],
                 [v for _, v in points],
                 style,
                 marker="o",
@@ -179,15 +180,21 @@ def plot_search_ops(
 
 
 def plot_cost(rows: Sequence[Any], walls: dict[str, float], out: Path) -> Path:
-    """CPU-seconds and wall seconds of every trial."""
+    """CPU-seconds held by every trial, and its wall seconds where they differ (a trial holding
+    one CPU costs its wall time: one bar says it)."""
     plt = _pyplot()
-    labels = [f"{r.kind}-{r.seed}" for r in rows]
+    labels = [r.label for r in rows]
     cpu = [r.cost_cpu_s or 0.0 for r in rows]
     wall = [walls.get(r.run_id, 0.0) for r in rows]
     figure, axis = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 2), 3.4))
     positions = range(len(rows))
-    axis.bar([p - 0.2 for p in positions], cpu, width=0.4, label="CPU-seconds held", color="#6baed6")
-    axis.bar([p + 0.2 for p in positions], wall, width=0.4, label="wall seconds", color="#fd8d3c")
+    if all(abs(c - w) <= 0.01 * max(w, 1.0) for c, w in zip(cpu, wall, strict=True)):
+        axis.bar(
+            list(positions), cpu, width=0.6, label="CPU-seconds held (= wall seconds: 1 CPU)", color="#6baed6"
+        )
+    else:
+        axis.bar([p - 0.2 for p in positions], cpu, width=0.4, label="CPU-seconds held", color="#6baed6")
+        axis.bar([p + 0.2 for p in positions], wall, width=0.4, label="wall seconds", color="#fd8d3c")
     axis.set_xticks(list(positions), labels, rotation=30, fontsize=8)
     axis.set_ylabel("seconds")
     axis.set_title("cost per trial", fontsize=9)
@@ -363,7 +370,7 @@ def _policy_table(
             parts.append(_policy_table(policy.to_dict(), space, limit=limit))
         return "".join(parts)
     if document.get("format") not in POLICY_FORMATS:
-        return f"<p><code>{html.escape(json.dumps(document))}</code></p>"
+        return f"<p><code>{html.escape(json.dumps(document, ensure_ascii=False))}</code></p>"
     policy = Policy.from_dict(document, space=space)  # checked, with its defaults filled in
     weights = policy.sub_policy_weights
     order = sorted(range(len(weights)), key=lambda k: -weights[k])[:limit]
@@ -404,7 +411,18 @@ th { background: #f3f3f3; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.3em 0 1em; }
 code { background: #f6f6f6; padding: 1px 4px; }
 .note { color: #555; font-size: 0.9em; }
+.summary { font-size: 1.1em; font-weight: 600; }
 """
+
+
+def _summary(selection: Selection | None) -> str:
+    """The report's first line: what won and by how much, or why nothing was chosen."""
+    if selection is None:
+        return (
+            "No selection stage (no holdout split, data.search_val): the trials below are ranked by "
+            "val AP only, and the best of them may be noise."
+        )
+    return selection.summary()
 
 
 def write_report(
@@ -458,6 +476,7 @@ def write_report(
     height, width = config.model.input_size
     train = config.train
     parts = [f"<h1>autopose demo: {html.escape(name)}</h1>"]
+    parts.append(f"<p class='summary'>{html.escape(_summary(selection))}</p>")
     parts.append(
         f"<p class='note'>Written {datetime.datetime.now().isoformat(timespec='seconds')} on "
         f"{html.escape(platform.node())} ({os.cpu_count()} CPUs, {html.escape(platform.machine())}). "
@@ -499,10 +518,11 @@ def write_report(
     if selection is not None:
         parts.append("<h2>Selection on the holdout split</h2>")
         parts.append(
-            "<p>After the trials, each search trial's exported policy was fine-tuned from the same start "
-            "under the same budget, beside none and the hand-crafted recipe (the search's own trials where "
-            "they are the same training), and scored on the holdout split; the best mean holdout AP is "
-            "the policy promoted. Val AP only reports. Gains are paired by seed.</p>"
+            "<p>After the trials, each method's candidate (every search trial's exported policy, and "
+            "tpe's and pba's best where they ran) was fine-tuned from the same start under the same "
+            "budget, beside none and the hand-crafted recipe (the search's own trials where they are the "
+            "same training), and scored on the holdout split; the best mean holdout AP is the policy "
+            "promoted. Val AP only reports. Gains are paired by seed.</p>"
         )
         parts.append(
             _table(

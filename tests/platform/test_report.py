@@ -127,6 +127,9 @@ def test_a_baseline_document_is_shown_as_its_json_and_a_bad_policy_names_its_fie
     baseline = {"format": "autopose.baseline/1", "kind": "none", "seed": 0, "description": "<none>"}
     page = _policy_table(baseline, SPACE)
     assert "<table>" not in page and html.escape('"kind": "none"') in page and "<none>" not in page
+    # a description as written, not \u-escaped (the hand-crafted recipe's "±")
+    page = _policy_table({**baseline, "kind": "handcrafted", "description": "rotate ±30°"}, SPACE)
+    assert "rotate ±30°" in page and "\\u00b1" not in page
     bad = _heavy_document(2)
     bad["sub_policies"][1][0]["sign"] = 0.5  # Cutout is not signed
     with pytest.raises(AutoposeError) as error:
