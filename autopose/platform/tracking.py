@@ -17,6 +17,7 @@ MLflow's process-global state, which Ray workers would not share.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import os
@@ -386,7 +387,13 @@ def log_model(
     """
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+    # MLflow prints its registry steps ("Successfully registered model …") to stderr, in the middle
+    # of the caller's own progress lines: they go to the debug log instead.
+    chatter = io.StringIO()
+    with (
+        mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None),
+        contextlib.redirect_stderr(chatter),
+    ):
         info = mlflow.pytorch.log_model(
             model.cpu().eval(),
             name="model",
@@ -395,6 +402,8 @@ def log_model(
             serialization_format="pickle",
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "autopose"],
         )
+    if chatter.getvalue().strip():
+        logging.getLogger(__name__).debug("MLflow: %s", " ".join(chatter.getvalue().split()))
     version = str(info.registered_model_version)
     if alias:
         client(tracking_uri).set_registered_model_alias(registered_model, alias, version)

@@ -528,6 +528,8 @@ def _new_tuner(
     search_alg=None,
     scheduler=None,
     checkpoints_kept: int | None = 1,
+    reuse_actors: bool = True,
+    stop: dict[str, Any] | None = None,
 ) -> ray.tune.Tuner:
     """A Tuner of ``setup``'s trials in ``path`` (``<storage>/tune/<its name>``): what every Tune run
     of a search shares (names, retries, the runs' closing callbacks); ``checkpoints_kept`` per
@@ -546,7 +548,8 @@ def _new_tuner(
             max_concurrent_trials=settings.max_concurrent,
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
-            reuse_actors=True,  # later trials skip the process start and imports (about 10 s each here)
+            # later trials skip the process start and imports (about 10 s each here)
+            reuse_actors=reuse_actors,
         ),
         run_config=ray.tune.RunConfig(
             name=Path(path).name,
@@ -556,6 +559,7 @@ def _new_tuner(
             # One checkpoint per trial: Tune deletes the older only once the newer is persisted,
             # and at two a smoke search's trials alone held 3.1 GB of a test run's 13 GB.
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=checkpoints_kept),
+            stop=stop,
             verbose=verbose,
         ),
     )
@@ -933,6 +937,12 @@ def _run_pba(setup: TrialSetup, path: str, *, resume: bool, verbose: int, say):
         # every checkpoint stays: a bottom member copies the top one's checkpoint of the interval,
         # which that member's next one would otherwise replace before the copy starts
         checkpoints_kept=None,
+        # Tune ends a member at its last epoch before PBT sees the result: PBT knows no last epoch,
+        # and a perturbation there restarted the worse member on an epoch it had done, then waited
+        # (synchronous) for a partner that had ended: the search hung (seen in a test run).
+        stop={"training_iteration": train.epochs},
+        # PBT stops and restarts members at every perturbation anyway: a fresh process each time.
+        reuse_actors=False,
     )
     return tuner.fit()
 
