@@ -188,14 +188,25 @@ def test_the_selection_stage_retrains_the_exports_and_selects_the_holdout_best(s
             search_run.info.run_id, POLICY_ARTIFACT, str(tmp_path / name / "s")
         )
         assert json.loads(Path(trained).read_text()) == json.loads(Path(exported).read_text())
-    # pba's candidate trains the schedule (or policy) of the member best on holdout
+    # pba's candidate trains the schedule (or policy) of a member best on holdout (the tiny
+    # model's members often tie: any of the best)
     members = [r for r in runs.values() if r.data.tags[TAG_KIND] == "pba"]
-    best_member = max(members, key=lambda r: r.data.metrics["holdout_ap"])
+    best_ap = max(r.data.metrics["holdout_ap"] for r in members)
     trained = client.download_artifacts(
         candidates["pba"].info.run_id, POLICY_ARTIFACT, str(tmp_path / "pba" / "c")
     )
-    member = client.download_artifacts(best_member.info.run_id, POLICY_ARTIFACT, str(tmp_path / "pba" / "m"))
-    assert json.loads(Path(trained).read_text()) == json.loads(Path(member).read_text())
+    best_documents = [
+        json.loads(
+            Path(
+                client.download_artifacts(
+                    r.info.run_id, POLICY_ARTIFACT, str(tmp_path / "pba" / r.info.run_id)
+                )
+            ).read_text()
+        )
+        for r in members
+        if r.data.metrics["holdout_ap"] == best_ap
+    ]
+    assert json.loads(Path(trained).read_text()) in best_documents
     holdout = {name: run.data.metrics["holdout_ap"] for name, run in candidates.items()}
     best = max(holdout.values())
     selected = [r for r in runs.values() if r.data.tags.get(TAG_SELECTED) == "true"]
