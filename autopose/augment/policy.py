@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from autopose.augment.apply import apply_step
 from autopose.augment.ops import MAX_MAGNITUDE
-from autopose.augment.space import BUILTIN_SPACES, OpRange, SearchSpace
+from autopose.augment.space import OpRange, SearchSpace, space_of_document
 from autopose.errors import AutoposeError
 from autopose.files import atomic_write
 
@@ -275,19 +275,7 @@ class Policy:
                 f"{POLICY_FORMAT_V1} has no sub-policy weights: write {POLICY_FORMAT_V2}",
                 "sub_policy_weights",
             )
-        name = data["space"]
-        if not isinstance(name, str):
-            raise fail("must be the search space's name (a string)", "space")
-        if space is None:
-            if name not in BUILTIN_SPACES:
-                raise fail(
-                    f"unknown search space {name!r}: pass the space it was searched in "
-                    f"(built in: {', '.join(BUILTIN_SPACES)})",
-                    "space",
-                )
-            space = BUILTIN_SPACES[name]()
-        elif name != space.name:
-            raise fail(f"policy was searched in space {name!r}, not {space.name!r}", "space")
+        space = space_of_document(data["space"], space, document="policy", path=path)
         subs = data["sub_policies"]
         if not isinstance(subs, list) or not subs:
             raise fail("must be a non-empty list of sub-policies", "sub_policies")

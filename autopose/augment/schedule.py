@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from autopose.augment.policy import POLICY_FORMATS, Policy
-from autopose.augment.space import BUILTIN_SPACES, SearchSpace
+from autopose.augment.space import SearchSpace, space_of_document
 from autopose.errors import AutoposeError
 
 Tensor = torch.Tensor
@@ -142,17 +142,7 @@ class PolicySchedule:
                 raise fail("missing", key)
         if data["format"] != SCHEDULE_FORMAT:
             raise fail(f"expected {SCHEDULE_FORMAT!r}, got {data['format']!r}", "format")
-        name = data["space"]
-        if space is None:
-            if name not in BUILTIN_SPACES:
-                raise fail(
-                    f"unknown search space {name!r}: pass the space it was searched in "
-                    f"(built in: {', '.join(BUILTIN_SPACES)})",
-                    "space",
-                )
-            space = BUILTIN_SPACES[name]()
-        elif name != space.name:
-            raise fail(f"schedule was searched in space {name!r}, not {space.name!r}", "space")
+        space = space_of_document(data["space"], space, document="schedule", path=path)
         steps = data["steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise fail(f"must be an integer ≥ 1, got {steps!r}", "steps")

@@ -281,3 +281,31 @@ def p2net_space() -> SearchSpace:
 
 # Spaces a policy file may name without passing the space along.
 BUILTIN_SPACES = {"p2net": p2net_space}
+
+
+def space_of_document(
+    name: Any, space: SearchSpace | None, *, document: str, path: str | Path | None = None
+) -> SearchSpace:
+    """The search space a policy or schedule file (``document``: which, for the message) names in
+    its ``space`` field: ``space`` when given (the names must agree), else the built-in space of
+    that name.
+
+    Raises:
+        AutoposeError: naming ``path`` and the field ``space``.
+    """
+    if not isinstance(name, str):
+        raise AutoposeError("must be the search space's name (a string)", path=path, field="space")
+    if space is None:
+        if name not in BUILTIN_SPACES:
+            raise AutoposeError(
+                f"unknown search space {name!r}: pass the space it was searched in "
+                f"(built in: {', '.join(BUILTIN_SPACES)})",
+                path=path,
+                field="space",
+            )
+        return BUILTIN_SPACES[name]()
+    if name != space.name:
+        raise AutoposeError(
+            f"{document} was searched in space {name!r}, not {space.name!r}", path=path, field="space"
+        )
+    return space

@@ -69,6 +69,8 @@ def test_a_run_s_policies_are_one_policy_until_they_change():
     ("change", "field"),
     [
         (lambda d: d.update(steps=0), "steps"),
+        (lambda d: d.update(space=["p2net"]), "space"),  # was a TypeError before the shared check
+        (lambda d: d.update(space="elsewhere"), "space"),
         (lambda d: d["schedule"][0].update(start_step=5), "schedule[0].start_step"),
         (lambda d: d["schedule"][1].update(start_step=0), "schedule[1].start_step"),
         (lambda d: d["schedule"][1].update(start_step=120), "schedule[1].start_step"),
