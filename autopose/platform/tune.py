@@ -744,11 +744,10 @@ def selection_candidates(
             continue
         if planned.get("kind") != "search":
             trained.add((planned.get("kind"), int(planned.get("seed", 0))))
-        elif result.checkpoint is not None:
-            with result.checkpoint.as_directory() as folder:
-                policy_file = Path(folder) / POLICY_FILE
-                if policy_file.is_file():
-                    exports[f"search-{int(planned['seed'])}"] = json.loads(policy_file.read_text())
+        else:
+            exported = checkpoint_policy(result)
+            if exported is not None:
+                exports[f"search-{int(planned['seed'])}"] = exported
     plan = []
     for seed in experiment.selection_seeds():
         plan += [
@@ -892,9 +891,14 @@ def pba_best(experiment: ExperimentConfig, results) -> dict[str, Any] | None:
     schedule of policies it trained with (``autopose.schedule/1``; one policy when no other
     member's was ever handed to it); None when no member finished."""
     best = _best_on_holdout(experiment, results)
-    if best is None or best.checkpoint is None:
+    return checkpoint_policy(best) if best is not None else None
+
+
+def checkpoint_policy(result) -> dict[str, Any] | None:
+    """The policy document a trial's latest checkpoint holds (its ``policy.json``); None without."""
+    if result.checkpoint is None:
         return None
-    with best.checkpoint.as_directory() as folder:
+    with result.checkpoint.as_directory() as folder:
         policy_file = Path(folder) / POLICY_FILE
         return json.loads(policy_file.read_text()) if policy_file.is_file() else None
 
