@@ -399,6 +399,10 @@ class BilevelConfig:
     at ``w'`` and their backward per search step: about 1.1–1.4 plain steps more (a search
     step of 3.3–4.3 plain steps becomes 4.4–5.7; small CPU models, p2net space).
 
+    ``balance_paths``: with ``batchnorm_path > 0``, scales Eq. 8's hypergradient and the
+    BatchNorm term each to unit norm per policy tensor before summing them, so that ``λ`` is
+    their ratio: raw, the BatchNorm term is 5–150× larger and the sum is that term alone.
+
     ``policy_every`` (k ≥ 1; 1 = every step): the policy steps on every k-th weight step only
     (those whose step count is a multiple of k, so a resumed run picks the same ones); the
     other steps train the weights on the relaxed policy's augmentation without its gradient.
@@ -449,6 +453,7 @@ class BilevelConfig:
     policy_betas: tuple[float, float] = (0.5, 0.999)
     val_batchnorm: Literal["batch", "running"] = "batch"
     batchnorm_path: float = 0.0
+    balance_paths: bool = False
     policy_every: int = 1
     policy_optimizer: Literal["adam", "normalized"] = "adam"
     sampling: Literal["relaxed", "hard"] = "relaxed"

@@ -97,6 +97,17 @@ validation batch at ``w'``, and their backward into the policy's graph (the
 policy's own backward is shared with Eq. 8's term: one call for both). Running
 statistics are untouched. ``val_batchnorm`` governs only Eq. 8's validation pass.
 
+Balancing the two paths (``balance_paths``). The raw BatchNorm term is 5–150× larger than
+Eq. 8's on the op weights (mean |∂/∂ op logit| at the suite's warm start, 24 batches per shift:
+1.4e-5 against 6.1e-4 on the combined shift, 7.8e-6 against 1.2e-3 on darkness), so with
+``λ = 1`` the sum is the BatchNorm term alone. The two carry different signals there: Eq. 8
+points at the matching op's weight on rotation, offset and the combined shift (t = 1.8, 2.6, 1.7
+over 24 batches; its top op in each), the BatchNorm term at Scale and Rotate on darkness and
+combined (t = 5.3 and 3.7: geometric ops fill a cut crop's corners with black, which darkens it)
+while it sets Brightness' direction darker (t = −8.0 on its sign). With ``balance_paths`` each
+term is scaled to unit norm per policy tensor before they are summed, so that ``λ`` is their
+ratio and neither drowns the other. It costs a second backward through the policy's graph.
+
 What a step reports besides its losses: the hypergradient's norm per policy
 parameter (``policy_grad_norm/<name>``) and its cosine with the previous search
 step's hypergradient (``policy_grad_cosine``; absent on the first step): a mean
@@ -306,6 +317,20 @@ def _global_norm(tensors: Sequence[Tensor]) -> Tensor:
     return torch.sqrt(sum((t.detach().float() ** 2).sum() for t in tensors))
 
 
+def _unit(tensor: Tensor | None) -> Tensor | None:
+    """``tensor / ‖tensor‖₂`` (a zero tensor, or None, as it is)."""
+    if tensor is None:
+        return None
+    norm = torch.linalg.vector_norm(tensor)
+    return torch.where(norm > 0, tensor / norm.clamp_min(torch.finfo(tensor.dtype).tiny), tensor)
+
+
+def _add_optional(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return a + b
+
+
 class BilevelSearch:
     """One bi-level search step at a time (see the module docstring).
 
@@ -335,6 +360,9 @@ class BilevelSearch:
         batchnorm_path: ``λ ≥ 0``, the weight of the BatchNorm-statistics term added to Eq. 8
             (see "The BatchNorm-statistics path"); 0 (the default) leaves Eq. 8 alone and
             costs nothing.
+        balance_paths: scale Eq. 8's hypergradient and the BatchNorm-statistics term each to
+            unit L2 norm per policy tensor before ``λ`` weighs the second: ``λ`` is then the
+            terms' ratio, whatever their raw sizes (see "Balancing the two paths").
     """
 
     def __init__(
@@ -352,6 +380,7 @@ class BilevelSearch:
         fd_radius: float = FD_RADIUS,
         val_batchnorm: Literal["batch", "running"] = "batch",
         batchnorm_path: float = 0.0,
+        balance_paths: bool = False,
     ):
         if not (math.isfinite(batchnorm_path) and batchnorm_path >= 0):
             raise ValueError(f"batchnorm_path must be finite and ≥ 0, got {batchnorm_path}")
@@ -374,6 +403,7 @@ class BilevelSearch:
         self.fd_radius = float(fd_radius)
         self.val_batchnorm = val_batchnorm
         self.batchnorm_path = float(batchnorm_path)
+        self.balance_paths = bool(balance_paths)
         # the last search step's hypergradient (flat, after the ranks' average), for the cosine
         self.previous_hypergradient: Tensor | None = None
 
@@ -514,14 +544,28 @@ class BilevelSearch:
         product: tuple[Tensor, ...],
         batchnorm_loss: Tensor | None = None,
     ) -> list[Tensor | None]:
-        """``−ζ Jᵀ product`` (+ ``λ ∇α batchnorm_loss``): one backward through the policy's graph."""
+        """``−ζ Jᵀ product`` (+ ``λ ∇α batchnorm_loss``): one backward through the policy's graph
+        (two with ``balance_paths``: each path is then scaled to unit norm per policy tensor)."""
         outputs = [augmented]
         if self.differentiate_targets:
             outputs.append(heatmaps)
         grad_outputs = [-self.unroll_lr * p for p in product]
+        if batchnorm_loss is not None and self.balance_paths:
+            eq8 = self._backward_to_policy(outputs, grad_outputs, retain_graph=True)
+            path = self._backward_to_policy([batchnorm_loss], [torch.ones_like(batchnorm_loss)])
+            return [
+                _add_optional(_unit(a), None if b is None else self.batchnorm_path * _unit(b))
+                for a, b in zip(eq8, path, strict=True)
+            ]
         if batchnorm_loss is not None:
             outputs.append(batchnorm_loss)
             grad_outputs.append(torch.full_like(batchnorm_loss, self.batchnorm_path))
+        return self._backward_to_policy(outputs, grad_outputs)
+
+    def _backward_to_policy(
+        self, outputs: list[Tensor], grad_outputs: list[Tensor], retain_graph: bool = False
+    ) -> list[Tensor | None]:
+        """``Σ ∂outputs/∂α · grad_outputs`` per policy parameter (None where none reaches it)."""
         # A space of photometric ops only leaves the targets without a graph: skip what has none.
         kept = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if o.requires_grad]
         if not kept:
@@ -532,6 +576,7 @@ class BilevelSearch:
                 list(self.policy.parameters()),
                 grad_outputs=[g for _, g in kept],
                 allow_unused=True,
+                retain_graph=retain_graph,
             )
         )
 

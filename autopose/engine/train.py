@@ -515,6 +515,7 @@ class Trainer:
             hessian=bilevel.hessian,
             val_batchnorm=bilevel.val_batchnorm,
             batchnorm_path=bilevel.batchnorm_path,
+            balance_paths=bilevel.balance_paths,
         )
         self.policy_every = bilevel.policy_every
         # The α step's un-augmented batches come from the val distribution (see BilevelSearch):

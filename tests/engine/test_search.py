@@ -446,6 +446,24 @@ def test_batchnorm_path_zero_is_todays_search_exactly():
     )
 
 
+def test_balanced_paths_sum_each_term_scaled_to_unit_norm_per_policy_tensor():
+    """With ``balance_paths`` the hypergradient of each policy tensor is Eq. 8's term over its norm
+    plus ``λ`` times the BatchNorm term over its own norm: the oracle takes each term from a
+    search that computes it alone."""
+    model, policy, train, val, noise = setup(seed=6, dtype=torch.float64, space=p2net_space(), warmup=5)
+    eq8 = make_search(model, policy, torch.float64).hypergradient(train, val, noise)
+    path = make_search(model, policy, torch.float64).batchnorm_path_gradient(train, val, noise)
+    balanced = make_search(model, policy, torch.float64, batchnorm_path=0.3, balance_paths=True)
+    ours = balanced.hypergradient(train, val, noise)
+    names = [name for name, _ in policy.named_parameters()]
+    for name, a, b, got in zip(names, eq8, path, ours, strict=True):
+        unit_a = a / a.norm() if a.norm() > 0 else a
+        unit_b = b / b.norm() if b.norm() > 0 else b
+        torch.testing.assert_close(got, unit_a + 0.3 * unit_b, rtol=1e-9, atol=1e-12, msg=name)
+    raw = make_search(model, policy, torch.float64, batchnorm_path=0.3).hypergradient(train, val, noise)
+    assert not torch.allclose(flat(raw), flat(ours))  # the plain sum is another direction
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_batchnorm_path_points_brightness_toward_the_val_splits_brightness(seed):
     """Val darker than train: the BN-path gradient of Brightness' magnitude is positive (a
