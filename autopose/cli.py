@@ -223,7 +223,10 @@ def _print_training(outcome) -> None:
     ap = outcome.metrics.get("final_val_ap")
     print(f"full training run {outcome.run_id}: val AP {ap:.4f}" if ap is not None else outcome.run_id)
     print(f"checkpoint: {outcome.checkpoint}")
-    print(f"model: {outcome.registered_model} version {outcome.model_version} (alias {outcome.alias!r})")
+    print(
+        f"model: {outcome.registered_model} version {outcome.model_version} (alias {outcome.alias!r}): "
+        f"epoch {outcome.registered_epoch} of 0–{outcome.epochs - 1}, the best on val"
+    )
 
 
 def _promote(args: argparse.Namespace) -> int:

@@ -40,6 +40,8 @@ class PolicyRow:
     holdout_ap: float | None = None
     candidate: str | None = None  # the selection candidate a selection-stage run scores
     selected: bool = False
+    epochs_done: int = 0  # epochs logged so far (a running trial's progress)
+    started_s: float | None = None  # when the run started (Unix seconds)
 
     @property
     def label(self) -> str:
@@ -84,10 +86,23 @@ def collect(
     require_store(tracking_uri)
     check_tracking(tracking_uri)
     name = experiment or _latest_experiment(tracking_uri)
-    mlflow_client = client(tracking_uri)
-    found = mlflow_client.get_experiment_by_name(name)
-    if found is None:
+    if client(tracking_uri).get_experiment_by_name(name) is None:
         raise AutoposeError(f"no MLflow experiment named {name!r} in {tracking_uri}", field="--experiment")
+    rows = trial_rows(tracking_uri, name, search=search)
+    if not rows:
+        raise AutoposeError(f"experiment {name!r} holds no search or baseline runs", field="--experiment")
+    rows.sort(key=lambda r: (-(r.val_ap if r.val_ap is not None else -math.inf), r.kind, r.seed))
+    return name, rows
+
+
+def trial_rows(tracking_uri: str, experiment: str, *, search: str | None = None) -> list[PolicyRow]:
+    """The trial runs of ``experiment`` (of one search with ``search``) as rows, in MLflow's
+    order, running ones too; none when the experiment does not exist (yet). No checks: for
+    callers that watch a store they know (the demo's progress), :func:`collect` for the rest."""
+    mlflow_client = client(tracking_uri)
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
     rows = []
     for run in mlflow_client.search_runs([found.experiment_id], max_results=5000):
         tags, metrics = run.data.tags, run.data.metrics
@@ -108,12 +123,11 @@ def collect(
                 holdout_ap=metrics.get("holdout_ap"),
                 candidate=tags.get(TAG_CANDIDATE),
                 selected=tags.get(TAG_SELECTED) == "true",
+                epochs_done=int(metrics["epoch"]) + 1 if "epoch" in metrics else 0,
+                started_s=run.info.start_time / 1000 if run.info.start_time else None,
             )
         )
-    if not rows:
-        raise AutoposeError(f"experiment {name!r} holds no search or baseline runs", field="--experiment")
-    rows.sort(key=lambda r: (-(r.val_ap if r.val_ap is not None else -math.inf), r.kind, r.seed))
-    return name, rows
+    return rows
 
 
 # The search methods and baselines a row of ``method_rows`` can stand for, in the order shown.

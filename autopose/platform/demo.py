@@ -452,12 +452,12 @@ def quiet_libraries() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: int | None = None) -> Iterator[None]:
+def local_ray(num_cpus: int | None = None, say: Callable[[str], None] | None = None) -> Iterator[None]:
     """A local Ray for the demo's stages (started once; an already connected Ray is used as is).
 
     Worker output stays in Ray's log files (``log_to_driver=False``): the demo prints its
-    own progress. The dashboard stays on, bound to 127.0.0.1 (Ray Train V2 leaks placement
-    groups without it).
+    own progress, and with ``say`` where the dashboard and those log files are. The dashboard
+    stays on, bound to 127.0.0.1 (Ray Train V2 leaks placement groups without it).
     """
     import ray
 
@@ -465,7 +465,7 @@ def local_ray(num_cpus: int | None = None) -> Iterator[None]:
         yield
         return
     try:
-        ray.init(
+        context = ray.init(
             num_cpus=num_cpus,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
@@ -476,6 +476,10 @@ def local_ray(num_cpus: int | None = None) -> Iterator[None]:
     except (ConnectionError, RuntimeError, ValueError) as error:
         first = first_line(error)
         raise AutoposeError(f"cannot start a local Ray ({first})") from None
+    if say is not None:
+        logs = Path(context.address_info["session_dir"]) / "logs"
+        dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "off"
+        say(f"      Ray: dashboard {dashboard}, worker logs in {logs}")
     try:
         yield
     finally:
@@ -485,19 +489,10 @@ def local_ray(num_cpus: int | None = None) -> Iterator[None]:
 # -- stage 3: the search -----------------------------------------------------------------------------------
 def finished_trials(config: ExperimentConfig, name: str) -> dict[tuple[str, int], str]:
     """``(kind, seed) → run id`` of this search's FINISHED trial runs in MLflow."""
-    from autopose.platform.tracking import SEARCH_KINDS, TAG_KIND, TAG_SEARCH, TAG_SEED, client
+    from autopose.platform.compare import trial_rows
 
-    found = client(config.tracking_uri).get_experiment_by_name(name)
-    if found is None:
-        return {}
-    done = {}
-    for run in client(config.tracking_uri).search_runs(
-        [found.experiment_id], filter_string=f"tags.`{TAG_SEARCH}` = '{name}'", max_results=5000
-    ):
-        kind = run.data.tags.get(TAG_KIND)
-        if kind in SEARCH_KINDS and run.info.status == "FINISHED":
-            done[(kind, int(run.data.tags.get(TAG_SEED, 0)))] = run.info.run_id
-    return done
+    rows = trial_rows(config.tracking_uri, name, search=name)
+    return {(r.kind, r.seed): r.run_id for r in rows if r.status == "FINISHED" and r.candidate is None}
 
 
 def search_is_finished(config: ExperimentConfig, name: str) -> bool:
@@ -519,9 +514,50 @@ def search_is_finished(config: ExperimentConfig, name: str) -> bool:
     return bool(selected)
 
 
+def progress_line(rows: list, planned: int, epochs: int, now: float) -> str:
+    """The search's state in one line from its trial rows (:func:`autopose.platform.compare.trial_rows`):
+    trials finished out of ``planned``, each running one's epoch (counted from 1) and last val AP,
+    and while the trials run, the time left at the pace of the epochs done since the first
+    trial started (selection trainings are not foreseen)."""
+    trials = [r for r in rows if r.candidate is None]
+    finished = sum(r.status == "FINISHED" for r in trials)
+    selected = sum(r.status == "FINISHED" for r in rows if r.candidate is not None)
+    running = []
+    for row in rows:
+        if row.status != "RUNNING":
+            continue
+        label = (
+            f"{row.kind}-{row.seed}"
+            if row.candidate is None
+            else f"selection {row.candidate} seed {row.seed}"
+        )
+        label += f" epoch {min(row.epochs_done + 1, epochs)}/{epochs}"
+        if row.epochs_done and row.val_ap is not None:
+            label += f" (AP {row.val_ap:.3f})"
+        running.append(label)
+    text = f"{finished}/{planned} trials finished"
+    if selected:
+        text += f", {selected} selection training(s)"
+    if running:
+        text += "; running: " + ", ".join(sorted(running))
+    done = finished * epochs + sum(r.epochs_done for r in trials if r.status == "RUNNING")
+    starts = [r.started_s for r in trials if r.started_s is not None]
+    if starts and 0 < done < planned * epochs:
+        left = (now - min(starts)) * (planned * epochs - done) / done
+        text += f"; about {_duration(left)} of trials left"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    """``40 s``, ``3 min``: a rough figure, rounded to 10 s below two minutes."""
+    if seconds < 120:
+        return f"{max(10, round(seconds / 10) * 10):.0f} s"
+    return f"{round(seconds / 60):.0f} min"
+
+
 class SearchWatcher:
-    """Prints a line whenever the search's state in MLflow changes (polled every ``every_s``):
-    trials finished, and for running ones the epoch reached and the latest val AP."""
+    """Prints :func:`progress_line` whenever the search's state in MLflow changes (polled every
+    ``every_s``)."""
 
     def __init__(
         self, config: ExperimentConfig, name: str, say: Callable[[str], None], every_s: float = 15.0
@@ -542,45 +578,10 @@ class SearchWatcher:
         self.thread.join(timeout=5)
 
     def line(self) -> str:
-        from autopose.platform.tracking import (
-            SEARCH_KINDS,
-            TAG_CANDIDATE,
-            TAG_KIND,
-            TAG_SEARCH,
-            TAG_SEED,
-            client,
-        )
+        from autopose.platform.compare import trial_rows
 
-        mlflow_client = client(self.config.tracking_uri)
-        found = mlflow_client.get_experiment_by_name(self.name)
-        if found is None:
-            return ""
-        finished, selected, running = 0, 0, []
-        for run in mlflow_client.search_runs(
-            [found.experiment_id], filter_string=f"tags.`{TAG_SEARCH}` = '{self.name}'", max_results=5000
-        ):
-            kind = run.data.tags.get(TAG_KIND)
-            if kind not in SEARCH_KINDS:
-                continue
-            candidate = run.data.tags.get(TAG_CANDIDATE)
-            if run.info.status == "FINISHED":
-                finished += candidate is None
-                selected += candidate is not None
-            elif run.info.status == "RUNNING":
-                metrics = run.data.metrics
-                seed = run.data.tags.get(TAG_SEED, "0")
-                label = f"{kind}-{seed}" if candidate is None else f"selection {candidate} seed {seed}"
-                if "epoch" in metrics:
-                    label += f" epoch {int(metrics['epoch']) + 1}/{self.config.train.epochs}"
-                    if "val_ap" in metrics:
-                        label += f" AP {metrics['val_ap']:.3f}"
-                running.append(label)
-        text = f"{finished}/{self.planned} trials finished"
-        if selected:
-            text += f", {selected} selection training(s)"
-        if running:
-            text += "; running: " + ", ".join(sorted(running))
-        return text
+        rows = trial_rows(self.config.tracking_uri, self.name, search=self.name)
+        return progress_line(rows, self.planned, self.config.train.epochs, time.time())
 
     def _loop(self) -> None:
         while not self.stop.wait(self.every_s):
@@ -746,7 +747,7 @@ def _run_demo(workdir: Path, budget_name: str, stream) -> Path:
     check_tracking(config.tracking_uri)
     name = config.experiment
     trials = ", ".join(f"{spec.kind}-{spec.seed}" for spec in config.trial_plan())
-    with local_ray():
+    with local_ray(say=progress.say):
         with progress.stage(
             "search", f"{trials} on local Ray, MLflow {config.tracking_uri}", timings
         ) as info:

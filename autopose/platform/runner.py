@@ -25,6 +25,11 @@ Where checkpoints go, and how a restarted run finds them:
 * in-process inside a Tune trial (``num_workers: 0``): the Tune trial's
   checkpoints (``ray.tune.report``), so that a retried or restored trial resumes;
 * in-process outside Tune: a checkpoint file under ``storage_path/name``.
+
+A full training (``TrainingJob.keep_best``) also keeps the checkpoint with the best val AP
+(:data:`BEST_METRIC`) beside the latest: Ray's ``checkpoint_score_attribute`` under Ray Train,
+``best/`` beside the checkpoint file in-process. :func:`best_checkpoint` hands it to the
+registration, so that the registered model is the best epoch, not the last.
 """
 
 from __future__ import annotations
@@ -33,13 +38,14 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import ray
 import ray.train
@@ -52,11 +58,14 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from autopose.engine.config import AugmentSpec, DataConfig, ModelConfig, TrainConfig
 from autopose.engine.train import EpochReport, Trainer, TrainHooks, discrete_augment
 from autopose.errors import AutoposeError, error_cause, first_line
+from autopose.files import atomic_write, read_json
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 POLICY_FILE = "policy.json"
+BEST_METRIC = "val_ap"  # a full training registers its checkpoint with the highest
+BEST_FOLDER, BEST_RECORD = "best", "best.json"  # in-process: the best checkpoint and its epoch
 
 
 @dataclass
@@ -79,6 +88,7 @@ class TrainingJob:
             (SIGKILL, no clean-up) once, right after this epoch's report and checkpoint.
         tracking_lost: the run could not be opened (tracking server unreachable when the
             trial started): train untracked and report every epoch as unlogged.
+        keep_best: also keep the checkpoint with the best ``val_ap`` (full training).
     """
 
     data: DataConfig
@@ -95,6 +105,24 @@ class TrainingJob:
     inject_failure_after_epoch: int | None = None
     inject_kill_after_epoch: int | None = None
     tracking_lost: bool = False
+    keep_best: bool = False
+
+
+def keep_if_best(folder: Path, metrics: dict[str, float], checkpoint: Path) -> bool:
+    """In-process runs: copy ``checkpoint`` to ``folder/best/`` when its val AP beats the best so
+    far (a tie keeps the earlier); returns whether it did. The record (``best.json``: val AP
+    and epoch) is written after the copy, so it always names a complete checkpoint."""
+    record = folder / BEST_RECORD
+    best = read_json(record)[BEST_METRIC] if record.is_file() else None
+    if best is not None and not metrics[BEST_METRIC] > best:
+        return False
+    target = folder / BEST_FOLDER / CHECKPOINT_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(target, "wb") as out, checkpoint.open("rb") as source:
+        shutil.copyfileobj(source, out)
+    with atomic_write(record) as out:
+        json.dump({BEST_METRIC: metrics[BEST_METRIC], "epoch": int(metrics["epoch"])}, out)
+    return True
 
 
 # -- inside the workers --------------------------------------------------------------------------
@@ -130,6 +158,8 @@ class _Session:
         if self.file_dir is not None:
             if folder is not None:
                 self.file_dir.mkdir(parents=True, exist_ok=True)
+                if self.job.keep_best:
+                    keep_if_best(self.file_dir, metrics, folder / CHECKPOINT_FILE)
                 os.replace(folder / CHECKPOINT_FILE, self.file_dir / CHECKPOINT_FILE)
             ray.train.report(metrics)
         elif self.tune_local:
@@ -323,8 +353,15 @@ def fit(
             name=name,
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=train.max_failures),
-            # As the trials' (tune.py): the newer replaces the older once it is persisted.
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            # As the trials' (tune.py): the newer replaces the older once it is persisted. Scored,
+            # Ray keeps the best by val AP and, besides it, always the latest (for a restart).
+            checkpoint_config=(
+                CheckpointConfig(
+                    num_to_keep=1, checkpoint_score_attribute=BEST_METRIC, checkpoint_score_order="max"
+                )
+                if job.keep_best
+                else CheckpointConfig(num_to_keep=1)
+            ),
             callbacks=callbacks,
         ),
     )
@@ -351,6 +388,42 @@ def local_checkpoint(result, job: TrainingJob) -> Iterator[Path]:
         if not path.is_file():
             raise AutoposeError("training finished without a checkpoint", path=result.checkpoint.path)
         yield path
+
+
+class KeptCheckpoint(NamedTuple):
+    """A checkpoint a run kept: a local file for the time of the block, its epoch (0-based) and
+    where it stays (a local path or a storage URI)."""
+
+    local: Path
+    epoch: int
+    location: str
+
+
+@contextlib.contextmanager
+def best_checkpoint(result, job: TrainingJob) -> Iterator[KeptCheckpoint]:
+    """The checkpoint with the best val AP of a ``keep_best`` run (downloaded for the time of the
+    block when the storage is remote). Without a record of the best (a run that kept none), the
+    final checkpoint at the last epoch."""
+    last_epoch = job.train.epochs - 1
+    if result.checkpoint is None:
+        folder = Path(job.checkpoint_dir or "")
+        record, kept = folder / BEST_RECORD, folder / BEST_FOLDER / CHECKPOINT_FILE
+        if record.is_file() and kept.is_file():
+            yield KeptCheckpoint(kept, int(read_json(record)["epoch"]), str(kept))
+            return
+        with local_checkpoint(result, job) as path:
+            yield KeptCheckpoint(path, last_epoch, str(path))
+        return
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if BEST_METRIC in m]
+    checkpoint, epoch = result.checkpoint, last_epoch
+    if scored:
+        checkpoint, metrics = max(scored, key=lambda pair: pair[1][BEST_METRIC])
+        epoch = int(metrics["epoch"])
+    with checkpoint.as_directory() as folder:
+        path = Path(folder) / CHECKPOINT_FILE
+        if not path.is_file():
+            raise AutoposeError("training finished without a checkpoint", path=checkpoint.path)
+        yield KeptCheckpoint(path, epoch, f"{checkpoint.path.rstrip('/')}/{CHECKPOINT_FILE}")
 
 
 def resources_of(train: TrainConfig) -> tuple[float, float]:

@@ -17,10 +17,13 @@ MLflow's process-global state, which Ray workers would not share.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import functools
 import io
 import logging
 import math
 import os
+import subprocess
 import sys
 import time
 import urllib.error
@@ -37,6 +40,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
+from autopose import __version__
 from autopose.errors import AutoposeError, first_line
 from autopose.files import save_figure
 
@@ -53,7 +57,13 @@ TAG_ORPHANED = "autopose.orphaned"  # left RUNNING by a search driver that died
 TAG_STAGE = "autopose.stage"  # "selection" on the runs of a search's selection stage
 TAG_CANDIDATE = "autopose.candidate"  # the selection candidate a run scores (search-0, none …)
 TAG_SELECTED = "autopose.selected"  # the candidate run the selection stage chose to promote
+TAG_ATTEMPTS = "autopose.attempts"  # how often a trial's run was started (retries, resumes)
+TAG_ATTEMPT_STARTED = "autopose.attempt_started"  # when the latest attempt started (UTC, ISO 8601)
+TAG_REGISTERED_EPOCH = "autopose.registered_epoch"  # the epoch whose checkpoint a training registered
 MLFLOW_PARENT = "mlflow.parentRunId"
+MLFLOW_NOTE = "mlflow.note.content"  # the run's description in MLflow's UI
+# MLflow 3's UI opens an experiment without this tag on its GenAI (traces) page.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 POLICY_ARTIFACT = "policy/policy.json"
 EXAMPLES_ARTIFACT = "policy/examples.png"
 CONFIG_ARTIFACT = "config/experiment.yaml"
@@ -211,23 +221,64 @@ def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
 
 
 def ensure_experiment(tracking_uri: str, name: str) -> str:
-    """The id of MLflow experiment ``name``, created when missing."""
+    """The id of MLflow experiment ``name``, created when missing, tagged as model development
+    (:data:`EXPERIMENT_KIND`) so that MLflow's UI opens it on its runs."""
     mlflow_client = client(tracking_uri)
     experiment = mlflow_client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            mlflow_client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
+    if experiment is None:
+        try:
+            experiment_id = mlflow_client.create_experiment(
+                name,
+                artifact_location=default_artifact_location(tracking_uri, name),
+                tags=dict([EXPERIMENT_KIND]),
+            )
+            return experiment_id
+        except MlflowException:
+            # another process created it in between
+            experiment = mlflow_client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        mlflow_client.restore_experiment(experiment.experiment_id)
+    key, value = EXPERIMENT_KIND
+    if experiment.tags.get(key) != value:  # made by an older autopose
+        mlflow_client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
+
+
+def utc_now() -> str:
+    """Now, as an ISO 8601 UTC timestamp to the second (a tag's value)."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+@functools.cache
+def code_commit() -> str | None:
+    """The git commit of the autopose code this process runs, when it runs from a git checkout
+    (None otherwise: an installed wheel, or no git)."""
+    folder = Path(__file__).resolve().parents[2]
     try:
-        return mlflow_client.create_experiment(
-            name, artifact_location=default_artifact_location(tracking_uri, name)
+        found = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         )
-    except MlflowException:
-        # another process created it in between
-        experiment = mlflow_client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = found.stdout.strip()
+    return commit if found.returncode == 0 and len(commit) == 40 else None
+
+
+def source_tags(command: str) -> dict[str, str]:
+    """MLflow's source tags for runs that ``command`` (e.g. ``autopose search``) starts: the
+    command and the code's git commit where there is one. Computed on the driver, whose
+    checkout is the one the user ran (a cluster's workers may have none)."""
+    tags = {"mlflow.source.name": command, "mlflow.source.type": "LOCAL", "autopose.version": __version__}
+    commit = code_commit()
+    if commit is not None:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 # -- values for MLflow ---------------------------------------------------------------------------
@@ -378,9 +429,11 @@ def log_model(
     *,
     registered_model: str,
     alias: str | None,
+    description: str | None = None,
 ) -> tuple[str, str]:
     """Log ``model`` as an MLflow PyTorch model of run ``run_id``, register it under
-    ``registered_model`` and point ``alias`` at the new version.
+    ``registered_model`` (the new version described by ``description``) and point ``alias``
+    at the new version.
 
     Returns:
         ``(model_uri, version)``.
@@ -405,6 +458,8 @@ def log_model(
     if chatter.getvalue().strip():
         logging.getLogger(__name__).debug("MLflow: %s", " ".join(chatter.getvalue().split()))
     version = str(info.registered_model_version)
+    if description:
+        client(tracking_uri).update_model_version(registered_model, version, description=description)
     if alias:
         client(tracking_uri).set_registered_model_alias(registered_model, alias, version)
     return info.model_uri, version

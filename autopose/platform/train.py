@@ -5,8 +5,10 @@ CPUs, NCCL on GPUs), checkpoints under ``storage_path/full-train`` (a restart wi
 the same config and policy resumes from the latest; Ray Train retries failed
 workers ``full_train.max_failures`` times), one MLflow run of kind
 ``full-train`` (a child of the promoted search run, when there is one), the
-final model scored on the val proxy and registered in MLflow's model registry
-under ``full_train.registered_model`` with the alias ``full_train.alias``.
+checkpoint with the best val AP (Ray keeps it beside the latest) scored on the val proxy
+and registered in MLflow's model registry under ``full_train.registered_model`` with the
+alias ``full_train.alias``; the run's ``autopose.registered_epoch`` tag and the model
+version's description say which epoch it is.
 """
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ from autopose.errors import AutoposeError
 from autopose.files import read_json
 from autopose.platform.cluster import ray_session
 from autopose.platform.config import BASELINE_KINDS, ExperimentConfig, check_name, storage_join
-from autopose.platform.runner import CHECKPOINT_FILE, TrainingJob, fit, local_checkpoint, resources_of
+from autopose.platform.runner import TrainingJob, best_checkpoint, fit, resources_of
 from autopose.platform.tracking import (
     CONFIG_ARTIFACT,
     FULL_TRAIN_KIND,
+    MLFLOW_NOTE,
     MLFLOW_PARENT,
     TAG_CHECKPOINT,
     TAG_KIND,
     TAG_PARENT,
+    TAG_REGISTERED_EPOCH,
     TAG_SEED,
     TAG_TRIAL,
     TrackedRun,
@@ -39,6 +43,7 @@ from autopose.platform.tracking import (
     ensure_experiment,
     flatten,
     log_model,
+    source_tags,
 )
 from autopose.platform.warm_start import prepare_warm_start
 
@@ -54,6 +59,8 @@ class TrainingOutcome:
     model_version: str
     registered_model: str
     alias: str
+    registered_epoch: int  # 0-based: the epoch whose checkpoint was registered (best val AP)
+    epochs: int
 
 
 def policy_spec(policy: str | Path | dict[str, Any], seed: int) -> AugmentSpec:
@@ -124,15 +131,21 @@ def run_training(
     # The full training starts where the trials did: the base model (cached, or trained now).
     experiment = prepare_warm_start(experiment, experiment_id, experiment_name, address=address)
     key = f"{parent_run}-{_policy_key(spec)}" if parent_run else _policy_key(spec)
+    policy_name = spec.kind if spec.policy is None else spec.policy.get("kind", "policy")
     tags = {
+        **source_tags("autopose promote" if parent_run else "autopose train"),
         TAG_TRIAL: f"{FULL_TRAIN_KIND}/{key}",
         TAG_KIND: FULL_TRAIN_KIND,
         TAG_SEED: str(spec.seed),
-        "autopose.policy": spec.kind if spec.policy is None else spec.policy.get("kind", "policy"),
+        "autopose.policy": policy_name,
+        MLFLOW_NOTE: f"Full training of the {policy_name} policy, seed {spec.seed}.",
     }
     if parent_run is not None:
         tags[TAG_PARENT] = parent_run
         tags[MLFLOW_PARENT] = parent_run
+        tags[MLFLOW_NOTE] = (
+            f"Full training of the {policy_name} policy of run {parent_run}, seed {spec.seed}."
+        )
     run = TrackedRun.open(
         experiment.tracking_uri, experiment_id, run_name=f"{FULL_TRAIN_KIND}-{_policy_key(spec)}", tags=tags
     )
@@ -156,7 +169,8 @@ def run_training(
         tracking_uri=experiment.tracking_uri,
         run_id=run.run_id,
         examples=experiment.examples,
-        title=f"{experiment_name}: full training ({tags['autopose.policy']})",
+        title=f"{experiment_name}: full training ({policy_name})",
+        keep_best=True,
     )
     storage = storage_join(experiment.storage_path, "full-train")
     run_name = f"{experiment_name}-{key}"
@@ -164,15 +178,16 @@ def run_training(
     try:
         with ray_session(address):
             result = fit(job, name=run_name, storage_path=storage, backend=experiment.full_train.backend)
-        with local_checkpoint(result, job) as local:
-            metrics = _evaluate(local, experiment)
-            model_uri, version = _register(local, experiment, run.run_id)
-        checkpoint = _checkpoint_location(result, job)
+        # The registered model is the epoch with the best val AP (Ray keeps it beside the latest).
+        with best_checkpoint(result, job) as kept:
+            metrics = _evaluate(kept.local, experiment)
+            model_uri, version = _register(kept.local, experiment, run.run_id, kept.epoch, train.epochs)
+        checkpoint = kept.location
         wall = time.perf_counter() - started
         cpus, gpus = resources_of(train)
         metrics.update({"trial_wall_s": wall, "cost_cpu_s": wall * cpus, "cost_gpu_s": wall * gpus})
         run.log_metrics(metrics, step=train.epochs)
-        run.set_tags({TAG_CHECKPOINT: checkpoint})
+        run.set_tags({TAG_CHECKPOINT: checkpoint, TAG_REGISTERED_EPOCH: kept.epoch})
     except BaseException:
         run.finish("FAILED")
         raise
@@ -185,14 +200,9 @@ def run_training(
         model_version=version,
         registered_model=experiment.full_train.registered_model,
         alias=experiment.full_train.alias,
+        registered_epoch=kept.epoch,
+        epochs=train.epochs,
     )
-
-
-def _checkpoint_location(result, job: TrainingJob) -> str:
-    """Where the final checkpoint lives (a local path or a storage URI)."""
-    if result.checkpoint is not None:
-        return f"{result.checkpoint.path.rstrip('/')}/{CHECKPOINT_FILE}"
-    return str(Path(job.checkpoint_dir or "") / CHECKPOINT_FILE)
 
 
 def _evaluate(checkpoint: Path, experiment: ExperimentConfig) -> dict[str, float]:
@@ -215,11 +225,18 @@ def _evaluate(checkpoint: Path, experiment: ExperimentConfig) -> dict[str, float
     return {f"final_val_{key.lower()}": float(value) for key, value in scores.items() if value == value}
 
 
-def _register(checkpoint: Path, experiment: ExperimentConfig, run_id: str) -> tuple[str, str]:
+def _register(
+    checkpoint: Path, experiment: ExperimentConfig, run_id: str, epoch: int, epochs: int
+) -> tuple[str, str]:
     from autopose.engine.checkpoint import load_model
 
     model, _ = load_model(checkpoint)
     full = experiment.full_train
     return log_model(
-        experiment.tracking_uri, run_id, model, registered_model=full.registered_model, alias=full.alias
+        experiment.tracking_uri,
+        run_id,
+        model,
+        registered_model=full.registered_model,
+        alias=full.alias,
+        description=f"Epoch {epoch} (0-based) of {epochs}: the best val AP of run {run_id}.",
     )

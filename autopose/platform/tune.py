@@ -48,7 +48,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +68,11 @@ from autopose.platform.runner import POLICY_FILE, TrainingJob, fit, resources_of
 from autopose.platform.selection import SELECTION_BASELINES
 from autopose.platform.tracking import (
     CONFIG_ARTIFACT,
+    MLFLOW_NOTE,
     POLICY_ARTIFACT,
     QUICK_TRACKING_ENV,
+    TAG_ATTEMPT_STARTED,
+    TAG_ATTEMPTS,
     TAG_CANDIDATE,
     TAG_KIND,
     TAG_NODE,
@@ -87,6 +90,8 @@ from autopose.platform.tracking import (
     ensure_experiment,
     flatten,
     quick_tracking_failures,
+    source_tags,
+    utc_now,
 )
 from autopose.platform.warm_start import prepare_warm_start
 
@@ -96,6 +101,17 @@ METRIC, MODE = "val_ap", "max"
 SELECTION_STAGE = "selection"
 TPE_KIND, PBA_KIND, HOLDOUT_METRIC = "tpe", "pba", "holdout_ap"
 RANGED = ("tau1", "tau2", "policy_lr")
+# The first words of a trial run's description in MLflow (its ``mlflow.note.content``), by kind.
+TRIAL_DESCRIPTIONS = {
+    "search": "Differentiable policy search trial (bi-level, the paper's Eq. 8)",
+    "none": "Baseline without augmentation",
+    "random": "Baseline: a random policy",
+    "handcrafted": "Baseline: the hand-crafted policy (flip, rotation, scale, half-body)",
+    "randaugment": "Baseline: RandAugment",
+    "trivialaugment": "Baseline: TrivialAugment",
+    TPE_KIND: "Optuna TPE proposal: a policy trained like a baseline",
+    PBA_KIND: "PBA population member (Ray Tune's PBT)",
+}
 # Fault injection for tests and drills: "N" makes every trial fail once, right after the
 # checkpoint of epoch N (0-based), to show that the retry resumes instead of restarting.
 FAILURE_ENV = "AUTOPOSE_INJECT_FAILURE"
@@ -112,6 +128,7 @@ class TrialSetup:
     experiment_id: str
     inject_failure_after_epoch: int | None = None
     inject_kill_after_epoch: int | None = None
+    source: dict[str, str] = field(default_factory=dict)  # tracking.source_tags of the driver
 
 
 @dataclass
@@ -151,14 +168,21 @@ def trial_spec(config: dict[str, Any], experiment: ExperimentConfig) -> AugmentS
 def trial_tags(setup: TrialSetup, config: dict[str, Any], trial_id: str) -> dict[str, str]:
     """The tags that identify a trial's run (``autopose.trial`` finds it again)."""
     planned = config["trial"]
+    kind, seed = str(planned["kind"]), int(planned["seed"])
     tags = {
+        **setup.source,
         TAG_TRIAL: f"{setup.search_name}/{trial_id}",
-        TAG_KIND: str(planned["kind"]),
-        TAG_SEED: str(int(planned["seed"])),
+        TAG_KIND: kind,
+        TAG_SEED: str(seed),
         TAG_SEARCH: setup.search_name,
+        MLFLOW_NOTE: f"{TRIAL_DESCRIPTIONS.get(kind, kind)}, seed {seed}, of search {setup.search_name}.",
     }
     if planned.get("candidate") is not None:
         tags |= {TAG_STAGE: SELECTION_STAGE, TAG_CANDIDATE: str(planned["candidate"])}
+        tags[MLFLOW_NOTE] = (
+            f"Selection stage of search {setup.search_name}: candidate {planned['candidate']} "
+            f"retrained, seed {seed}, scored on the holdout split."
+        )
     return tags
 
 
@@ -206,9 +230,10 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             return
         run = open_trial_run(setup, spec, tags)
         attempt = len(run.client.get_metric_history(run.run_id, "attempt_wall_s"))
-        # Every start is counted, also those whose process died before closing the run (SIGKILL, lost node).
-        starts = len(run.client.get_metric_history(run.run_id, "attempt_started"))
-        run.log_metrics({"attempt_started": time.time()}, step=starts)
+        # Every start is counted, also those whose process died before closing the run (SIGKILL,
+        # lost node). Tags, not metrics: a timestamp is no score to plot against val AP.
+        starts = int(run.client.get_run(run.run_id).data.tags.get(TAG_ATTEMPTS, "0"))
+        run.set_tags({TAG_ATTEMPTS: starts + 1, TAG_ATTEMPT_STARTED: utc_now()})
     except Exception as error:  # MlflowException, requests' and OSError kinds: the server is away
         logger.debug("trial %s trains untracked: %s", trial_id, first_line(error))
         run = None
@@ -642,6 +667,7 @@ def run_search(
         experiment_id=experiment_id,
         inject_failure_after_epoch=int(failure) if failure not in (None, "") else None,
         inject_kill_after_epoch=int(kill) if kill not in (None, "") else None,
+        source=source_tags("autopose search"),
     )
     # Said before Ray starts (tens of seconds): reading the storage folder needs no Ray.
     exists = ray.tune.Tuner.can_restore(path)

@@ -30,12 +30,14 @@ from autopose.platform.cluster import ray_session
 from autopose.platform.config import ExperimentConfig, storage_join
 from autopose.platform.runner import CHECKPOINT_FILE, TrainingJob, fit, local_checkpoint, resources_of
 from autopose.platform.tracking import (
+    MLFLOW_NOTE,
     TAG_CHECKPOINT,
     TAG_KIND,
     TAG_SEED,
     TrackedRun,
     client,
     flatten,
+    source_tags,
 )
 
 BASE_KIND = "base"
@@ -117,10 +119,15 @@ def prepare_warm_start(
     # Not tagged with the search (autopose.search): the base is no candidate policy, so it stays
     # out of the search's table and its promotion.
     tags = {
+        **source_tags("autopose warm start"),
         TAG_BASE: key,
         TAG_KIND: BASE_KIND,
         TAG_SEED: str(experiment.warm_start.seed),
         TAG_USED_BY: search_name,
+        MLFLOW_NOTE: (
+            f"Base model {key}: {experiment.warm_start.epochs} epochs without augmentation, "
+            "the warm start every trial and full training begins from."
+        ),
     }
     found = client(experiment.tracking_uri).search_runs(
         [experiment_id], filter_string=f"tags.`{TAG_BASE}` = '{key}'", max_results=1

@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 
 from autopose.platform.config import load_experiment
-from autopose.platform.tracking import TAG_TRIAL, run_status_counts
+from autopose.platform.tracking import TAG_ATTEMPT_STARTED, TAG_ATTEMPTS, TAG_TRIAL, run_status_counts
 from autopose.platform.tune import KILL_ENV, run_search
 
 pytestmark = [pytest.mark.platform, pytest.mark.slow]
@@ -45,7 +45,7 @@ def test_trial_process_killed_resumes_from_its_checkpoint(ray_cluster, smoke_con
     assert sorted(r.data.tags[TAG_TRIAL] for r in runs) == sorted(f"sigkill/{o.trial_id}" for o in outcomes)
     for run in runs:
         # Killed once and started again; the killed attempt never closed itself, only the retry did.
-        assert len(client.get_metric_history(run.info.run_id, "attempt_started")) == 2
+        assert run.data.tags[TAG_ATTEMPTS] == "2" and TAG_ATTEMPT_STARTED in run.data.tags
         assert len(client.get_metric_history(run.info.run_id, "attempt_wall_s")) == 1
         # Resumed after epoch 0, not restarted: every epoch ran once, steps as uninterrupted.
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_ap")) == [0, 1, 2]
@@ -168,8 +168,8 @@ def test_search_driver_killed_resume_finishes_without_duplicate_runs(ray_cluster
     resumed_epochs = sorted(m.step for m in client.get_metric_history(interrupted, "val_ap"))
     assert set(resumed_epochs) == {0, 1, 2, 3} and len(resumed_epochs) <= 5, resumed_epochs
     # The interrupted trial was started twice (before the kill and on resume), closed once.
-    assert len(client.get_metric_history(interrupted, "attempt_started")) == 2
-    assert len(client.get_metric_history(finished_before, "attempt_started")) == 1
+    assert client.get_run(interrupted).data.tags[TAG_ATTEMPTS] == "2"
+    assert client.get_run(finished_before).data.tags[TAG_ATTEMPTS] == "1"
 
 
 # -- the tracking server goes away ------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,11 +18,15 @@ from autopose.platform.config import load_experiment
 from autopose.platform.promote import promote
 from autopose.platform.tracking import (
     EXAMPLES_ARTIFACT,
+    EXPERIMENT_KIND,
+    MLFLOW_NOTE,
     POLICY_ARTIFACT,
+    TAG_ATTEMPTS,
     TAG_CANDIDATE,
     TAG_KIND,
     TAG_PARENT,
     TAG_PROMOTED,
+    TAG_REGISTERED_EPOCH,
     TAG_SEED,
     TAG_SELECTED,
     TAG_STAGE,
@@ -219,6 +224,23 @@ def test_the_selection_stage_retrains_the_exports_and_selects_the_holdout_best(s
     assert {o.candidate for o in outcomes if o.candidate} == {"search-0", "search-1", "tpe", "pba"}
 
 
+def test_runs_say_what_they_are_in_mlflows_ui(smoke_search):
+    """MLflow's UI opens the experiment on its runs (the experiment-kind tag), and each run has
+    a description, its command and the code's commit; a trial's start is a tag, not a metric
+    that the compare view would plot against val AP."""
+    config, outcomes = smoke_search
+    client = MlflowClient(config.tracking_uri)
+    experiment = client.get_experiment_by_name(config.experiment)
+    assert experiment.tags[EXPERIMENT_KIND[0]] == EXPERIMENT_KIND[1]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+    for outcome in outcomes:
+        run = client.get_run(outcome.run_id)
+        assert run.data.tags["mlflow.source.name"] == "autopose search"
+        assert run.data.tags["mlflow.source.git.commit"] == commit.stdout.strip()
+        assert config.experiment in run.data.tags[MLFLOW_NOTE]
+        assert int(run.data.tags[TAG_ATTEMPTS]) >= 1 and "attempt_started" not in run.data.metrics
+
+
 def test_compare_reads_the_trials_back(smoke_search, tmp_path):
     config, outcomes = smoke_search
     name, rows = collect(config.tracking_uri, config.experiment)
@@ -257,5 +279,11 @@ def test_promote_trains_on_two_gloo_workers_and_registers_the_model(smoke_search
     assert outcome.checkpoint.endswith("checkpoint.pt") and config.storage_path in outcome.checkpoint
     version = client.get_model_version_by_alias(config.full_train.registered_model, config.full_train.alias)
     assert version.run_id == outcome.run_id and str(version.version) == outcome.model_version
+    # the registered model is the epoch with the best val AP (the first of equals), and says so
+    history = sorted(client.get_metric_history(outcome.run_id, "val_ap"), key=lambda m: m.step)
+    best_epoch = max(history, key=lambda m: (m.value, -m.step)).step
+    assert child.data.tags[TAG_REGISTERED_EPOCH] == str(best_epoch)
+    assert version.description.startswith(f"Epoch {best_epoch} (0-based) of ")
+    assert child.data.tags["mlflow.source.name"] == "autopose promote"
     with pytest.raises(AutoposeError, match="no MLflow run"):
         promote("ffffffffffffffffffffffffffffffff", tracking_uri=config.tracking_uri)
