@@ -216,7 +216,7 @@ def load_coco(
     ann_path: Path,
     images_dir: Path,
     *,
-    training: bool = True,
+    labelled_only: bool = True,
     aspect_ratio: float = 0.75,
 ) -> list[PersonInstance]:
     """Person instances from a COCO keypoint json.
@@ -224,9 +224,10 @@ def load_coco(
     Args:
         ann_path: ``person_keypoints_*.json`` (or any COCO-format keypoint file).
         images_dir: folder holding the images named by ``file_name``.
-        training: True skips crowd annotations, annotations without labelled
-            keypoints and boxes with no area (what a training set wants);
-            False keeps every person annotation (ground-truth boxes for evaluation).
+        labelled_only: True skips crowd annotations, annotations without labelled
+            keypoints and boxes with no area: what a training set wants, and the persons
+            HRNet scores with ground-truth boxes (a prediction for a person without
+            keypoints can only be a false positive); False keeps every person annotation.
         aspect_ratio: crop ``width / height`` for center/scale.
 
     Returns:
@@ -242,7 +243,7 @@ def load_coco(
     ann_path, images_dir = Path(ann_path), Path(images_dir)
     dataset, category_id, names = _validated_dataset(ann_path)
     return coco_instances(
-        dataset, category_id, names, images_dir, training=training, aspect_ratio=aspect_ratio
+        dataset, category_id, names, images_dir, labelled_only=labelled_only, aspect_ratio=aspect_ratio
     )
 
 
@@ -252,7 +253,7 @@ def coco_instances(
     names: tuple[str, ...],
     images_dir: Path,
     *,
-    training: bool,
+    labelled_only: bool,
     aspect_ratio: float,
 ) -> list[PersonInstance]:
     """:func:`load_coco` on a dict already checked by :func:`validate_coco_dict`."""
@@ -267,7 +268,7 @@ def coco_instances(
             num_keypoints = int(ann.get("num_keypoints", int((keypoints[:, 2] > 0).sum())))
             iscrowd = int(ann.get("iscrowd", 0))
             bbox = _clip_box(np.asarray(ann["bbox"], dtype=np.float64), width, height)
-            if training and (iscrowd or num_keypoints == 0 or bbox[2] <= 0 or bbox[3] <= 0):
+            if labelled_only and (iscrowd or num_keypoints == 0 or bbox[2] <= 0 or bbox[3] <= 0):
                 continue
             # A zero-size box (kept for evaluation) still needs a crop: give it one pixel.
             center, scale = box_to_center_scale(

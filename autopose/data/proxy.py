@@ -279,7 +279,7 @@ def _load_source(ann: Path, images_dir: Path, aspect_ratio: float) -> _Source:
         return _Source("mpii", MPII_KEYPOINTS, MPII_FLIP_PAIRS, (), instances)
     dataset, category_id, names = validate_coco_dict(data, ann)
     instances = coco_instances(
-        dataset, category_id, names, images_dir, training=True, aspect_ratio=aspect_ratio
+        dataset, category_id, names, images_dir, labelled_only=True, aspect_ratio=aspect_ratio
     )
     category = next(c for c in dataset["categories"] if c.get("id") == category_id)
     skeleton = tuple((int(a) - 1, int(b) - 1) for a, b in category.get("skeleton", []))

@@ -323,7 +323,7 @@ class TrainConfig:
     lr_milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.1
     weight_decay: float = 0.0
-    ohkm_topk: int = 8
+    ohkm_topk: int = 10  # the paper's α (autopose.models.losses.OHKM_TOPK)
     seed: int = 0
     loader_workers: int = 0
     val_batch_size: int = 64

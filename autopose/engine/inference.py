@@ -369,7 +369,7 @@ def predict(
         model: heatmap model (run in eval mode; its mode is restored).
         instances: persons with ``center``/``scale`` crops and box ``score`` (from
             :func:`~autopose.data.coco.load_coco_detections` or ground-truth boxes
-            from :func:`~autopose.data.coco.load_coco` with ``training=False``).
+            from :func:`~autopose.data.coco.load_coco`).
         codec: the codec of the model's input size.
         flip_pairs: (left, right) joint index pairs of the dataset.
         flip: flip test on.
@@ -702,7 +702,9 @@ def evaluate_checkpoint(
     _check_joints(meta, len(names), checkpoint, ann_path)
     aspect_ratio = width / height
     if dets_path is None:
-        instances = load_coco(ann_path, images_dir, training=False, aspect_ratio=aspect_ratio)
+        # As HRNet scores with ground-truth boxes: the labelled, non-crowd persons (a crowd box or
+        # a person without keypoints could only add false positives), so that numbers compare.
+        instances = load_coco(ann_path, images_dir, labelled_only=True, aspect_ratio=aspect_ratio)
     else:
         instances = load_coco_detections(
             dets_path, ann_path, images_dir, aspect_ratio=aspect_ratio, num_keypoints=len(names)

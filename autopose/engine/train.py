@@ -472,7 +472,7 @@ class Trainer:
     def _train_dataset(self) -> Dataset:
         data = self.data_config
         if data.train_ann is not None:
-            instances = load_coco(Path(data.train_ann), Path(data.train_images), training=True)
+            instances = load_coco(Path(data.train_ann), Path(data.train_images), labelled_only=True)
             return CocoCropDataset(instances, tuple(self.model_config.input_size))
         dataset = ProxyDataset(Path(data.train))
         _check_proxy_fits(dataset.metadata, "train", self.model_config, path=data.train)

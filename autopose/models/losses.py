@@ -33,7 +33,11 @@ def heatmap_l2(
     return scale * squared * weight.to(squared.dtype)
 
 
-def ohkm(per_joint_loss: torch.Tensor, topk: int = 8) -> torch.Tensor:
+# The paper keeps "the top α (α = 10) keypoints" in online hard keypoint mining (CPN keeps 8 of 17).
+OHKM_TOPK = 10
+
+
+def ohkm(per_joint_loss: torch.Tensor, topk: int = OHKM_TOPK) -> torch.Tensor:
     """Online hard keypoint mining: mean of each sample's ``topk`` largest joint losses.
 
     Args:
@@ -54,8 +58,9 @@ class PoseLoss(nn.Module):
     """L2 on every intermediate output, OHKM on the final one; their sum.
 
     Args:
-        ohkm_topk: joints kept per sample on the final output (8 as in CPN and the
-            paper). ``0`` turns mining off: the final output gets the plain L2 too.
+        ohkm_topk: joints kept per sample on the final output (10 as in the P2Net paper,
+            :data:`OHKM_TOPK`; CPN keeps 8). ``0`` turns mining off: the final output gets the
+            plain L2 too.
 
     Forward:
         outputs: list of ``B×K×h×w`` (intermediate…, final), as P2Net returns in
@@ -66,7 +71,7 @@ class PoseLoss(nn.Module):
         Returns a scalar: ``Σ_intermediate mean(L2) + OHKM(L2(final))``.
     """
 
-    def __init__(self, ohkm_topk: int = 8):
+    def __init__(self, ohkm_topk: int = OHKM_TOPK):
         super().__init__()
         if ohkm_topk < 0:
             raise ValueError(f"ohkm_topk must be 0 (off) or positive, got {ohkm_topk}")

@@ -36,7 +36,7 @@ def test_training_keeps_the_12_persons_with_keypoints(coco_ann, coco_images):
 
 
 def test_evaluation_keeps_every_person(coco_ann, coco_images):
-    instances = load_coco(coco_ann, coco_images, training=False)
+    instances = load_coco(coco_ann, coco_images, labelled_only=False)
     assert len(instances) == 14
     assert {inst.image_id for inst in instances} == {785, 40083, 196141, 197388}
 

@@ -224,7 +224,7 @@ class _OracleModel(nn.Module):
 def test_perfect_heatmaps_on_ground_truth_boxes_score_near_one(coco_ann, coco_images):
     input_size = (256, 192)
     codec = HeatmapCodec(input_size)
-    instances = load_coco(coco_ann, coco_images, training=False, aspect_ratio=0.75)
+    instances = load_coco(coco_ann, coco_images, labelled_only=False, aspect_ratio=0.75)
     table = {}
     for inst in instances:
         matrix = crop_matrix(inst.center, inst.scale, input_size)
@@ -238,7 +238,9 @@ def test_perfect_heatmaps_on_ground_truth_boxes_score_near_one(coco_ann, coco_im
 
 # -- the Parquet proxy: already-cropped val split ------------------------------------------
 def _proxy_rows(coco_ann, coco_images, input_size=SMALL):
-    instances = load_coco(coco_ann, coco_images, training=True, aspect_ratio=input_size[1] / input_size[0])
+    instances = load_coco(
+        coco_ann, coco_images, labelled_only=True, aspect_ratio=input_size[1] / input_size[0]
+    )
     dataset = CocoCropDataset(instances, input_size)
     return [dataset[i] for i in range(len(dataset))], instances
 
@@ -351,6 +353,14 @@ def test_evaluate_cli_runs_a_checkpoint_on_detections_and_on_mpii(
     assert "COCO keypoint AP" in printed and "detections" in printed
     ap_line = next(line for line in printed.splitlines() if line.split()[:1] == ["AP"])
     assert float(ap_line.split()[1]) == pytest.approx(coco_keypoint_ap(coco_ann, out)["AP"], abs=5e-4)
+    # On ground-truth boxes, as HRNet counts: one result per labelled non-crowd person, none for
+    # the crowd or for persons without keypoints.
+    assert main([*argv, "--out", str(out), "--batch-size", "64"]) == 0
+    assert "ground-truth boxes" in capsys.readouterr().out
+    annotations = json.loads(coco_ann.read_text())["annotations"]
+    scorable = [a for a in annotations if not a.get("iscrowd") and a["num_keypoints"] > 0]
+    assert 0 < len(scorable) < len(annotations)
+    assert len(json.loads(out.read_text())) == len(scorable)
 
     # An MPII json with a 17-joint model is refused; a 16-joint one gives the PCKh table.
     assert (

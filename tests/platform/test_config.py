@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from autopose.engine.config import TrainConfig
 from autopose.errors import AutoposeError
+from autopose.models.losses import PoseLoss
 from autopose.platform.config import (
     experiment_from_dict,
     load_experiment,
@@ -289,3 +291,10 @@ def test_the_coco_cluster_config_is_valid(smoke_data, coco_ann, coco_images):
     assert len(config.space_dict["ops"]) == 10  # the paper's space, found beside the config
     assert config.full_train_config().lr_milestones == [90, 120]
     assert config.full_train_data().train is None and config.full_train_data().train_ann == str(coco_ann)
+    # the paper's optimiser and mining: Adam at 5e-4, weight decay 1e-5, OHKM of the top 10
+    for train in (config.train, config.full_train_config()):
+        assert (train.lr, train.weight_decay, train.ohkm_topk) == (5.0e-4, 1.0e-5, 10)
+
+
+def test_online_hard_keypoint_mining_keeps_the_papers_ten_by_default():
+    assert TrainConfig().ohkm_topk == 10 and PoseLoss().ohkm_topk == 10
