@@ -14,13 +14,14 @@ from autopose.augment.baselines import (
     no_policy,
     random_policy,
 )
-from autopose.augment.ops import OP_NAMES, OPS, OpSpec, magnitude_to_value
+from autopose.augment.ops import OP_NAMES, OPS, PAPER_OP_NAMES, OpSpec, magnitude_to_value
 from autopose.augment.policy import Policy, PolicyNoise, PolicyStep, RelaxedPolicy, TemperatureSchedule
 from autopose.augment.space import OpRange, SearchSpace, load_search_space, p2net_space
 
 __all__ = [
     "OPS",
     "OP_NAMES",
+    "PAPER_OP_NAMES",
     "Handcrafted",
     "NoAugmentation",
     "OpRange",

@@ -12,6 +12,12 @@ keypoints stay true):
   warped once by ``M``; the keypoints move by the same ``M``.
 
 ``s_o`` is the op's strength for that sample (mixing weight × Bernoulli gate).
+
+FlipLR is the exception: a mirror with the left/right labels swapped cannot be blended (half a
+flip squashes the image to a line, and the labels are swapped or not). A sample is flipped,
+whole, when its FlipLR strength reaches 1/2 (always with the discrete policy's and hard
+sampling's strengths of 0 or 1), after the step's other ops; the gradient with respect to the
+strength is the blend's, ``flipped − unflipped`` (straight-through).
 Blending differently warped copies of an image in pixel space, as Eq. 6 read
 literally does, gives ghost images whose keypoints are nowhere in particular;
 blending the matrices gives one image with exact keypoints, is differentiable
@@ -31,7 +37,7 @@ from collections.abc import Sequence
 
 import torch
 
-from autopose.augment.ops import OpSpec, identity_matrix, warp
+from autopose.augment.ops import OpSpec, hflip, identity_matrix, warp
 
 Tensor = torch.Tensor
 
@@ -51,6 +57,7 @@ def apply_step(
     values: Tensor,
     cutout_uniform: Tensor | None = None,
     min_strength: float = 0.0,
+    flip_pairs: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Apply one mixed step.
 
@@ -62,6 +69,7 @@ def apply_step(
         values: ``B×O`` each op's real magnitude for each sample.
         cutout_uniform: ``B×2`` uniform draws for Cutout's center (fresh ones if ``None``).
         min_strength: ops at or below this strength are skipped for that sample.
+        flip_pairs: the ``(left, right)`` keypoint pairs FlipLR swaps (needed once it applies).
 
     Returns:
         ``images, keypoints, visibility`` after the step.
@@ -70,7 +78,10 @@ def apply_step(
     delta = None
     matrix = None
     warp_needed = torch.zeros(batch, dtype=torch.bool, device=images.device)
-    photometric = torch.tensor([not spec.geometric for spec in specs], device=strengths.device)
+    photometric = torch.tensor(
+        [not (spec.geometric or spec.mirrors) for spec in specs], device=strengths.device
+    )
+    mirror_strength = None
     # One op per sample at full strength and no gradient wanted (discrete policies, RandAugment):
     # write each op's result into a copy instead of blending, which is several times cheaper.
     hard = (
@@ -82,6 +93,9 @@ def apply_step(
     for o, spec in enumerate(specs):
         strength = strengths[:, o]
         active = strength > min_strength
+        if spec.mirrors:
+            mirror_strength = strength
+            continue
         if spec.geometric:
             if not bool(active.any()):
                 continue
@@ -120,15 +134,48 @@ def apply_step(
         images = output
     if delta is not None:
         images = images + delta
-    if matrix is None:
-        return images, keypoints, visibility
-    matrix = matrix + identity_matrix(batch, images.device)
-    if bool(warp_needed.all()):
+    if matrix is not None:
+        images, keypoints, visibility = _warped(images, keypoints, visibility, matrix, warp_needed)
+    if mirror_strength is not None:
+        images, keypoints, visibility = _mirrored(images, keypoints, visibility, mirror_strength, flip_pairs)
+    return images, keypoints, visibility
+
+
+def _warped(images: Tensor, keypoints: Tensor, visibility: Tensor, mixed: Tensor, needed: Tensor):
+    """The samples in ``needed`` warped by ``I + mixed`` (``B×2×3``), the others as they are."""
+    matrix = mixed + identity_matrix(images.shape[0], images.device)
+    if bool(needed.all()):
         return warp(images, keypoints, visibility, matrix)
-    index = warp_needed.nonzero().squeeze(1)
+    index = needed.nonzero().squeeze(1)
     moved = warp(images[index], keypoints[index], visibility[index], matrix[index])
     return (
         images.index_copy(0, index, moved[0]),
         keypoints.index_copy(0, index, moved[1]),
         visibility.index_copy(0, index, moved[2]),
     )
+
+
+def _mirrored(
+    images: Tensor,
+    keypoints: Tensor,
+    visibility: Tensor,
+    strength: Tensor,
+    flip_pairs: Sequence[tuple[int, int]] | None,
+):
+    """FlipLR: the samples whose strength reaches 1/2 mirrored whole, labels swapped; the
+    gradient with respect to ``strength`` (B,) is the blend's (see the module docstring)."""
+    flip = strength >= 0.5
+    if not bool(flip.any()) and not strength.requires_grad:
+        return images, keypoints, visibility
+    if flip_pairs is None:
+        raise ValueError(
+            "FlipLR swaps left and right keypoints: bind the space to the dataset's flip pairs "
+            "(SearchSpace.with_flip_pairs)"
+        )
+    flipped = hflip(images, keypoints, visibility, flip_pairs)
+    blend = (strength - strength.detach()).to(images.dtype)
+    out_images = torch.where(flip.view(-1, 1, 1, 1), flipped[0], images)
+    out_keypoints = torch.where(flip.view(-1, 1, 1), flipped[1], keypoints)
+    out_images = out_images + blend.view(-1, 1, 1, 1) * (flipped[0] - images)
+    out_keypoints = out_keypoints + blend.view(-1, 1, 1).to(keypoints.dtype) * (flipped[1] - keypoints)
+    return out_images, out_keypoints, torch.where(flip.view(-1, 1), flipped[2], visibility)

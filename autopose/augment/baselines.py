@@ -242,6 +242,7 @@ class _OneHotOps:
             strengths.to(device),
             values.to(device),
             cutout_uniform=uniform,
+            flip_pairs=self.space.flip_pairs,
         )
 
 

@@ -25,7 +25,11 @@ Gradients (each op's docstring repeats its own):
 * exact — the op is differentiable in the image and in the magnitude;
 * straight-through — the forward pass is the real op, the backward pass uses a
   stated surrogate (Equalize's image gradient, Solarize's threshold);
-* none-in-m — the op has no magnitude (Equalize, horizontal flip).
+* none-in-m — the op has no magnitude (Equalize, FlipLR).
+
+FlipLR (not in the paper's space; spaces may include it) mirrors the crop and swaps the
+left/right keypoints, so it needs the dataset's ``(left, right)`` index pairs: a space carries
+them once bound to a dataset (:meth:`autopose.augment.space.SearchSpace.with_flip_pairs`).
 """
 
 from __future__ import annotations
@@ -253,6 +257,21 @@ def hflip(
     )
 
 
+def flip_lr(
+    images: Tensor,
+    keypoints: Tensor,
+    visibility: Tensor,
+    value: Tensor | None = None,
+    *,
+    flip_pairs: Sequence[tuple[int, int]],
+) -> Triple:
+    """FlipLR as an op: :func:`hflip` of every sample (``value`` is ignored: no magnitude).
+
+    Gradient: exact in the image; none-in-m.
+    """
+    return hflip(images, keypoints, visibility, flip_pairs)
+
+
 # -- photometric ops (keypoints unchanged) ---------------------------------------------------------
 
 
@@ -393,6 +412,8 @@ class OpSpec:
         identity: the real value that leaves the image unchanged (``None`` if none).
         matrix: for a geometric op, ``(value (B,), H, W) -> B×2×3``.
         image_fn: for a photometric op, ``(images, value) -> images``.
+        mirrors: the op is FlipLR: a mirror with the left/right keypoints swapped, applied
+            whole or not at all (it cannot be blended; see :func:`autopose.augment.apply.apply_step`).
     """
 
     name: str
@@ -403,6 +424,7 @@ class OpSpec:
     identity: float | None = None
     matrix: Callable[[Tensor, int, int], Tensor] | None = None
     image_fn: Callable[..., Tensor] | None = None
+    mirrors: bool = False
 
     @property
     def geometric(self) -> bool:
@@ -440,6 +462,9 @@ OPS: dict[str, OpSpec] = {
         OpSpec("Brightness", brightness, (0.1, 1.9), (0.0, 10.0), "exact", 1.0, image_fn=brightness_image),
         OpSpec("Sharpness", sharpness, (0.1, 1.9), (-10.0, 10.0), "exact", 1.0, image_fn=sharpness_image),
         OpSpec("Cutout", cutout, (0.0, 0.5), (0.0, 1.0), "exact", 0.0, image_fn=cutout_image),
+        OpSpec("FlipLR", flip_lr, None, None, "exact (image), none-in-m", mirrors=True),
     )
 }
 OP_NAMES: tuple[str, ...] = tuple(OPS)
+# The paper's Table 1: every op but FlipLR (horizontal flip is not among them).
+PAPER_OP_NAMES: tuple[str, ...] = tuple(name for name in OPS if name != "FlipLR")

@@ -199,6 +199,7 @@ class Policy:
                 strengths.to(device),
                 values.to(device),
                 cutout_uniform=uniform,
+                flip_pairs=self.space.flip_pairs,
             )
         return images, keypoints, visibility
 
@@ -729,6 +730,7 @@ class RelaxedPolicy(nn.Module):
                 values[:, n],
                 cutout_uniform=noise.cutout[:, n],
                 min_strength=0.0,
+                flip_pairs=self.space.flip_pairs,
             )
         return images, keypoints, visibility
 

@@ -20,6 +20,7 @@ Experiment configs embed the same mapping; they reuse the checks through
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 import yaml
 
-from autopose.augment.ops import MAX_MAGNITUDE, OP_NAMES, OPS, OpSpec
+from autopose.augment.ops import MAX_MAGNITUDE, OP_NAMES, OPS, PAPER_OP_NAMES, OpSpec
 from autopose.errors import AutoposeError
 from autopose.files import is_finite_number
 
@@ -69,12 +70,15 @@ class SearchSpace:
         num_sub_policies: ``K``.
         ops_per_sub_policy: ``N``.
         ops: the candidate ops, in the order of every per-op tensor (``O`` of them).
+        flip_pairs: the ``(left, right)`` keypoint pairs FlipLR swaps, once the space is bound
+            to a dataset (:meth:`with_flip_pairs`; not part of the space's file).
     """
 
     name: str
     num_sub_policies: int
     ops_per_sub_policy: int
     ops: tuple[OpRange, ...]
+    flip_pairs: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         names = [r.op for r in self.ops]
@@ -164,7 +168,11 @@ class SearchSpace:
     def subset(self, ops: Sequence[str], name: str | None = None) -> SearchSpace:
         """The same space restricted to ``ops`` (tests and demos use small spaces)."""
         keep = tuple(self.ops[self.index(op)] for op in ops)
-        return SearchSpace(name or self.name, self.num_sub_policies, self.ops_per_sub_policy, keep)
+        return dataclasses.replace(self, name=name or self.name, ops=keep)
+
+    def with_flip_pairs(self, flip_pairs: Sequence[Sequence[int]]) -> SearchSpace:
+        """The space bound to a dataset's ``(left, right)`` keypoint pairs, which FlipLR swaps."""
+        return dataclasses.replace(self, flip_pairs=tuple((int(a), int(b)) for a, b in flip_pairs))
 
     # -- (de)serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -273,8 +281,8 @@ def p2net_space() -> SearchSpace:
     """The paper's space in code (K = 3, N = 2, ten ops at their default ranges);
     ``search_spaces/p2net.yaml`` holds the same (a test checks they agree)."""
     ranges = tuple(
-        OpRange(name, *(spec.default_range if spec.has_magnitude else (0.0, 0.0)))
-        for name, spec in OPS.items()
+        OpRange(name, *(OPS[name].default_range if OPS[name].has_magnitude else (0.0, 0.0)))
+        for name in PAPER_OP_NAMES
     )
     return SearchSpace("p2net", 3, 2, ranges)
 

@@ -182,7 +182,9 @@ def build_augment(
     dataset: str,
     total_steps: int,
 ) -> Augment:
-    """The augmentation a trial trains with (see :class:`~autopose.engine.config.AugmentSpec`)."""
+    """The augmentation a trial trains with (see :class:`~autopose.engine.config.AugmentSpec`);
+    its space bound to the dataset's left/right keypoint pairs (which FlipLR swaps)."""
+    space = space.with_flip_pairs(flip_pairs)
     if spec.kind == "search":
         bilevel = spec.bilevel or BilevelConfig()
         bilevel = bilevel.resolved()

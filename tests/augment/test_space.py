@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from autopose.augment import OP_NAMES, OpRange, SearchSpace, load_search_space, p2net_space
+from autopose.augment import PAPER_OP_NAMES, OpRange, SearchSpace, load_search_space, p2net_space
 from autopose.errors import AutoposeError
 
 P2NET_YAML = Path(__file__).parents[2] / "search_spaces" / "p2net.yaml"
@@ -18,7 +18,7 @@ def test_p2net_yaml_is_the_papers_space_and_matches_the_code():
     space = load_search_space(P2NET_YAML)
     assert space == p2net_space()
     assert (space.name, space.K, space.N) == ("p2net", 3, 2)
-    assert space.op_names == OP_NAMES and len(OP_NAMES) == 10
+    assert space.op_names == PAPER_OP_NAMES and len(PAPER_OP_NAMES) == 10 and "FlipLR" not in PAPER_OP_NAMES
     assert space.value("Rotate", 0) == -45.0 and space.value("Rotate", 10) == 45.0
     assert space.value("Scale", 0) == 0.7 and space.value("Scale", 10) == 1.35
 
@@ -135,7 +135,7 @@ def test_an_op_is_signed_when_its_identity_lies_strictly_inside_its_range():
         "Sharpness": True,
         "Cutout": False,  # identity 0 is an end of [0, 0.5]: Cutout only grows
     }
-    p2net = dict(zip(OP_NAMES, p2net_space().signed, strict=True))
+    p2net = dict(zip(PAPER_OP_NAMES, p2net_space().signed, strict=True))
     assert not p2net["Equalize"] and not p2net["Solarize"]  # no magnitude / no identity
     assert not p2net["SolarizeAdd"]  # [0, 0.43] starts at its identity
     one_sided = SearchSpace("one-sided", 1, 1, (OpRange("Rotate", 0.0, 30.0), OpRange("Scale", 1.35, 0.7)))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from autopose.augment.ops import PAPER_OP_NAMES
 from autopose.engine.config import TrainConfig
 from autopose.errors import AutoposeError
 from autopose.models.losses import PoseLoss
@@ -288,7 +289,8 @@ def test_the_coco_cluster_config_is_valid(smoke_data, coco_ann, coco_images):
     assert shipped["data"]["search_val"] not in (shipped["data"]["train"], shipped["data"]["val"])
     config = load_experiment(REPO / "search_spaces" / "p2net_coco.yaml", local)
     assert config.tune.search_alg == "optuna" and config.search.is_range("tau1")
-    assert len(config.space_dict["ops"]) == 10  # the paper's space, found beside the config
+    # the paper's space and FlipLR, found beside the config
+    assert list(config.space_dict["ops"]) == [*PAPER_OP_NAMES, "FlipLR"]
     assert config.full_train_config().lr_milestones == [90, 120]
     assert config.full_train_data().train is None and config.full_train_data().train_ann == str(coco_ann)
     # the paper's optimiser and mining: Adam at 5e-4, weight decay 1e-5, OHKM of the top 10
