@@ -1,4 +1,4 @@
-"""File helpers shared by every layer: atomic writes and strict JSON reads.
+"""File helpers shared by every layer: atomic writes and strict reads of text, JSON and YAML.
 
 A file autopose writes is either the old one or the complete new one, never a
 partial one: it is written beside its destination, flushed to disk, then
@@ -7,6 +7,11 @@ permissions a plain ``open`` would give it (0666 less the umask), whatever
 kind of file it is. Every write goes through :func:`atomic_write` (a figure
 through :func:`save_figure`); a proxy's Parquet file has its own temporary
 names, which a later build recognises and removes (``autopose.data.proxy``).
+
+Every file a user hands autopose is read through :func:`read_text`, :func:`read_json` or
+:func:`read_yaml`, which word a problem the same way, in one line naming the file: ``file not
+found``, ``cannot read (…)``, ``not UTF-8 text (byte N)``, ``not valid JSON (line L, column C:
+…)``, ``not valid YAML (…)`` (its field: the line).
 """
 
 from __future__ import annotations
@@ -70,19 +75,43 @@ def _umask() -> int:
     return mask
 
 
-def read_json(path: str | Path) -> Any:
-    """Parse a JSON file; a missing or unreadable file, text that is not UTF-8 or not JSON is an
-    :class:`AutoposeError` naming it."""
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's content; a missing or unreadable file, or bytes that are not UTF-8,
+    is an :class:`AutoposeError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise AutoposeError("file not found", path=path)
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+        return path.read_text(encoding="utf-8")
     except OSError as error:
         raise AutoposeError(f"cannot read ({error.strerror or error})", path=path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AutoposeError(f"not valid json ({error})", path=path) from None
+    except UnicodeDecodeError as error:
+        raise AutoposeError(f"not UTF-8 text (byte {error.start})", path=path) from None
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file (:func:`read_text`'s errors, and text that is not JSON, name it)."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        where = f"line {error.lineno}, column {error.colno}: {error.msg}"
+        raise AutoposeError(f"not valid JSON ({where})", path=path) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file (:func:`read_text`'s errors, and text that is not YAML, name it; the
+    error's field is the line)."""
+    import yaml
+
+    text = read_text(path)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else None
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())  # one line
+        raise AutoposeError(f"not valid YAML ({problem})", path=path, field=where) from None
 
 
 def is_finite_number(value: Any) -> bool:

@@ -1,4 +1,5 @@
-"""The one way files are written: whole or not at all, with the permissions open() would give."""
+"""The one way files are written (whole or not at all, with the permissions open() would give)
+and read (one line naming the file, in the same words for text, JSON and YAML)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import stat
 
 import pytest
 
-from autopose.files import atomic_write, save_figure
+from autopose.errors import AutoposeError
+from autopose.files import atomic_write, read_json, read_text, read_yaml, save_figure
 
 
 def _mode(path) -> int:
@@ -48,3 +50,30 @@ def test_a_figure_is_a_png_with_the_same_permissions_and_is_closed(tmp_path, uma
     out = save_figure(figure, tmp_path / "sub" / "f.png", dpi=50)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and _mode(out) == umask_022
     assert not plt.fignum_exists(figure.number)
+
+
+@pytest.mark.parametrize(
+    ("content", "reader", "words", "field"),
+    [
+        (None, read_text, "file not found", None),
+        (b"ok\xff", read_text, "not UTF-8 text (byte 2)", None),
+        (b'{"a": [1, 2', read_json, "not valid JSON (line 1, column 12", None),
+        (b"\xff{}", read_json, "not UTF-8 text (byte 0)", None),
+        (b"a: 1\nb: [unclosed\n", read_yaml, "not valid YAML (", "line 3"),
+    ],
+)
+def test_every_reader_names_the_file_in_one_line_with_the_same_words(tmp_path, content, reader, words, field):
+    path = tmp_path / "input"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(AutoposeError) as error:
+        reader(path)
+    assert words in str(error.value) and "\n" not in str(error.value)
+    assert error.value.path == str(path) and error.value.field == field
+
+
+def test_the_readers_parse_what_they_are_given(tmp_path):
+    (tmp_path / "a.json").write_text('{"x": [1, 2.5]}')
+    (tmp_path / "a.yaml").write_text("x: [1, 2.5]\n")
+    assert read_json(tmp_path / "a.json") == read_yaml(tmp_path / "a.yaml") == {"x": [1, 2.5]}
+    assert read_text(tmp_path / "a.yaml") == "x: [1, 2.5]\n"

@@ -51,7 +51,7 @@ from autopose.augment.apply import apply_step
 from autopose.augment.ops import MAX_MAGNITUDE
 from autopose.augment.space import OpRange, SearchSpace, space_of_document
 from autopose.errors import AutoposeError
-from autopose.files import atomic_write
+from autopose.files import atomic_write, read_json
 
 Tensor = torch.Tensor
 POLICY_FORMAT_V1 = "autopose.policy/1"
@@ -298,18 +298,7 @@ class Policy:
     def from_file(cls, path: str | Path, space: SearchSpace | None = None, seed: int | None = None) -> Policy:
         """Read and validate a policy JSON file (see :meth:`from_dict`)."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as error:
-            raise AutoposeError(f"cannot read policy: {error.strerror or error}", path=path) from None
-        except UnicodeDecodeError as error:
-            raise AutoposeError(f"not UTF-8 text (byte {error.start})", path=path) from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise AutoposeError(
-                f"not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})", path=path
-            ) from None
+        data = read_json(path)
         return cls.from_dict(data, space=space, path=path, seed=seed)
 
     def to_file(self, path: str | Path) -> None:

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from autopose.augment.ops import MAX_MAGNITUDE, OP_NAMES, OPS, PAPER_OP_NAMES, OpSpec
 from autopose.errors import AutoposeError
-from autopose.files import is_finite_number
+from autopose.files import is_finite_number, read_yaml
 
 Tensor = torch.Tensor
 
@@ -264,16 +263,7 @@ def load_search_space(path: str | Path) -> SearchSpace:
         AutoposeError: missing or unparsable file, or a bad field (named).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise AutoposeError(f"cannot read search space: {error.strerror or error}", path=path) from None
-    except UnicodeDecodeError as error:
-        raise AutoposeError(f"not UTF-8 text (byte {error.start})", path=path) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise AutoposeError(f"not valid YAML: {error}".splitlines()[0], path=path) from None
+    data = read_yaml(path)
     return SearchSpace.from_dict(data, path=path)
 
 

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from autopose.errors import AutoposeError
+from autopose.files import read_yaml
 
 RUN_URI_PREFIX = "runs:/"  # train.init_from naming an MLflow run instead of a file
 
@@ -32,17 +31,7 @@ RUN_URI_PREFIX = "runs:/"  # train.init_from naming an MLflow run instead of a f
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML file that must hold a mapping."""
     path = Path(path)
-    if not path.is_file():
-        raise AutoposeError("config file not found", path=path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as error:
-        raise AutoposeError(f"not UTF-8 text (byte {error.start})", path=path) from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else None
-        problem = " ".join(str(getattr(error, "problem", None) or error).split())  # one line
-        raise AutoposeError(f"not valid YAML ({problem})", path=path, field=where) from None
+    data = read_yaml(path)
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -174,7 +174,7 @@ def test_a_policy_loads_against_the_space_it_was_searched_in(tmp_path):
 
 
 def test_missing_or_binary_file_is_a_clear_error(tmp_path):
-    with pytest.raises(AutoposeError, match="cannot read"):
+    with pytest.raises(AutoposeError, match="file not found"):
         Policy.from_file(tmp_path / "absent.json")
     binary = tmp_path / "policy.json"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")

@@ -88,7 +88,7 @@ def test_embedded_section_gets_a_prefixed_field():
 
 
 def test_unreadable_files(tmp_path):
-    with pytest.raises(AutoposeError, match="cannot read"):
+    with pytest.raises(AutoposeError, match="file not found"):
         load_search_space(tmp_path / "absent.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: [unclosed\n")

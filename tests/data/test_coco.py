@@ -117,7 +117,7 @@ def test_a_json_that_is_not_coco_keypoints_names_file_and_field(
 def test_not_json_at_all(tmp_path, coco_images):
     path = tmp_path / "broken.json"
     path.write_text("{ not json")
-    with pytest.raises(AutoposeError, match="not valid json"):
+    with pytest.raises(AutoposeError, match="not valid JSON"):
         load_coco(path, coco_images)
     with pytest.raises(AutoposeError, match="file not found"):
         load_coco(tmp_path / "absent.json", coco_images)

@@ -142,7 +142,7 @@ def test_bad_results_through_the_cli_exit_2_with_one_line(coco_ann, tmp_path, ca
 
     path.write_text("[{not json")
     assert main(["evaluate", "--results", str(path), "--ann", str(coco_ann)]) == 2
-    assert "not valid json" in capsys.readouterr().err
+    assert "not valid JSON" in capsys.readouterr().err
 
 
 def test_results_file_through_the_cli_prints_the_table(coco_ann, tmp_path, capsys):

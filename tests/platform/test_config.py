@@ -265,7 +265,7 @@ def test_policy_argument_of_train(smoke_config, tmp_path):
     )  # the file, not --policy
     binary = tmp_path / "bin.json"
     binary.write_bytes(b"\xff\xfe{}")  # not UTF-8: one line naming the file, no traceback
-    with pytest.raises(AutoposeError, match="not valid json") as error:
+    with pytest.raises(AutoposeError, match="not UTF-8 text") as error:
         policy_spec(str(binary), 0)
     assert error.value.path == str(binary) and "\n" not in str(error.value)
     result = _cli("train", "--policy", str(binary), "--config", str(smoke_config()), cwd=tmp_path)
