@@ -384,21 +384,21 @@ def _parse_weights(weights: Any, count: int, fail) -> list[float]:
 class TemperatureSchedule:
     """Temperatures of the relaxations and their annealing.
 
-    ``τ1`` (``sub_policy``) is the Gumbel-softmax temperature of the sub-policy
-    choice, ``τ2`` (``bernoulli``) the relaxed-Bernoulli temperature of each op's
-    ``p`` and of its sign. Each goes geometrically from its start value to its ``*_final``
-    value over ``anneal_steps`` steps and stays there (no annealing when
+    ``tau1`` (τ1) is the Gumbel-softmax temperature of the sub-policy choice, ``tau2``
+    (τ2) the relaxed-Bernoulli temperature of each op's ``p`` and of its sign, named as in
+    :class:`autopose.engine.config.BilevelConfig`. Each goes geometrically from its start
+    value to its ``*_final`` value over ``anneal_steps`` steps and stays there (no annealing when
     ``anneal_steps`` is 0 or a final value is ``None``).
     """
 
-    sub_policy: float = 1.0
-    bernoulli: float = 0.5
-    sub_policy_final: float | None = None
-    bernoulli_final: float | None = None
+    tau1: float = 1.0
+    tau2: float = 0.5
+    tau1_final: float | None = None
+    tau2_final: float | None = None
     anneal_steps: int = 0
 
     def __post_init__(self) -> None:
-        for value in (self.sub_policy, self.bernoulli, self.sub_policy_final, self.bernoulli_final):
+        for value in (self.tau1, self.tau2, self.tau1_final, self.tau2_final):
             if value is not None and not value > 0:
                 raise ValueError("temperatures must be positive")
 
@@ -411,7 +411,7 @@ class TemperatureSchedule:
                 return start
             return start * (final / start) ** fraction
 
-        return anneal(self.sub_policy, self.sub_policy_final), anneal(self.bernoulli, self.bernoulli_final)
+        return anneal(self.tau1, self.tau1_final), anneal(self.tau2, self.tau2_final)
 
 
 @dataclass
@@ -546,7 +546,7 @@ class RelaxedPolicy(nn.Module):
             raise ValueError("init_magnitude must be None or lie in (0, 10)")
         self.space = space
         self.temperatures = temperatures or TemperatureSchedule()
-        self.tau_sub_policy, self.tau_bernoulli = self.temperatures.at(0)
+        self.tau1, self.tau2 = self.temperatures.at(0)
         self.min_weight = float(min_weight)
         self.hard = bool(hard)
         k, n, o = space.K, space.N, len(space.ops)
@@ -593,7 +593,7 @@ class RelaxedPolicy(nn.Module):
 
     def set_step(self, step: int) -> None:
         """Set the temperatures to the schedule's values after ``step`` search steps."""
-        self.tau_sub_policy, self.tau_bernoulli = self.temperatures.at(step)
+        self.tau1, self.tau2 = self.temperatures.at(step)
 
     # -- summaries for tracking ------------------------------------------------------------------
     @torch.no_grad()
@@ -643,7 +643,7 @@ class RelaxedPolicy(nn.Module):
         carries the gradient of the soft sample at the picked index."""
         uniform = noise.sub_policy.to(self.sub_policy_logits.device)
         gumbel = -torch.log(-torch.log(uniform))
-        soft = torch.softmax((self.sub_policy_logits + gumbel) / self.tau_sub_policy, dim=-1)
+        soft = torch.softmax((self.sub_policy_logits + gumbel) / self.tau1, dim=-1)
         index = soft.argmax(dim=-1)
         picked = soft.gather(1, index[:, None]).squeeze(1)
         return index, _straight_through(torch.ones_like(picked), picked)
@@ -659,7 +659,7 @@ class RelaxedPolicy(nn.Module):
         noise = noise.to(self.op_logits.device)
         index, weight = self.choose_sub_policies(noise)
         op_weights = self.op_weights()[index]  # B×N×O
-        gates = _relaxed_bernoulli(self.probability_logits[index], noise.bernoulli, self.tau_bernoulli)
+        gates = _relaxed_bernoulli(self.probability_logits[index], noise.bernoulli, self.tau2)
         values = self._low + (self._high - self._low) * self.magnitude_tensor()[index] / MAX_MAGNITUDE
         if self.hard:
             if noise.op is None:
@@ -675,7 +675,7 @@ class RelaxedPolicy(nn.Module):
         strengths = weight[:, None, None] * mixing * gates
         if noise.sign is None:  # noise without sign draws: every op in the direction m gives
             return strengths, values
-        signs = _relaxed_bernoulli(self.sign_logits[index], noise.sign, self.tau_bernoulli)
+        signs = _relaxed_bernoulli(self.sign_logits[index], noise.sign, self.tau2)
         if self.hard:
             signs = _straight_through((signs > 0.5).to(signs.dtype), signs)
         low, high = self._low.minimum(self._high), self._low.maximum(self._high)
@@ -810,7 +810,7 @@ class RelaxedPolicy(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"space={self.space.name}, K={self.space.K}, N={self.space.N}, ops={len(self.space.ops)}, "
-            f"tau=({self.tau_sub_policy:.3g}, {self.tau_bernoulli:.3g}), hard={self.hard}"
+            f"tau=({self.tau1:.3g}, {self.tau2:.3g}), hard={self.hard}"
         )
 
 

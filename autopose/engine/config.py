@@ -355,6 +355,10 @@ class TrainConfig:
             )
 
 
+# The search settings an experiment may give as a [low, high] range that Optuna samples.
+RANGED_SETTINGS = ("tau1", "tau2", "policy_lr")
+
+
 @dataclass
 class BilevelConfig:
     """The differentiable search's hyperparameters (the paper's Eq. 6–8).
@@ -507,14 +511,25 @@ class BilevelConfig:
 
     def resolved(self, **overrides: float) -> BilevelConfig:
         """A copy with ranges replaced by the sampled values in ``overrides``
-        (the range's geometric middle where none is given)."""
+        (the range's geometric middle where none is given). Done once, where a trial gets its
+        settings (``autopose.platform.tune.trial_spec``); the trial's search reads them as they are."""
         values = {}
-        for name in ("tau1", "tau2", "policy_lr"):
+        for name in RANGED_SETTINGS:
             value = overrides.get(name, getattr(self, name))
             if isinstance(value, tuple):
                 value = (value[0] * value[1]) ** 0.5
             values[name] = float(value)
         return dataclasses.replace(self, **values)
+
+    def require_resolved(self) -> None:
+        """Raise unless every setting holds one value (no ``[low, high]`` range left)."""
+        for name in RANGED_SETTINGS:
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                raise AutoposeError(
+                    f"is a range {list(value)}: a search trial needs one value (resolved())",
+                    field=f"search.{name}",
+                )
 
 
 @dataclass

@@ -187,14 +187,14 @@ def build_augment(
     space = space.with_flip_pairs(flip_pairs)
     if spec.kind == "search":
         bilevel = spec.bilevel or BilevelConfig()
-        bilevel = bilevel.resolved()
         bilevel._check(None, "search")  # before RelaxedPolicy, whose errors name no field
+        bilevel.require_resolved()
         anneal = bilevel.tau1_final is not None or bilevel.tau2_final is not None
         schedule = TemperatureSchedule(
-            sub_policy=bilevel.tau1,
-            bernoulli=bilevel.tau2,
-            sub_policy_final=bilevel.tau1_final,
-            bernoulli_final=bilevel.tau2_final,
+            tau1=bilevel.tau1,
+            tau2=bilevel.tau2,
+            tau1_final=bilevel.tau1_final,
+            tau2_final=bilevel.tau2_final,
             anneal_steps=total_steps if anneal else 0,
         )
         return RelaxedPolicy(
@@ -499,7 +499,6 @@ class Trainer:
     def _build_search(self, bilevel: BilevelConfig) -> None:
         from autopose.engine.search import BilevelSearch, make_policy_optimizer
 
-        bilevel = bilevel.resolved()
         self.policy_optimizer = make_policy_optimizer(
             bilevel.policy_optimizer,
             self.augment.parameters(),
@@ -627,7 +626,7 @@ class Trainer:
         them apart)."""
         if not isinstance(self.augment, RelaxedPolicy):
             return {}
-        metrics = {"tau1": self.augment.tau_sub_policy, "tau2": self.augment.tau_bernoulli}
+        metrics = {"tau1": self.augment.tau1, "tau2": self.augment.tau2}
         signed = dict(zip(self.augment.space.op_names, self.augment.space.signed, strict=True))
         signs = {name: v for name, v in self.augment.sign_probabilities().items() if signed[name]}
         for prefix, values in (

@@ -58,7 +58,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from autopose.augment import SearchSpace
-from autopose.engine.config import AugmentSpec, to_plain
+from autopose.engine.config import RANGED_SETTINGS, AugmentSpec, to_plain
 from autopose.engine.train import check_data
 from autopose.errors import AutoposeError, error_cause, first_line
 from autopose.platform.cluster import ray_session
@@ -100,7 +100,6 @@ logger = logging.getLogger(__name__)
 METRIC, MODE = "val_ap", "max"
 SELECTION_STAGE = "selection"
 TPE_KIND, PBA_KIND, HOLDOUT_METRIC = "tpe", "pba", "holdout_ap"
-RANGED = ("tau1", "tau2", "policy_lr")
 # The first words of a trial run's description in MLflow (its ``mlflow.note.content``), by kind.
 TRIAL_DESCRIPTIONS = {
     "search": "Differentiable policy search trial (bi-level, the paper's Eq. 8)",
@@ -156,7 +155,8 @@ def trial_spec(config: dict[str, Any], experiment: ExperimentConfig) -> AugmentS
     planned = config["trial"]
     bilevel = None
     if planned["kind"] == "search":
-        bilevel = experiment.search.resolved(**{name: config[name] for name in RANGED if name in config})
+        sampled = {name: config[name] for name in RANGED_SETTINGS if name in config}
+        bilevel = experiment.search.resolved(**sampled)  # the one place ranges get their values
     if planned["kind"] in (TPE_KIND, PBA_KIND):  # a sampled policy: trained like any given policy
         policy = sampled_policy(config["policy"], SearchSpace.from_dict(experiment.space_dict))
         return AugmentSpec(kind="policy", seed=int(planned["seed"]), policy=policy)
@@ -489,7 +489,7 @@ def _optuna_searcher(experiment: ExperimentConfig) -> Searcher:
 
     space = {
         name: ray.tune.loguniform(*getattr(experiment.search, name))
-        for name in RANGED
+        for name in RANGED_SETTINGS
         if experiment.search.is_range(name)
     }
     if not space:

@@ -190,7 +190,7 @@ def test_gumbel_picks_follow_the_softmax():
     """Over many draws the hard Gumbel-softmax pick has the softmax's frequencies (χ² test)."""
     space = SPACE.subset(["Rotate"], name="one-op")
     space = type(space)("four", 4, 1, space.ops)
-    policy = RelaxedPolicy(space, TemperatureSchedule(sub_policy=0.7), seed=0)
+    policy = RelaxedPolicy(space, TemperatureSchedule(tau1=0.7), seed=0)
     with torch.no_grad():
         policy.sub_policy_logits.copy_(torch.tensor([1.5, 0.0, -1.0, 0.7]))
     draws = 40_000
@@ -214,7 +214,7 @@ def test_relaxed_bernoulli_gates_open_with_probability_p():
     noise = policy.sample_noise(20_000, torch.Generator().manual_seed(5))
     logit_p = policy.probability_logits[0]
     u = noise.bernoulli
-    gates = torch.sigmoid((logit_p + torch.log(u) - torch.log1p(-u)) / policy.tau_bernoulli)
+    gates = torch.sigmoid((logit_p + torch.log(u) - torch.log1p(-u)) / policy.tau2)
     frequency = (gates > 0.5).double().mean(0)
     p = policy.probabilities()[0].double().detach()
     assert torch.all((frequency - p).abs() < 4 * (p * (1 - p) / 20_000).sqrt())
@@ -268,7 +268,7 @@ def test_skipping_tiny_weights_barely_changes_the_gradient():
 def test_dominant_relaxed_policy_equals_its_export():
     """With one op and one sub-policy dominant and p → 1, the relaxed policy is its discrete export."""
     space = type(TINY)("tiny1", 1, 2, TINY.ops)
-    policy = RelaxedPolicy(space, TemperatureSchedule(bernoulli=0.05), init_magnitude=8.0, seed=0)
+    policy = RelaxedPolicy(space, TemperatureSchedule(tau2=0.05), init_magnitude=8.0, seed=0)
     with torch.no_grad():
         policy.op_logits.fill_(-30.0)
         policy.op_logits[0, 0, space.index("Rotate")] = 30.0
@@ -321,10 +321,10 @@ def test_summaries_name_every_op():
 
 
 def test_temperature_schedule_anneals_geometrically():
-    schedule = TemperatureSchedule(sub_policy=1.0, bernoulli=0.5, sub_policy_final=0.1, anneal_steps=10)
+    schedule = TemperatureSchedule(tau1=1.0, tau2=0.5, tau1_final=0.1, anneal_steps=10)
     assert schedule.at(0) == (1.0, 0.5)
     assert schedule.at(5)[0] == pytest.approx(0.1**0.5)
     assert schedule.at(50) == (pytest.approx(0.1), 0.5)
     policy = RelaxedPolicy(TINY, schedule)
     policy.set_step(10)
-    assert policy.tau_sub_policy == pytest.approx(0.1)
+    assert policy.tau1 == pytest.approx(0.1)

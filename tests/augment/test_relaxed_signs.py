@@ -57,7 +57,7 @@ def randomize(policy: RelaxedPolicy, seed: int) -> RelaxedPolicy:
 def test_the_relaxed_direction_follows_the_sign_logit():
     """TranslateX at m = 10 (+¼ width) moves right with probability sigmoid(sign logit), left
     otherwise; at a small τ2 the relaxed direction is ±1, so each shift is ±¼ width."""
-    policy = RelaxedPolicy(one_op("TranslateX"), TemperatureSchedule(bernoulli=0.01), seed=0)
+    policy = RelaxedPolicy(one_op("TranslateX"), TemperatureSchedule(tau2=0.01), seed=0)
     size, logit = 4000, 0.8
     with torch.no_grad():
         policy.probability_logits.fill_(30.0)
@@ -79,7 +79,7 @@ def test_the_relaxed_value_is_identity_plus_direction_times_the_offset():
     _, values = policy.strengths_and_values(noise)
     index, _ = policy.choose_sub_policies(noise)
     logits = policy.sign_logits[index]
-    s = torch.sigmoid((logits + torch.log(noise.sign) - torch.log1p(-noise.sign)) / policy.tau_bernoulli)
+    s = torch.sigmoid((logits + torch.log(noise.sign) - torch.log1p(-noise.sign)) / policy.tau2)
     plain = NO_CUTOUT.values(policy.magnitude_tensor()[index])
     identity, signed = NO_CUTOUT.identity_tensors()
     low, high = NO_CUTOUT.range_tensors()

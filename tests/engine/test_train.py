@@ -158,6 +158,7 @@ def test_the_policy_steps_every_kth_step_and_its_metrics_average_over_those(smok
         ("sampling", "soft", "'hard'"),
         ("init_magnitude", 10.0, "(0, 10)"),
         ("init_magnitude", 0.0, "(0, 10)"),
+        ("tau1", (0.5, 2.0), "range"),  # ranges get their values once, where a trial is planned
     ],
 )
 def test_a_bad_search_option_is_refused_naming_the_field(smoke_data, option, value, words):
