@@ -102,7 +102,7 @@ def _detect(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from autopose.engine.inference import evaluate_checkpoint, evaluate_results_file
+    from autopose.engine.evaluate_command import evaluate_checkpoint, evaluate_results_file
 
     if args.results is not None:
         extra = [

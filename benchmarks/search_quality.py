@@ -82,7 +82,7 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
     from autopose.augment import SearchSpace
     from autopose.data import ProxyDataset
     from autopose.engine.adaptation import adapt_batchnorm
-    from autopose.engine.inference import evaluate_proxy
+    from autopose.engine.proxy_scoring import evaluate_proxy
     from autopose.engine.train import Trainer
 
     torch.set_num_threads(1)

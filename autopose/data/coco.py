@@ -192,7 +192,7 @@ def validate_coco_dict(data: Any, path: Path) -> tuple[dict, int, tuple[str, ...
     return data, category_id, names
 
 
-def _coco_api(dataset: dict) -> COCO:
+def coco_api(dataset: dict) -> COCO:
     """A pycocotools COCO over an already loaded dict (its progress prints silenced)."""
     coco = COCO()
     coco.dataset = dataset
@@ -258,7 +258,7 @@ def coco_instances(
 ) -> list[PersonInstance]:
     """:func:`load_coco` on a dict already checked by :func:`validate_coco_dict`."""
     images_dir = Path(images_dir)
-    coco = _coco_api(dataset)
+    coco = coco_api(dataset)
     instances: list[PersonInstance] = []
     for image_id in sorted(coco.getImgIds()):
         image = coco.imgs[image_id]

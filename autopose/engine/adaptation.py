@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autopose.engine.inference import iter_rows
+from autopose.engine.proxy_scoring import iter_rows
 
 
 @torch.no_grad()

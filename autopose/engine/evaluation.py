@@ -21,7 +21,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from autopose.data.coco import COCO_SIGMAS
+from autopose.data.coco import COCO_SIGMAS, coco_api
 from autopose.data.mpii import MPII_KEYPOINTS
 from autopose.errors import AutoposeError
 from autopose.files import is_finite_number, read_json
@@ -109,16 +109,7 @@ def load_ground_truth(path: Path) -> COCO:
         ann.setdefault("num_keypoints", sum(1 for v in keypoints[2::3] if v > 0))
         ann.setdefault("iscrowd", 0)
         ann.setdefault("id", i + 1)
-    return coco_from_dict(data)
-
-
-def coco_from_dict(dataset: dict) -> COCO:
-    """A pycocotools ``COCO`` over an in-memory dataset dict (its prints silenced)."""
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
+    return coco_api(data)
 
 
 def _keypoint_category(gt: COCO, source: str) -> tuple[int, int]:
@@ -195,7 +186,7 @@ def coco_keypoint_ap(
 
     Args:
         gt: the ground-truth keypoint json, or a ``COCO`` already built (for
-            instance by :func:`autopose.engine.inference.proxy_ground_truth`).
+            instance by :func:`autopose.engine.proxy_scoring.proxy_ground_truth`).
         results: COCO keypoint results, as a list or a json file.
         sigmas: per-keypoint OKS constants; default :func:`oks_sigmas` for K.
 

@@ -1,4 +1,4 @@
-"""Top-down inference: person boxes → crops → heatmaps (with flip test) → keypoints → COCO results.
+"""Top-down prediction: person boxes → crops → heatmaps (with the flip test) → keypoints → COCO results.
 
 The pipeline, one function per step so that each can be tested alone:
 
@@ -7,50 +7,40 @@ The pipeline, one function per step so that each can be tested alone:
   (:func:`flip_back`, no shift: see the note above :func:`flip_permutation`).
 * :func:`predict` crops every person box of a dataset (detections or ground
   truth), decodes with :class:`~autopose.data.codec.HeatmapCodec` to image pixels,
-  scores each person (:func:`person_score`) and removes duplicates per image with
-  :func:`oks_nms`; :func:`write_results` writes the COCO results json.
-* :func:`proxy_ground_truth` / :func:`evaluate_proxy` score the already-cropped
-  Parquet proxy with pycocotools, each crop its own COCO image in crop pixels.
+  scores each person and removes duplicates per image (:mod:`autopose.engine.nms`);
+  :func:`write_results` writes the COCO results json.
+
+Kept apart, as in mmpose: person scores and OKS-NMS (:mod:`autopose.engine.nms`), the metrics
+(:mod:`autopose.engine.evaluation`), scoring a model on the cropped Parquet proxy
+(:mod:`autopose.engine.proxy_scoring`) and the ``autopose evaluate`` command
+(:mod:`autopose.engine.evaluate_command`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from pycocotools.coco import COCO
 from torch import nn
 from tqdm import tqdm
 
-from autopose.data.coco import flip_pairs_from_names, load_coco, load_coco_detections
 from autopose.data.codec import HeatmapCodec
 from autopose.data.instances import PersonInstance
-from autopose.data.mpii import MPII_FLIP_PAIRS, MPII_KEYPOINTS, is_mpii_layout, load_mpii
-from autopose.data.transforms import crop_matrix, transform_points, warp_image
+from autopose.data.transforms import crop_matrix, warp_image
 from autopose.engine.evaluation import (
-    HEAD_SIZE_RULE,
-    coco_from_dict,
-    coco_keypoint_ap,
-    format_table,
-    load_ground_truth,
-    mpii_head_sizes,
     oks_sigmas,
-    pckh,
-    read_json,
 )
+from autopose.engine.nms import OKS_NMS_THRESHOLD, oks_nms, person_score
 from autopose.errors import AutoposeError
 from autopose.files import atomic_write
 
 PERSON_CATEGORY_ID = 1
-KEYPOINT_SCORE_THRESHOLD = 0.2
-OKS_NMS_THRESHOLD = 0.9
 
 # The flip test averages the upright heatmaps with the mirrored crop's, flipped back, and
 # shifts nothing. The codec's unbiased convention (heatmap x = (x + 0.5) / stride − 0.5)
@@ -184,93 +174,6 @@ def _check_heatmap_size(heatmaps: torch.Tensor, codec: HeatmapCodec) -> None:
         raise ValueError(
             f"the model gives {tuple(heatmaps.shape[-2:])} heatmaps, the codec expects {codec.heatmap_size}"
         )
-
-
-# -- scoring and OKS-NMS ------------------------------------------------------------------
-def person_score(
-    box_score: float, keypoint_scores: np.ndarray, threshold: float = KEYPOINT_SCORE_THRESHOLD
-) -> float:
-    """A person's score: box score × mean of the keypoint scores above ``threshold``.
-
-    Keypoint scores are the heatmap peaks, clipped at 0. When none is above the
-    threshold the mean of all of them is used instead (so at most ``threshold``):
-    the person ranks below confident ones with the same box score, and weak
-    persons stay ordered among themselves instead of all tying at 0 (HRNet's
-    reference gives 0 there).
-    """
-    scores = np.clip(np.asarray(keypoint_scores, dtype=np.float64), 0.0, None)
-    confident = scores[scores > threshold]
-    keypoint_mean = confident.mean() if confident.size else (scores.mean() if scores.size else 0.0)
-    return float(box_score) * float(keypoint_mean)
-
-
-def oks_iou(
-    keypoints: np.ndarray,
-    others: np.ndarray,
-    area: float,
-    other_areas: np.ndarray,
-    sigmas: np.ndarray,
-) -> np.ndarray:
-    """Object keypoint similarity between one pose and several others (all keypoints count).
-
-    COCO's formula, ``mean_k exp(−d_k² / (2 · s² · (2σ_k)²))``, with the squared
-    object scale ``s²`` the mean of the two areas (HRNet's choice for comparing two
-    predictions).
-
-    Args:
-        keypoints: ``K×2`` (extra columns such as scores are ignored).
-        others: ``N×K×2``.
-        area: area of ``keypoints``' person.
-        other_areas: ``N`` areas.
-        sigmas: ``K`` OKS constants.
-
-    Returns:
-        ``N`` similarities in 0…1.
-    """
-    keypoints = np.asarray(keypoints, dtype=np.float64)[:, :2]
-    others = np.asarray(others, dtype=np.float64)[..., :2]
-    variances = (2.0 * np.asarray(sigmas, dtype=np.float64)) ** 2
-    squared_distance = ((others - keypoints[None]) ** 2).sum(axis=-1)  # N×K
-    scale = (area + np.asarray(other_areas, dtype=np.float64)) / 2.0 + np.spacing(1)
-    exponent = squared_distance / variances[None] / scale[:, None] / 2.0
-    return np.exp(-exponent).mean(axis=-1)
-
-
-def oks_nms(
-    keypoints: np.ndarray,
-    scores: np.ndarray,
-    areas: np.ndarray,
-    *,
-    threshold: float = OKS_NMS_THRESHOLD,
-    sigmas: np.ndarray,
-) -> list[int]:
-    """Greedy non-maximum suppression by OKS (one image's persons).
-
-    Take the best-scoring pose, drop every other pose whose OKS with it is above
-    ``threshold``, repeat with what is left.
-
-    Args:
-        keypoints: ``N×K×2`` (or ``N×K×3``).
-        scores: ``N`` person scores.
-        areas: ``N`` person areas.
-        threshold: OKS above which two poses are the same person.
-        sigmas: ``K`` OKS constants.
-
-    Returns:
-        Indices of the kept poses, best first.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    areas = np.asarray(areas, dtype=np.float64)
-    order = np.argsort(-scores, kind="stable")
-    keep: list[int] = []
-    while order.size:
-        best, rest = order[0], order[1:]
-        keep.append(int(best))
-        if rest.size == 0:
-            break
-        similarity = oks_iou(keypoints[best], keypoints[rest], areas[best], areas[rest], sigmas)
-        order = rest[similarity <= threshold]
-    return keep
 
 
 # -- top-down inference on full images ----------------------------------------------------
@@ -418,12 +321,13 @@ def predict(
             )
             kept = members[order]
         results += [
-            _result(image_id, keypoints[i], keypoint_scores[i], person_scores[i], category_id) for i in kept
+            coco_result(image_id, keypoints[i], keypoint_scores[i], person_scores[i], category_id)
+            for i in kept
         ]
     return results
 
 
-def _result(
+def coco_result(
     image_id: int, keypoints: np.ndarray, keypoint_scores: np.ndarray, score: float, category_id: int
 ) -> dict:
     triples = np.concatenate([keypoints, keypoint_scores[:, None]], axis=1)
@@ -442,292 +346,3 @@ def write_results(results: list[dict], path: Path | str) -> Path:
     with atomic_write(path) as stream:
         json.dump(results, stream)
     return path
-
-
-# -- the Parquet proxy: crops that are already cut ----------------------------------------
-def _as_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
-def iter_rows(source: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Proxy rows one by one, from rows (``ProxyDataset`` items) or collated batches.
-
-    A batch is recognised by a 4-d ``image`` (``B×3×H×W``); it is split into rows.
-    """
-    for item in source:
-        image = item["image"]
-        if getattr(image, "ndim", 3) == 4:
-            for i in range(image.shape[0]):
-                yield {key: value[i] for key, value in item.items()}
-        else:
-            yield dict(item)
-
-
-def _row_keypoints(row: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    keypoints = _as_numpy(row["keypoints"]).astype(np.float64)
-    if "visibility" in row:
-        return keypoints[:, :2], _as_numpy(row["visibility"]).astype(np.float64)
-    return keypoints[:, :2], keypoints[:, 2]  # the Parquet layout: K×3 (x, y, v)
-
-
-def _crop_annotation(row: Mapping[str, Any], input_size: tuple[int, int], ann_id: int) -> dict:
-    """A COCO annotation in crop pixels for one proxy row (its crop is image ``ann_id``)."""
-    keypoints, visibility = _row_keypoints(row)
-    center = _as_numpy(row["center"]).astype(np.float64)
-    scale = _as_numpy(row["scale"]).astype(np.float64)
-    x, y, w, h = _as_numpy(row["bbox"]).astype(np.float64)
-    height, width = input_size
-    sx, sy = width / scale[0], height / scale[1]
-    # The box's top-left edge is the pixel-center point (x − 0.5, y − 0.5); map it, then back to edges.
-    corner = transform_points(np.array([[x - 0.5, y - 0.5]]), crop_matrix(center, scale, input_size))[0] + 0.5
-    labelled = visibility > 0
-    triples = np.zeros((keypoints.shape[0], 3))
-    triples[labelled, :2] = keypoints[labelled]
-    triples[labelled, 2] = visibility[labelled]
-    return {
-        "id": ann_id,
-        "image_id": ann_id,
-        "category_id": PERSON_CATEGORY_ID,
-        "keypoints": [float(v) for v in triples.ravel()],
-        "num_keypoints": int(labelled.sum()),
-        "area": float(row["area"]) * sx * sy,
-        "bbox": [float(corner[0]), float(corner[1]), float(w * sx), float(h * sy)],
-        "iscrowd": 0,
-        "source_image_id": int(row["image_id"]),
-        "source_instance_id": int(row["instance_id"]),
-    }
-
-
-def proxy_ground_truth(
-    rows: Iterable[Mapping[str, Any]],
-    *,
-    input_size: tuple[int, int],
-    keypoint_names: Sequence[str] | None = None,
-) -> COCO:
-    """An in-memory COCO ground truth for proxy crops, in crop pixels.
-
-    Each row (crop) becomes its own COCO image, id = 1 + its position, because the
-    coordinates of two crops of the same photo are not comparable. The box and
-    area are mapped into the crop with its scale: ``area · (W/scale_w) · (H/scale_h)``,
-    so OKS matches what it would be in the photo. (Area ranges of APM/APL then refer
-    to crop pixels: on the proxy read AP and AR, not APM/APL.)
-
-    Args:
-        rows: ``ProxyDataset`` items or collated batches: ``keypoints`` ``K×2`` (crop
-            px) with ``visibility`` ``K`` (or ``K×3``), ``center``, ``scale``, ``bbox``
-            and ``area`` in image pixels, ``image_id``, ``instance_id``.
-        input_size: crop ``(height, width)``.
-        keypoint_names: the K names (default ``keypoint_0`` …).
-    """
-    height, width = (int(v) for v in input_size)
-    annotations = [_crop_annotation(row, (height, width), i + 1) for i, row in enumerate(iter_rows(rows))]
-    return _proxy_coco(annotations, (height, width), keypoint_names)
-
-
-def _proxy_coco(
-    annotations: list[dict], input_size: tuple[int, int], keypoint_names: Sequence[str] | None
-) -> COCO:
-    height, width = input_size
-    num_joints = len(annotations[0]["keypoints"]) // 3 if annotations else len(keypoint_names or ())
-    if keypoint_names is None:
-        keypoint_names = [f"keypoint_{k}" for k in range(num_joints)]
-    if annotations and len(keypoint_names) != num_joints:
-        raise ValueError(f"{len(keypoint_names)} keypoint names for {num_joints} keypoints")
-    images = [
-        {"id": a["id"], "width": width, "height": height, "file_name": f"crop_{a['id']}"} for a in annotations
-    ]
-    category = {"id": PERSON_CATEGORY_ID, "name": "person", "keypoints": list(keypoint_names), "skeleton": []}
-    return coco_from_dict({"images": images, "annotations": annotations, "categories": [category]})
-
-
-def proxy_results(
-    keypoints: np.ndarray, scores: np.ndarray, image_ids: Sequence[int] | None = None
-) -> list[dict]:
-    """COCO results for crops: ``keypoints B×K×2`` and ``scores B×K`` in crop pixels.
-
-    ``image_ids`` default to 1…B (the ids :func:`proxy_ground_truth` gives). The
-    person score is :func:`person_score` with box score 1.
-    """
-    keypoints = np.asarray(keypoints, dtype=np.float64)
-    scores = np.asarray(scores, dtype=np.float64)
-    ids = range(1, keypoints.shape[0] + 1) if image_ids is None else image_ids
-    return [
-        _result(int(image_id), keypoints[i], scores[i], person_score(1.0, scores[i]), PERSON_CATEGORY_ID)
-        for i, image_id in enumerate(ids)
-    ]
-
-
-def evaluate_proxy(
-    model: nn.Module,
-    rows: Iterable[Mapping[str, Any]],
-    codec: HeatmapCodec,
-    *,
-    flip_pairs: Iterable[Sequence[int]],
-    flip: bool = True,
-    batch_size: int = 64,
-    keypoint_names: Sequence[str] | None = None,
-    sigmas: np.ndarray | None = None,
-) -> dict[str, float]:
-    """OKS AP (pycocotools) of a model on proxy crops: what a training loop reports per epoch.
-
-    Args:
-        model: the heatmap model (its train/eval mode is restored afterwards).
-        rows: ``ProxyDataset`` items, or batches from a ``DataLoader`` over it.
-        codec: the codec of the crop size.
-        flip_pairs: (left, right) joint index pairs.
-        flip: flip test on.
-        batch_size: crops per forward pass.
-        keypoint_names: K names for the ground truth.
-        sigmas: OKS constants (default from K).
-
-    Returns:
-        The metrics of :func:`~autopose.engine.evaluation.coco_keypoint_ap`.
-    """
-    flip_pairs = [tuple(pair) for pair in flip_pairs]
-    input_size = codec.input_size
-    annotations: list[dict] = []
-    keypoints, scores, pending = [], [], []
-
-    def flush() -> None:
-        coords, peaks = predict_crops(
-            model, torch.stack(pending), codec, flip_pairs=flip_pairs, flip=flip, batch_size=batch_size
-        )
-        keypoints.append(coords)
-        scores.append(peaks)
-        pending.clear()
-
-    # Streamed: only one batch of crops is held at a time.
-    for row in iter_rows(rows):
-        annotations.append(_crop_annotation(row, input_size, len(annotations) + 1))
-        pending.append(torch.as_tensor(_as_numpy(row["image"])))
-        if len(pending) == batch_size:
-            flush()
-    if pending:
-        flush()
-    gt = _proxy_coco(annotations, input_size, keypoint_names)
-    if not annotations:
-        return coco_keypoint_ap(gt, [], sigmas=sigmas)
-    results = proxy_results(np.concatenate(keypoints), np.concatenate(scores))
-    return coco_keypoint_ap(gt, results, sigmas=sigmas)
-
-
-# -- `autopose evaluate` --------------------------------------------------------------------
-@dataclass
-class EvaluationReport:
-    """What ``autopose evaluate`` prints: a titled metrics table with notes."""
-
-    title: str
-    metrics: dict[str, float]
-    notes: list[str] = field(default_factory=list)
-    results: list[dict] | None = None
-
-    def table(self) -> str:
-        return format_table(self.metrics, title=self.title, notes=self.notes)
-
-
-def evaluate_results_file(results_path: Path, ann_path: Path) -> EvaluationReport:
-    """Score an existing COCO keypoint results json against a COCO ground truth."""
-    if is_mpii_layout(read_json(Path(ann_path))):
-        raise AutoposeError(
-            "an MPII json is scored with PCKh from a model: use --checkpoint C --images DIR "
-            "(--results takes COCO keypoint results and a COCO ground truth)",
-            path=ann_path,
-        )
-    gt = load_ground_truth(Path(ann_path))
-    results = read_json(Path(results_path))  # read twice (tiny next to scoring) to word the note
-    metrics = coco_keypoint_ap(gt, Path(results_path))
-    notes = [] if results else [f"{results_path} holds no results: every metric is 0"]
-    return EvaluationReport(f"COCO keypoint AP (pycocotools) — {results_path}", metrics, notes)
-
-
-def evaluate_checkpoint(
-    checkpoint: Path,
-    ann_path: Path,
-    images_dir: Path,
-    *,
-    dets_path: Path | None = None,
-    flip: bool = True,
-    batch_size: int = 32,
-    results_out: Path | None = None,
-    progress: bool = False,
-) -> EvaluationReport:
-    """Run a checkpoint on a dataset and score it: COCO OKS AP, or PCKh@0.5 for an MPII json.
-
-    Args:
-        checkpoint: a file from :func:`~autopose.engine.checkpoint.save_checkpoint`.
-        ann_path: COCO keypoint json, or an HRNet-layout MPII json.
-        images_dir: the images.
-        dets_path: COCO person detections (COCO only); default: ground-truth boxes.
-        flip: flip test on.
-        batch_size: crops per forward pass.
-        results_out: also write the COCO results json there (COCO only).
-        progress: progress bar on stderr.
-    """
-    from autopose.engine.checkpoint import load_model  # models are only needed here
-
-    ann_path, images_dir = Path(ann_path), Path(images_dir)
-    if not images_dir.is_dir():
-        raise AutoposeError("image folder not found", path=images_dir)
-    mpii = is_mpii_layout(read_json(ann_path))
-    if mpii and dets_path is not None:
-        raise AutoposeError("--dets is for COCO; MPII is evaluated on its annotated persons", path=dets_path)
-    if mpii and results_out is not None:
-        raise AutoposeError("--out writes COCO results; not available for MPII", path=results_out)
-    model, meta = load_model(checkpoint)
-    height, width = meta["input_size"]
-    codec = HeatmapCodec((height, width))
-    box_source = "ground-truth boxes" if dets_path is None else f"detections {Path(dets_path).name}"
-    setting = f"{meta['arch']} {height}x{width}, flip test {'on' if flip else 'off'}"
-
-    if mpii:
-        instances = load_mpii(ann_path, images_dir, aspect_ratio=width / height)
-        _check_joints(meta, len(MPII_KEYPOINTS), checkpoint, ann_path)
-        pairs = meta["flip_pairs"] if meta["flip_pairs"] is not None else MPII_FLIP_PAIRS
-        keypoints, _ = predict_instances(
-            model, instances, codec, flip_pairs=pairs, flip=flip, batch_size=batch_size, progress=progress
-        )
-        truth = np.stack([inst.keypoints[:, :2] for inst in instances])
-        visible = np.stack([inst.keypoints[:, 2] for inst in instances])
-        headboxes = [inst.extra.get("headbox") for inst in instances]
-        boxes = np.stack(headboxes) if all(box is not None for box in headboxes) else None
-        metrics = pckh(keypoints, truth, visible, mpii_head_sizes(truth, visible, boxes))
-        rule = "MPII head boxes: head size = 0.6 × head-box diagonal" if boxes is not None else HEAD_SIZE_RULE
-        return EvaluationReport(f"MPII PCKh@0.5 (%) — {ann_path.name}, {setting}", metrics, [rule])
-
-    gt = load_ground_truth(ann_path)
-    category = next(c for c in gt.dataset["categories"] if isinstance(c.get("keypoints"), list))
-    names = list(category["keypoints"])
-    _check_joints(meta, len(names), checkpoint, ann_path)
-    aspect_ratio = width / height
-    if dets_path is None:
-        # As HRNet scores with ground-truth boxes: the labelled, non-crowd persons (a crowd box or
-        # a person without keypoints could only add false positives), so that numbers compare.
-        instances = load_coco(ann_path, images_dir, labelled_only=True, aspect_ratio=aspect_ratio)
-    else:
-        instances = load_coco_detections(
-            dets_path, ann_path, images_dir, aspect_ratio=aspect_ratio, num_keypoints=len(names)
-        )
-    pairs = meta["flip_pairs"] if meta["flip_pairs"] is not None else flip_pairs_from_names(names)
-    results = predict(
-        model, instances, codec, flip_pairs=pairs, flip=flip, batch_size=batch_size, progress=progress
-    )
-    notes = []
-    if results_out is not None:
-        write_results(results, results_out)
-        notes.append(f"results written to {results_out}")
-    if not results:
-        notes.append("no person boxes: every metric is 0")
-    metrics = coco_keypoint_ap(gt, results)
-    title = f"COCO keypoint AP (pycocotools) — {ann_path.name}, {box_source}, {setting}"
-    return EvaluationReport(title, metrics, notes, results)
-
-
-def _check_joints(meta: dict, num_joints: int, checkpoint: Path, ann_path: Path) -> None:
-    if meta["num_joints"] != num_joints:
-        raise AutoposeError(
-            f"the model predicts {meta['num_joints']} keypoints, {Path(ann_path).name} has {num_joints}",
-            path=checkpoint,
-            field="meta.num_joints",
-        )

@@ -61,7 +61,7 @@ from autopose.engine.config import (
     ModelConfig,
     TrainConfig,
 )
-from autopose.engine.inference import evaluate_proxy
+from autopose.engine.proxy_scoring import evaluate_proxy
 from autopose.errors import AutoposeError
 
 Tensor = torch.Tensor

@@ -672,7 +672,7 @@ def promote_best(config: ExperimentConfig, best_run: str) -> FullTraining:
 def evaluate_full_training(config: ExperimentConfig, data: DemoData, full: FullTraining) -> dict[str, Any]:
     """The trained model on the val split's images (ground-truth boxes) and on the COCO
     samples (the bundled detector's boxes), logged to its MLflow run."""
-    from autopose.engine.inference import evaluate_checkpoint
+    from autopose.engine.evaluate_command import evaluate_checkpoint
     from autopose.platform.tracking import TrackedRun
 
     checkpoint = Path(full.checkpoint)

@@ -211,7 +211,7 @@ def _evaluate(checkpoint: Path, experiment: ExperimentConfig) -> dict[str, float
 
     from autopose.data import HeatmapCodec, ProxyDataset
     from autopose.engine.checkpoint import load_model
-    from autopose.engine.inference import evaluate_proxy
+    from autopose.engine.proxy_scoring import evaluate_proxy
 
     model, meta = load_model(checkpoint)
     val = ProxyDataset(Path(experiment.data.val))

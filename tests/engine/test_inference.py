@@ -32,18 +32,9 @@ from autopose.data import (
 from autopose.data.proxy import CocoCropDataset
 from autopose.engine.checkpoint import save_checkpoint
 from autopose.engine.evaluation import COCO_METRICS, coco_keypoint_ap, oks_sigmas
-from autopose.engine.inference import (
-    evaluate_proxy,
-    flip_back,
-    oks_iou,
-    oks_nms,
-    person_score,
-    predict,
-    predict_heatmaps,
-    proxy_ground_truth,
-    proxy_results,
-    write_results,
-)
+from autopose.engine.inference import flip_back, predict, predict_heatmaps, write_results
+from autopose.engine.nms import oks_iou, oks_nms, person_score
+from autopose.engine.proxy_scoring import evaluate_proxy, proxy_ground_truth, proxy_results
 from autopose.models import build_model
 
 SMALL = (64, 48)

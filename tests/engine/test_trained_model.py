@@ -18,7 +18,7 @@ import torch
 from autopose.augment.ops import hflip
 from autopose.data import COCO_FLIP_PAIRS, HeatmapCodec, ProxyDataset, build_synth_proxies, generate_synth
 from autopose.engine.config import AugmentSpec, DataConfig, ModelConfig, TrainConfig
-from autopose.engine.inference import evaluate_proxy
+from autopose.engine.proxy_scoring import evaluate_proxy
 from autopose.engine.train import Trainer
 
 INPUT = (64, 48)
