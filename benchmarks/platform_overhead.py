@@ -106,7 +106,8 @@ def mlflow_costs(folder: Path, data: dict[str, str], epochs: int) -> dict[str, f
     open the run, log params and per-epoch metrics, render and upload the policy picture."""
     from autopose.augment import no_policy
     from autopose.data import ProxyDataset
-    from autopose.platform.tracking import TrackedRun, ensure_experiment, render_policy_examples
+    from autopose.platform.pictures import render_policy_examples
+    from autopose.platform.tracking import TrackedRun, ensure_experiment
 
     uri = f"sqlite:///{folder / 'costs.db'}"
     started = time.perf_counter()

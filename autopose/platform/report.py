@@ -30,6 +30,7 @@ from typing import Any
 from autopose.files import atomic_write, save_figure
 from autopose.platform.compare import collect, method_rows, plot, read_selection
 from autopose.platform.config import ExperimentConfig
+from autopose.platform.pictures import render_policy_examples
 from autopose.platform.selection import Selection, format_gain
 from autopose.platform.tracking import (
     POLICY_ARTIFACT,
@@ -42,7 +43,6 @@ from autopose.platform.tracking import (
     client,
     download_artifact,
     mlflow_ui_command,
-    render_policy_examples,
 )
 
 

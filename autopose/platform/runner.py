@@ -257,7 +257,8 @@ class _ReportingHooks(TrainHooks):
             )
 
     def _log_policy(self, trainer: Trainer) -> None:
-        from autopose.platform.tracking import POLICY_ARTIFACT, render_policy_examples
+        from autopose.platform.pictures import render_policy_examples
+        from autopose.platform.tracking import POLICY_ARTIFACT
 
         run = self.run()
         with tempfile.TemporaryDirectory(prefix="autopose-policy-") as folder:
