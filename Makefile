@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint
+.PHONY: demo test bench bench-gpu lint
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,13 @@ test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
-	@for script in benchmarks/*.py; do echo "# $$script" >&2; $(PY) $$script || exit 1; done
+	@for script in benchmarks/*.py; do \
+		if [ "$$script" = benchmarks/gpu.py ]; then continue; fi; \
+		echo "# $$script" >&2; $(PY) $$script || exit 1; done
+
+# The GPU check (a CUDA machine; about 8 minutes): JSON lines, see benchmarks/gpu.py.
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/gpu.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check autopose tests benchmarks jobs

@@ -796,6 +796,8 @@ class Trainer:
                     "lr": float(self.optimizer.param_groups[0]["lr"]),
                 }
             )
+            if self.device.type == "cuda":  # the device's high-water mark, on every rank's own
+                metrics["gpu_memory_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
             self.history.append(metrics)
             self.lr_schedule.step()
             self.epoch += 1
