@@ -221,7 +221,14 @@ def bench_platform(args, device: torch.device) -> None:
     """Part 4: a search trial with a GPU on a local Ray, then a full training on Ray Train (NCCL)."""
     from mlflow import MlflowClient
 
-    from autopose.platform.demo import BUDGETS, demo_config, local_ray, prepare_proxies, prepare_synth
+    from autopose.platform.demo import (
+        BUDGETS,
+        demo_config,
+        local_ray,
+        prepare_proxies,
+        prepare_synth,
+        quiet_libraries,
+    )
     from autopose.platform.train import run_training
     from autopose.platform.tune import run_search
 
@@ -242,7 +249,7 @@ def bench_platform(args, device: torch.device) -> None:
     config = config.replace(
         train=train, baselines=baselines, full_train=full, search=search, selection=selection, warm_start=None
     )
-    with local_ray():
+    with quiet_libraries(), local_ray():
         started = time.perf_counter()
         (outcome,) = run_search(config, verbose=0)
         trial_s = time.perf_counter() - started
