@@ -194,6 +194,7 @@ def _search(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from autopose.platform.compare import (
+        check_plot_path,
         collect,
         format_methods,
         format_table,
@@ -204,6 +205,8 @@ def _compare(args: argparse.Namespace) -> int:
     from autopose.platform.config import resolve_tracking_uri
     from autopose.platform.selection import format_selection
 
+    if args.plot is not None:
+        check_plot_path(args.plot)  # before reading the store
     uri = resolve_tracking_uri(args.tracking_uri)
     name, rows = collect(uri, args.experiment)
     print(format_table(name, rows))

@@ -268,7 +268,20 @@ def plot(name: str, rows: list[PolicyRow], out: str | Path) -> Path:
     axis.set_title(f"{name}: val AP by policy kind (dots: seeds, bars: mean)", fontsize=9)
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
+    out = check_plot_path(out)
+    return save_figure(figure, out, dpi=150)
+
+
+def check_plot_path(out: str | Path) -> Path:
+    """``out`` if a PNG can be written there: a ``.png`` name (the plot is a PNG, so another
+    extension would name the wrong format) in an existing folder."""
     out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise AutoposeError(
+            f"the plot is a PNG: name it *.png, not *{out.suffix or ' (no extension)'}",
+            path=out,
+            field="--plot",
+        )
     if not out.parent.is_dir():
         raise AutoposeError("folder does not exist", path=out.parent, field="--plot")
-    return save_figure(figure, out, dpi=150)
+    return out

@@ -229,7 +229,14 @@ def test_cli_promote_of_an_unknown_run_is_one_clear_error(tmp_path):
     assert "no MLflow run '0123456789abcdef'" in result.stderr
 
 
-@pytest.mark.parametrize("command", [["promote", "0123456789abcdef"], ["compare"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["promote", "0123456789abcdef"],
+        ["compare"],
+        ["compare", "--plot", "ap.svg"],  # was: PNG bytes in a file named .svg
+    ],
+)
 def test_a_read_only_command_where_nothing_was_tracked_creates_no_store(tmp_path, command):
     """Was: a 950 KB mlflow.db, MLflow's table-creation lines and 15–47 s (newcomer issue)."""
     env_free = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -243,7 +250,10 @@ def test_a_read_only_command_where_nothing_was_tracked_creates_no_store(tmp_path
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no MLflow store at" in lines[0] and "--tracking-uri" in lines[0], lines
+    if "--plot" in command:  # refused before the store is looked for
+        assert len(lines) == 1 and "--plot" in lines[0] and "*.png" in lines[0], lines
+    else:
+        assert len(lines) == 1 and "no MLflow store at" in lines[0] and "--tracking-uri" in lines[0], lines
     assert list(tmp_path.iterdir()) == []
 
 
