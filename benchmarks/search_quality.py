@@ -18,7 +18,9 @@ budget, and is scored on the val split (pycocotools OKS AP, flip test on):
 
 Prints one JSON line per (shift, seed), one per shift with the summary, one ``overall``,
 then the Markdown table on stderr. Every training's result is cached in
-``WORKDIR/results`` (an interrupted run continues). ``--shifts`` and ``--seeds`` pick a part.
+``WORKDIR/results/<setting>`` (an interrupted run continues; ``<setting>`` hashes the base model's
+key and the trials' model and budget, :func:`settings_key`, so that a changed default never
+reads another setting's results). ``--shifts`` and ``--seeds`` pick a part.
 
     .venv/bin/python benchmarks/search_quality.py [--shifts combined rotation] [--seeds 0 1 2]
 """
@@ -237,6 +239,19 @@ def search_settings(overrides: list[str], configs: dict[str, Any] | None) -> tup
     return bilevel, "[" + hashlib.sha256(settings.encode()).hexdigest()[:12] + "]"
 
 
+def settings_key(config: Any) -> str:
+    """The cache folder's name for one setting of the suite: a hash of the base model's key (its
+    data, model and budget) and of the trials' model and budget, so that a change of either
+    (another default, a pinned value) trains afresh instead of reading results of another
+    setting. Seeds and search settings are keyed per training (``_jobs``)."""
+    from autopose.engine.config import to_plain
+    from autopose.platform.warm_start import base_key
+
+    train = {k: v for k, v in to_plain(config.train).items() if k not in ("seed", "init_from")}
+    identity = {"base": base_key(config), "model": to_plain(config.model), "train": train}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def tpe_study(seed: int) -> Any:
     """The tpe method's Optuna study of one cell (TPE, seeded: a resumed suite proposes the same
     policies again from the cached results)."""
@@ -384,13 +399,13 @@ def run_suite(
         # faster in the demo but round differently, and end at another base of the same key).
         one_thread = dataclasses.replace(config.warm_start, cpus_per_worker=1.0, threads_per_worker=1)
         configs[shift] = config.replace(warm_start=one_thread)
+    cache = workdir / "results" / settings_key(next(iter(configs.values())))
     # One base model for every shift and seed: the train split is the same, so is its key.
     with quiet_libraries(), local_ray():
         for shift, config in configs.items():
             experiment_id = ensure_experiment(config.tracking_uri, config.experiment)
             configs[shift] = prepare_warm_start(config, experiment_id, config.experiment, say=_say)
     bilevel, variant = search_settings(list(search), configs)
-    cache = workdir / "results"
     pending: dict[tuple[str, int, str], dict[str, Any]] = {}
     for seed in seeds:
         pending.update(_jobs(configs, seed, randoms, bilevel, variant))
