@@ -514,11 +514,15 @@ def search_is_finished(config: ExperimentConfig, name: str) -> bool:
     return bool(selected)
 
 
-def progress_line(rows: list, planned: int, epochs: int, now: float) -> str:
+def progress_line(
+    rows: list, planned: int, epochs: int, now: float, base: tuple[int, int] | None = None
+) -> str:
     """The search's state in one line from its trial rows (:func:`autopose.platform.compare.trial_rows`):
     trials finished out of ``planned``, each running one's epoch (counted from 1) and last val AP,
     and while the trials run, the time left at the pace of the epochs done since the first
-    trial started (selection trainings are not foreseen)."""
+    trial started (selection trainings are not foreseen). ``base``: the base model's ``(epochs
+    done, epochs)`` while it trains, before any trial (from
+    :func:`autopose.platform.warm_start.base_progress`)."""
     trials = [r for r in rows if r.candidate is None]
     finished = sum(r.status == "FINISHED" for r in trials)
     selected = sum(r.status == "FINISHED" for r in rows if r.candidate is not None)
@@ -536,6 +540,8 @@ def progress_line(rows: list, planned: int, epochs: int, now: float) -> str:
             label += f" (AP {row.val_ap:.3f})"
         running.append(label)
     text = f"{finished}/{planned} trials finished"
+    if base is not None and not rows:
+        text += f"; training the base model: epoch {min(base[0] + 1, base[1])}/{base[1]}"
     if selected:
         text += f", {selected} selection training(s)"
     if running:
@@ -579,9 +585,11 @@ class SearchWatcher:
 
     def line(self) -> str:
         from autopose.platform.compare import trial_rows
+        from autopose.platform.warm_start import base_progress
 
         rows = trial_rows(self.config.tracking_uri, self.name, search=self.name)
-        return progress_line(rows, self.planned, self.config.train.epochs, time.time())
+        base = None if rows else base_progress(self.config.tracking_uri, self.name, self.name)
+        return progress_line(rows, self.planned, self.config.train.epochs, time.time(), base)
 
     def _loop(self) -> None:
         while not self.stop.wait(self.every_s):

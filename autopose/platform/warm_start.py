@@ -144,6 +144,25 @@ def prepare_warm_start(
     return experiment.replace(train=train)
 
 
+def base_progress(tracking_uri: str, experiment: str, search_name: str) -> tuple[int, int] | None:
+    """``(epochs done, epochs)`` of the base model a search is training now (its run RUNNING in
+    MLflow), else None: what the demo's progress line shows before the trials start."""
+    mlflow_client = client(tracking_uri)
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = mlflow_client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`{TAG_KIND}` = '{BASE_KIND}' and tags.`{TAG_USED_BY}` = '{search_name}'",
+        max_results=1,
+    )
+    if not runs or runs[0].info.status != "RUNNING":
+        return None
+    run = runs[0]
+    done = int(run.data.metrics["epoch"]) + 1 if "epoch" in run.data.metrics else 0
+    return done, int(run.data.params.get("train.epochs", 0))
+
+
 def _open_base_run(experiment: ExperimentConfig, experiment_id: str, tags: dict[str, str]) -> TrackedRun:
     train = experiment.warm_start_config()
     run = TrackedRun.open(

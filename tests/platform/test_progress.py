@@ -51,3 +51,27 @@ def test_before_any_epoch_and_after_the_last_there_is_no_estimate():
     # a short wait is said in tens of seconds
     half = [_row("none", 0, "FINISHED", 2, 0.2, started_s=0.0), _row("none", 1, "RUNNING", 0, started_s=20.0)]
     assert progress_line(half, planned=2, epochs=2, now=30.0).endswith("about 30 s of trials left")
+
+
+def test_before_the_trials_the_line_shows_the_base_models_epoch(tmp_path):
+    """The base model trains first (minutes in the demo): its epoch, read from its MLflow run."""
+    from mlflow import MlflowClient
+
+    from autopose.platform.tracking import TAG_KIND, ensure_experiment
+    from autopose.platform.warm_start import BASE_KIND, TAG_USED_BY, base_progress
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = ensure_experiment(uri, "demo")
+    assert base_progress(uri, "demo", "demo") is None  # no base run yet
+    client = MlflowClient(uri)
+    run = client.create_run(experiment_id, tags={TAG_KIND: BASE_KIND, TAG_USED_BY: "demo"})
+    client.log_param(run.info.run_id, "train.epochs", "8")
+    assert base_progress(uri, "demo", "demo") == (0, 8)
+    client.log_metric(run.info.run_id, "epoch", 2.0, step=2)
+    assert base_progress(uri, "demo", "demo") == (3, 8)
+    assert progress_line([], planned=5, epochs=2, now=0.0, base=(3, 8)) == (
+        "0/5 trials finished; training the base model: epoch 4/8"
+    )
+    client.set_terminated(run.info.run_id)
+    assert base_progress(uri, "demo", "demo") is None  # done: the trials' line takes over
+    assert base_progress(uri, "demo", "another search") is None
