@@ -641,10 +641,18 @@ class FullTraining:
     checkpoint: str
     final_val_ap: float | None
     reused: bool
+    registered_epoch: int | None = None  # the epoch (0-based) whose checkpoint was registered
 
 
 def finished_full_training(config: ExperimentConfig, parent_run: str) -> FullTraining | None:
-    from autopose.platform.tracking import FULL_TRAIN_KIND, TAG_CHECKPOINT, TAG_KIND, TAG_PARENT, client
+    from autopose.platform.tracking import (
+        FULL_TRAIN_KIND,
+        TAG_CHECKPOINT,
+        TAG_KIND,
+        TAG_PARENT,
+        TAG_REGISTERED_EPOCH,
+        client,
+    )
 
     mlflow_client = client(config.tracking_uri)
     found = mlflow_client.get_experiment_by_name(config.experiment)
@@ -657,8 +665,14 @@ def finished_full_training(config: ExperimentConfig, parent_run: str) -> FullTra
     ):
         checkpoint = run.data.tags.get(TAG_CHECKPOINT)
         if run.info.status == "FINISHED" and checkpoint and Path(checkpoint).is_file():
+            epoch = run.data.tags.get(TAG_REGISTERED_EPOCH)
             return FullTraining(
-                run.info.run_id, parent_run, checkpoint, run.data.metrics.get("final_val_ap"), True
+                run.info.run_id,
+                parent_run,
+                checkpoint,
+                run.data.metrics.get("final_val_ap"),
+                True,
+                None if epoch is None else int(epoch),
             )
     return None
 
@@ -672,7 +686,12 @@ def promote_best(config: ExperimentConfig, best_run: str) -> FullTraining:
         return done
     outcome = promote(best_run, config=config, tracking_uri=config.tracking_uri)
     return FullTraining(
-        outcome.run_id, best_run, outcome.checkpoint, outcome.metrics.get("final_val_ap"), False
+        outcome.run_id,
+        best_run,
+        outcome.checkpoint,
+        outcome.metrics.get("final_val_ap"),
+        False,
+        outcome.registered_epoch,
     )
 
 
@@ -779,7 +798,8 @@ def _run_demo(workdir: Path, budget_name: str, stream) -> Path:
             full = promote_best(config, best.run_id)
             info["reused"] = full.reused
             ap = f"{full.final_val_ap:.4f}" if full.final_val_ap is not None else "-"
-            info["note"] = f"run {full.run_id}, val proxy AP {ap}"
+            epoch = "" if full.registered_epoch is None else f"epoch {full.registered_epoch} registered, "
+            info["note"] = f"run {full.run_id}, {epoch}val proxy AP {ap}"
         save_state(best_run=best.run_id, full_run=full.run_id)
 
     with progress.stage(

@@ -138,13 +138,14 @@ def run_training(
         TAG_KIND: FULL_TRAIN_KIND,
         TAG_SEED: str(spec.seed),
         "autopose.policy": policy_name,
-        MLFLOW_NOTE: f"Full training of the {policy_name} policy, seed {spec.seed}.",
+        MLFLOW_NOTE: f"Full training with {'a policy file' if policy_name == 'policy' else policy_name}, "
+        f"seed {spec.seed}.",
     }
     if parent_run is not None:
         tags[TAG_PARENT] = parent_run
         tags[MLFLOW_PARENT] = parent_run
         tags[MLFLOW_NOTE] = (
-            f"Full training of the {policy_name} policy of run {parent_run}, seed {spec.seed}."
+            f"Full training of the policy of run {parent_run} ({policy_name}), seed {spec.seed}."
         )
     run = TrackedRun.open(
         experiment.tracking_uri, experiment_id, run_name=f"{FULL_TRAIN_KIND}-{_policy_key(spec)}", tags=tags
