@@ -42,14 +42,7 @@ from typing import Any
 
 from autopose.data.synth import KNOWN_SHIFTS, MATCHED_OPS
 from autopose.errors import AutoposeError
-from autopose.platform.demo import (
-    BUDGETS,
-    demo_config,
-    local_ray,
-    prepare_proxies,
-    prepare_synth,
-    quiet_libraries,
-)
+from autopose.platform.demo import known_answer_configs
 from autopose.platform.known_answer import (
     exported_steps,
     markdown_table,
@@ -386,25 +379,9 @@ def run_suite(
     overrides of the search's settings (see :func:`search_settings`); ``tpe``: policies the tpe
     method proposes per cell, one after the other (each proposal reads the results before it);
     ``pba``: the pba method's population per cell (0: off)."""
-    from autopose.platform.tracking import ensure_experiment
-    from autopose.platform.warm_start import prepare_warm_start
 
-    budget = BUDGETS["full"]
-    configs = {}
-    for shift in shifts:
-        synth, _ = prepare_synth(workdir, budget, shift=shift)
-        data, _ = prepare_proxies(workdir, budget, synth)
-        config = demo_config(workdir, budget, data, name=f"known-answer-{shift}")
-        # The base on one thread, as every figure in the README was measured (two threads train it
-        # faster in the demo but round differently, and end at another base of the same key).
-        one_thread = dataclasses.replace(config.warm_start, cpus_per_worker=1.0, threads_per_worker=1)
-        configs[shift] = config.replace(warm_start=one_thread)
+    configs = known_answer_configs(workdir, shifts, say=_say)
     cache = workdir / "results" / settings_key(next(iter(configs.values())))
-    # One base model for every shift and seed: the train split is the same, so is its key.
-    with quiet_libraries(), local_ray():
-        for shift, config in configs.items():
-            experiment_id = ensure_experiment(config.tracking_uri, config.experiment)
-            configs[shift] = prepare_warm_start(config, experiment_id, config.experiment, say=_say)
     bilevel, variant = search_settings(list(search), configs)
     pending: dict[tuple[str, int, str], dict[str, Any]] = {}
     for seed in seeds:

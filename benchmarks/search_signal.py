@@ -36,35 +36,9 @@ import yaml
 from autopose.data.synth import KNOWN_SHIFTS, MATCHED_OPS
 from autopose.engine.config import AugmentSpec, BilevelConfig, build_dataclass, to_plain
 from autopose.engine.train import Trainer
-from autopose.platform.demo import (
-    BUDGETS,
-    demo_config,
-    local_ray,
-    prepare_proxies,
-    prepare_synth,
-    quiet_libraries,
-)
-from autopose.platform.tracking import ensure_experiment
-from autopose.platform.warm_start import prepare_warm_start
+from autopose.platform.demo import known_answer_configs
 
 PARAMETERS = ("op_logits", "sign_logits", "magnitude_logits")
-
-
-def _configs(workdir: Path, shifts: list[str]) -> dict:
-    budget = BUDGETS["full"]
-    configs = {}
-    for shift in shifts:
-        synth, _ = prepare_synth(workdir, budget, shift=shift)
-        data, _ = prepare_proxies(workdir, budget, synth)
-        config = demo_config(workdir, budget, data, name=f"known-answer-{shift}")
-        # the suite's base: trained on one thread (benchmarks/search_quality.py)
-        one_thread = dataclasses.replace(config.warm_start, cpus_per_worker=1.0, threads_per_worker=1)
-        configs[shift] = config.replace(warm_start=one_thread)
-    with quiet_libraries(), local_ray():
-        for shift, config in configs.items():
-            experiment_id = ensure_experiment(config.tracking_uri, config.experiment)
-            configs[shift] = prepare_warm_start(config, experiment_id, config.experiment, say=lambda _: None)
-    return configs
 
 
 def t_statistics(samples: list[torch.Tensor]) -> list[float]:
@@ -125,7 +99,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    configs = _configs(args.workdir, args.shifts)
+    configs = known_answer_configs(args.workdir, args.shifts)
     changes = {}
     for item in args.search:
         key, _, value = item.partition("=")

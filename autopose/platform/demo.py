@@ -30,13 +30,14 @@ one resumes from its checkpoint). The experiment config is built here in code
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -484,6 +485,33 @@ def local_ray(num_cpus: int | None = None, say: Callable[[str], None] | None = N
         yield
     finally:
         ray.shutdown()
+
+
+def known_answer_configs(
+    workdir: Path, shifts: Sequence[str], say: Callable[[str], None] = lambda _: None
+) -> dict[str, ExperimentConfig]:
+    """The known-answer suite's experiments (``benchmarks/search_quality.py``,
+    ``benchmarks/search_signal.py``): per shift of :data:`autopose.data.synth.KNOWN_SHIFTS`, the
+    demo's full budget on data whose val and holdout splits the shift turns, every one starting
+    from the same base model (the train split is the same, so is its key), trained once on one
+    thread (as every figure in the README was measured: two threads train it faster in the demo
+    but round differently, and end at another base of the same key) or reused."""
+    from autopose.platform.tracking import ensure_experiment
+    from autopose.platform.warm_start import prepare_warm_start
+
+    budget = BUDGETS["full"]
+    configs = {}
+    for shift in shifts:
+        synth, _ = prepare_synth(workdir, budget, shift=shift)
+        data, _ = prepare_proxies(workdir, budget, synth)
+        config = demo_config(workdir, budget, data, name=f"known-answer-{shift}")
+        one_thread = dataclasses.replace(config.warm_start, cpus_per_worker=1.0, threads_per_worker=1)
+        configs[shift] = config.replace(warm_start=one_thread)
+    with quiet_libraries(), local_ray():
+        for shift, config in configs.items():
+            experiment_id = ensure_experiment(config.tracking_uri, config.experiment)
+            configs[shift] = prepare_warm_start(config, experiment_id, config.experiment, say=say)
+    return configs
 
 
 # -- stage 3: the search -----------------------------------------------------------------------------------
