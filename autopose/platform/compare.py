@@ -20,6 +20,7 @@ from autopose.platform.tracking import (
     TAG_SELECTED,
     check_tracking,
     client,
+    epochs_logged,
     require_store,
 )
 
@@ -123,7 +124,7 @@ def trial_rows(tracking_uri: str, experiment: str, *, search: str | None = None)
                 holdout_ap=metrics.get("holdout_ap"),
                 candidate=tags.get(TAG_CANDIDATE),
                 selected=tags.get(TAG_SELECTED) == "true",
-                epochs_done=int(metrics["epoch"]) + 1 if "epoch" in metrics else 0,
+                epochs_done=epochs_logged(metrics),
                 started_s=run.info.start_time / 1000 if run.info.start_time else None,
             )
         )

@@ -563,13 +563,13 @@ def progress_line(
             if row.candidate is None
             else f"selection {row.candidate} seed {row.seed}"
         )
-        label += f" epoch {min(row.epochs_done + 1, epochs)}/{epochs}"
+        label += f" {_epoch_in_progress(row.epochs_done, epochs)}"
         if row.epochs_done and row.val_ap is not None:
             label += f" (AP {row.val_ap:.3f})"
         running.append(label)
     text = f"{finished}/{planned} trials finished"
     if base is not None and not rows:
-        text += f"; training the base model: epoch {min(base[0] + 1, base[1])}/{base[1]}"
+        text += f"; training the base model: {_epoch_in_progress(*base)}"
     if selected:
         text += f", {selected} selection training(s)"
     if running:
@@ -580,6 +580,11 @@ def progress_line(
         left = (now - min(starts)) * (planned * epochs - done) / done
         text += f"; about {_duration(left)} of trials left"
     return text
+
+
+def _epoch_in_progress(done: int, epochs: int) -> str:
+    """``epoch 2/8``: the epoch a training is in, counted from 1, after ``done`` finished ones."""
+    return f"epoch {min(done + 1, epochs)}/{epochs}"
 
 
 def _duration(seconds: float) -> str:

@@ -225,12 +225,11 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            experiment_id = mlflow_client.create_experiment(
+            return mlflow_client.create_experiment(
                 name,
                 artifact_location=default_artifact_location(tracking_uri, name),
                 tags=dict([EXPERIMENT_KIND]),
             )
-            return experiment_id
         except MlflowException:
             # another process created it in between
             experiment = mlflow_client.get_experiment_by_name(name)
@@ -242,6 +241,11 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
     if experiment.tags.get(key) != value:  # made by an older autopose
         mlflow_client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
+
+
+def epochs_logged(metrics: Mapping[str, float]) -> int:
+    """How many epochs a run has logged, from its latest ``epoch`` metric (0-based; none: 0)."""
+    return int(metrics["epoch"]) + 1 if "epoch" in metrics else 0
 
 
 def utc_now() -> str:

@@ -36,6 +36,7 @@ from autopose.platform.tracking import (
     TAG_SEED,
     TrackedRun,
     client,
+    epochs_logged,
     flatten,
     source_tags,
 )
@@ -159,8 +160,7 @@ def base_progress(tracking_uri: str, experiment: str, search_name: str) -> tuple
     if not runs or runs[0].info.status != "RUNNING":
         return None
     run = runs[0]
-    done = int(run.data.metrics["epoch"]) + 1 if "epoch" in run.data.metrics else 0
-    return done, int(run.data.params.get("train.epochs", 0))
+    return epochs_logged(run.data.metrics), int(run.data.params.get("train.epochs", 0))
 
 
 def _open_base_run(experiment: ExperimentConfig, experiment_id: str, tags: dict[str, str]) -> TrackedRun:
