@@ -54,6 +54,7 @@ def _data_build_proxy(args: argparse.Namespace) -> int:
         seed=args.seed,
         input_size=input_size,
         exclude=args.exclude,
+        margin=args.margin,
     )
     print(report.summary())
     return 0
@@ -325,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude",
         type=Path,
         help="a proxy whose images this one must not hold (a held-out split of the same images)",
+    )
+    proxy.add_argument(
+        "--margin",
+        type=float,
+        default=1.0,
+        help="store each crop on a canvas this many times its sides (1.5 for a train proxy: a "
+        "policy's turns and zoom-outs then bring in the image around the person, not black)",
     )
     proxy.set_defaults(handler=_data_build_proxy)
 

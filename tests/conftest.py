@@ -61,7 +61,8 @@ SMOKE_INPUT = (64, 48)
 @pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory) -> dict[str, Path]:
     """A small synthetic train/val split (val rotated and darker) and a holdout split drawn like
-    val, as 64×48 Parquet proxies."""
+    val, as 64×48 Parquet proxies; train stores each crop on a canvas (margin 1.5), as the demo's
+    does, so that every training in the tests runs its policy there and cuts the crop after."""
     from autopose.data import build_synth_proxies, generate_synth
 
     root = tmp_path_factory.mktemp("smoke-data")
@@ -75,7 +76,7 @@ def smoke_data(tmp_path_factory) -> dict[str, Path]:
         progress=False,
     )
     paths = {split: root / f"{split}.parquet" for split in ("train", "val", "holdout")}
-    build_synth_proxies(root, paths, input_size=SMOKE_INPUT)
+    build_synth_proxies(root, paths, input_size=SMOKE_INPUT, train_margin=1.5)
     return paths
 
 

@@ -25,6 +25,16 @@ in every weight and magnitude, and equals the literal mixture whenever one op
 carries all the weight (the discrete policy, and the relaxed one as it
 converges).
 
+On a canvas (``pad``: images that hold the crop ``pad = (rows, cols)`` pixels in from each
+side, cut from the full image with the crop's transform, :mod:`autopose.data.proxy`), every op
+is the crop's op: geometric ops are the crop's maps moved onto the canvas
+(:func:`~autopose.augment.ops.on_canvas`: the same center, the same pixels per degree and per
+shift), so what a turn or a zoom-out brings into the crop is the image around it rather than
+black; Cutout lands inside the crop and is sized by it; FlipLR mirrors about the center both
+share. The caller cuts the crop out afterwards (:func:`~autopose.data.transforms.cut_window`).
+Photometric ops act on every canvas pixel; AutoContrast and Equalize read the canvas's
+statistics, which differ a little from the crop's.
+
 Speed: an op is only run on the samples whose strength exceeds ``min_strength``,
 and the warp only on samples with some geometric strength. With
 ``min_strength = 0`` (discrete policies) this is exact; a small positive value
@@ -37,7 +47,7 @@ from collections.abc import Sequence
 
 import torch
 
-from autopose.augment.ops import OpSpec, hflip, identity_matrix, warp
+from autopose.augment.ops import OpSpec, hflip, identity_matrix, on_canvas, warp
 
 Tensor = torch.Tensor
 
@@ -58,6 +68,7 @@ def apply_step(
     cutout_uniform: Tensor | None = None,
     min_strength: float = 0.0,
     flip_pairs: Sequence[tuple[int, int]] | None = None,
+    pad: tuple[int, int] = (0, 0),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Apply one mixed step.
 
@@ -70,11 +81,14 @@ def apply_step(
         cutout_uniform: ``B×2`` uniform draws for Cutout's center (fresh ones if ``None``).
         min_strength: ops at or below this strength are skipped for that sample.
         flip_pairs: the ``(left, right)`` keypoint pairs FlipLR swaps (needed once it applies).
+        pad: ``(rows, cols)``: the images are canvases around crops this far in from each side
+            (see the module docstring); ``(0, 0)``: the images are the crops.
 
     Returns:
         ``images, keypoints, visibility`` after the step.
     """
     batch, _, height, width = images.shape
+    crop_h, crop_w = height - 2 * pad[0], width - 2 * pad[1]
     delta = None
     matrix = None
     warp_needed = torch.zeros(batch, dtype=torch.bool, device=images.device)
@@ -100,7 +114,7 @@ def apply_step(
             if not bool(active.any()):
                 continue
             warp_needed |= active
-            op_matrix = spec.matrix(values[:, o].to(images.dtype), height, width)
+            op_matrix = on_canvas(spec.matrix(values[:, o].to(images.dtype), crop_h, crop_w), pad)
             term = strength.to(images.dtype)[:, None, None] * (
                 op_matrix - identity_matrix(batch, images.device)
             )
@@ -115,8 +129,9 @@ def apply_step(
         if spec.name == "Cutout":
             uniform = cutout_uniform if cutout_uniform is not None else torch.rand(batch, 2)
             uniform = uniform.to(images.device, images.dtype)
-            centers = cutout_centers(uniform if everyone else uniform.index_select(0, index), height, width)
-            changed = spec.image_fn(subset, value, center=centers)
+            centers = cutout_centers(uniform if everyone else uniform.index_select(0, index), crop_h, crop_w)
+            centers = centers + centers.new_tensor([float(pad[1]), float(pad[0])])
+            changed = spec.image_fn(subset, value, center=centers, extent=(crop_h, crop_w))
         else:
             changed = spec.image_fn(subset, value)
         if hard:

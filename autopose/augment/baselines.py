@@ -24,6 +24,7 @@ from autopose.augment.ops import (
     MAX_MAGNITUDE,
     hflip_matrix,
     identity_matrix,
+    on_canvas,
     rotation_matrix,
     scale_matrix,
     warp,
@@ -61,7 +62,9 @@ def _compose(*matrices: Tensor) -> Tensor:
 class NoAugmentation:
     """The identity (uint8 images are still converted to float)."""
 
-    def __call__(self, images: Tensor, keypoints: Tensor, visibility: Tensor) -> Triple:
+    def __call__(
+        self, images: Tensor, keypoints: Tensor, visibility: Tensor, pad: tuple[int, int] = (0, 0)
+    ) -> Triple:
         return as_float_images(images), keypoints, visibility
 
     def __repr__(self) -> str:
@@ -173,11 +176,17 @@ class Handcrafted:
         matrix[:, 1, 2] = torch.where(picked, cy - zoom * center[:, 1], torch.zeros_like(zoom))
         return matrix.to(keypoints.device)
 
-    def __call__(self, images: Tensor, keypoints: Tensor, visibility: Tensor) -> Triple:
+    def __call__(
+        self, images: Tensor, keypoints: Tensor, visibility: Tensor, pad: tuple[int, int] = (0, 0)
+    ) -> Triple:
+        """Augment a batch; with ``pad`` the images are canvases around their crops, and every
+        map is the crop's (half-body zoom, scale, turn and flip about the crop's center)."""
         images = as_float_images(images)
-        batch, _, height, width = images.shape
+        batch = images.shape[0]
+        height, width = images.shape[2] - 2 * pad[0], images.shape[3] - 2 * pad[1]
         g, device = self.generator, images.device
-        half_body = self.half_body_matrix(keypoints, visibility, height, width)
+        in_crop = keypoints - keypoints.new_tensor([float(pad[1]), float(pad[0])])
+        half_body = self.half_body_matrix(in_crop, visibility, height, width)
         rotate_now = torch.rand(batch, generator=g) < self.rotation_p
         angle = (torch.rand(batch, generator=g) * 2 - 1) * self.rotation * rotate_now
         low, high = self.scale_range
@@ -192,7 +201,7 @@ class Handcrafted:
             rotation_matrix(angle.to(device), height, width),
             flip_matrix,
         )
-        images, keypoints, visibility = warp(images, keypoints, visibility, matrix)
+        images, keypoints, visibility = warp(images, keypoints, visibility, on_canvas(matrix, pad))
         if any(max(pair) >= keypoints.shape[1] for pair in self.flip_pairs):
             raise ValueError(f"flip_pairs {self.flip_pairs} do not fit {keypoints.shape[1]} keypoints")
         # The warp already mirrored the coordinates; what remains is the left/right swap.
@@ -225,7 +234,9 @@ class _OneHotOps:
             ]
         )
 
-    def _step(self, images: Tensor, keypoints: Tensor, visibility: Tensor, magnitude: Tensor) -> Triple:
+    def _step(
+        self, images: Tensor, keypoints: Tensor, visibility: Tensor, magnitude: Tensor, pad: tuple[int, int]
+    ) -> Triple:
         batch, num_ops, g = images.shape[0], len(self.space.ops), self.generator
         op = torch.randint(num_ops, (batch,), generator=g)
         mirror = (torch.rand(batch, generator=g) < 0.5) & self._signed[op]
@@ -243,6 +254,7 @@ class _OneHotOps:
             values.to(device),
             cutout_uniform=uniform,
             flip_pairs=self.space.flip_pairs,
+            pad=pad,
         )
 
 
@@ -263,11 +275,13 @@ class RandAugment(_OneHotOps):
         self.num_ops = num_ops
         self.magnitude = magnitude
 
-    def __call__(self, images: Tensor, keypoints: Tensor, visibility: Tensor) -> Triple:
+    def __call__(
+        self, images: Tensor, keypoints: Tensor, visibility: Tensor, pad: tuple[int, int] = (0, 0)
+    ) -> Triple:
         images = as_float_images(images)
         magnitude = torch.full((images.shape[0],), float(self.magnitude))
         for _ in range(self.num_ops):
-            images, keypoints, visibility = self._step(images, keypoints, visibility, magnitude)
+            images, keypoints, visibility = self._step(images, keypoints, visibility, magnitude, pad)
         return images, keypoints, visibility
 
     def __repr__(self) -> str:
@@ -278,10 +292,12 @@ class TrivialAugment(_OneHotOps):
     """TrivialAugment (wide): one op per sample, uniform over the space's ops, at a
     magnitude uniform over the whole range [0, 10]."""
 
-    def __call__(self, images: Tensor, keypoints: Tensor, visibility: Tensor) -> Triple:
+    def __call__(
+        self, images: Tensor, keypoints: Tensor, visibility: Tensor, pad: tuple[int, int] = (0, 0)
+    ) -> Triple:
         images = as_float_images(images)
         magnitude = torch.rand(images.shape[0], generator=self.generator) * MAX_MAGNITUDE
-        return self._step(images, keypoints, visibility, magnitude)
+        return self._step(images, keypoints, visibility, magnitude, pad)
 
     def __repr__(self) -> str:
         return f"TrivialAugment(space={self.space.name})"

@@ -104,6 +104,18 @@ def scale_matrix(value: Tensor, height: int, width: int) -> Tensor:
     return _matrix(value, zero, cx * (1 - value), zero, value, cy * (1 - value))
 
 
+def on_canvas(matrix: Tensor, pad: tuple[int, int]) -> Tensor:
+    """A crop's ``B×2×3`` map as the same map on a canvas holding the crop ``pad = (rows, cols)``
+    pixels in from each side: ``T(p) · M · T(−p)`` with ``p = (cols, rows)``. Points of the crop
+    move exactly as before; the canvas's extra pixels are what the map brings into view."""
+    if pad == (0, 0):
+        return matrix
+    offset = matrix.new_tensor([float(pad[1]), float(pad[0])])
+    linear = matrix[:, :, :2]
+    translation = matrix[:, :, 2] + offset - linear @ offset
+    return torch.cat([linear, translation[..., None]], dim=-1)
+
+
 def hflip_matrix(batch: int, width: int, device: torch.device | None = None) -> Tensor:
     """Mirror ``x → W - 1 - x``."""
     matrix = identity_matrix(batch, device)
@@ -353,12 +365,20 @@ def _coverage(coords: Tensor, center: Tensor, half: Tensor) -> Tensor:
     return (upper - lower).clamp(0.0, 1.0)
 
 
-def cutout_image(images: Tensor, value: Tensor, center: Tensor | None = None, generator=None) -> Tensor:
+def cutout_image(
+    images: Tensor,
+    value: Tensor,
+    center: Tensor | None = None,
+    generator=None,
+    extent: tuple[int, int] | None = None,
+) -> Tensor:
     """Fill a ``value·H × value·W`` rectangle with gray (``value (B,)``, a fraction of the size).
 
     Args:
         center: ``B×2`` ``(x, y)`` rectangle centers in pixels; uniform over the
             image when ``None`` (drawn with ``generator``).
+        extent: the ``(H, W)`` the size is a fraction of (the image's when ``None``; a crop's
+            on a canvas, see :func:`autopose.augment.apply.apply_step`).
 
     The rectangle is anti-aliased: each pixel is filled by the fraction of it that
     the rectangle covers, so the size has a gradient. Keypoints under the
@@ -373,8 +393,9 @@ def cutout_image(images: Tensor, value: Tensor, center: Tensor | None = None, ge
     size = torch.as_tensor(value, dtype=images.dtype, device=images.device).expand(batch)
     xs = torch.arange(width, dtype=images.dtype, device=images.device)
     ys = torch.arange(height, dtype=images.dtype, device=images.device)
-    cover_x = _coverage(xs[None, :], center[:, 0:1], (size * width / 2)[:, None])  # B×W
-    cover_y = _coverage(ys[None, :], center[:, 1:2], (size * height / 2)[:, None])  # B×H
+    size_h, size_w = extent if extent is not None else (height, width)
+    cover_x = _coverage(xs[None, :], center[:, 0:1], (size * size_w / 2)[:, None])  # B×W
+    cover_y = _coverage(ys[None, :], center[:, 1:2], (size * size_h / 2)[:, None])  # B×H
     cover = (cover_y[:, :, None] * cover_x[:, None, :])[:, None]  # B×1×H×W
     return images + (CUTOUT_FILL - images) * cover
 

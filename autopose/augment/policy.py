@@ -170,8 +170,15 @@ class Policy:
         self._signed = torch.tensor(space.signed, dtype=torch.bool)
 
     def __call__(
-        self, images: Tensor, keypoints: Tensor, visibility: Tensor, generator: torch.Generator | None = None
+        self,
+        images: Tensor,
+        keypoints: Tensor,
+        visibility: Tensor,
+        generator: torch.Generator | None = None,
+        pad: tuple[int, int] = (0, 0),
     ) -> tuple[Tensor, Tensor, Tensor]:
+        """Augment a batch (``pad``: the images are canvases around their crops, see
+        :func:`~autopose.augment.apply.apply_step`)."""
         images = as_float_images(images)
         _check_batch(images, keypoints, visibility)
         generator = generator if generator is not None else self.generator
@@ -200,6 +207,7 @@ class Policy:
                 values.to(device),
                 cutout_uniform=uniform,
                 flip_pairs=self.space.flip_pairs,
+                pad=pad,
             )
         return images, keypoints, visibility
 
@@ -689,7 +697,12 @@ class RelaxedPolicy(nn.Module):
         return strengths, torch.where(self._signed, directed, values)
 
     def forward(
-        self, images: Tensor, keypoints: Tensor, visibility: Tensor, noise: PolicyNoise | None = None
+        self,
+        images: Tensor,
+        keypoints: Tensor,
+        visibility: Tensor,
+        noise: PolicyNoise | None = None,
+        pad: tuple[int, int] = (0, 0),
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Augment a batch, differentiably in every parameter.
 
@@ -698,6 +711,8 @@ class RelaxedPolicy(nn.Module):
             keypoints: ``B×K×2`` pixels; visibility: ``B×K``.
             noise: the draws to use (see :meth:`sample_noise`); fresh ones if ``None``.
                 Passing the same noise again reproduces the same augmentation.
+            pad: ``(rows, cols)``: the images are canvases around their crops (see
+                :func:`~autopose.augment.apply.apply_step`).
 
         Returns:
             ``images, keypoints, visibility``; keypoints depend on the magnitudes
@@ -720,6 +735,7 @@ class RelaxedPolicy(nn.Module):
                 cutout_uniform=noise.cutout[:, n],
                 min_strength=0.0,
                 flip_pairs=self.space.flip_pairs,
+                pad=pad,
             )
         return images, keypoints, visibility
 

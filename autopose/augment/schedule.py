@@ -88,10 +88,15 @@ class PolicySchedule:
         return self.entries[-1][1]
 
     def __call__(
-        self, images: Tensor, keypoints: Tensor, visibility: Tensor, generator: torch.Generator | None = None
+        self,
+        images: Tensor,
+        keypoints: Tensor,
+        visibility: Tensor,
+        generator: torch.Generator | None = None,
+        pad: tuple[int, int] = (0, 0),
     ) -> tuple[Tensor, Tensor, Tensor]:
         generator = generator if generator is not None else self.generator
-        return self.policy_at(self.step)(images, keypoints, visibility, generator=generator)
+        return self.policy_at(self.step)(images, keypoints, visibility, generator=generator, pad=pad)
 
     def stretched(self, steps: int) -> PolicySchedule:
         """The schedule for a training of ``steps`` optimizer steps: every start scaled by

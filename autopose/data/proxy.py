@@ -6,13 +6,23 @@ json) with a seed, cuts one affine crop per person (the training filter of
 
     image_id     int64          dataset image id
     instance_id  int64          annotation id (MPII: entry index)
-    crop         binary         JPEG bytes, input_size (h, w), RGB
-    keypoints    K × 3 float32  (x, y, v) in crop pixels; absent keypoints are (0, 0, 0)
+    crop         binary         JPEG bytes, RGB: the crop (input_size (h, w)) with canvas_pad
+                                (rows, cols) pixels of the image around it on each side
+    keypoints    K × 3 float32  (x, y, v) in the stored image's pixels; absent keypoints are (0, 0, 0)
     center       2 float64      crop center in image pixels
-    scale        2 float64      crop extent (w, h) in image pixels
+    scale        2 float64      crop extent (w, h) in image pixels (the crop's, not the canvas's)
     bbox         4 float64      person box (x, y, w, h) in image pixels
     area         float64        annotation area
     source       string         image file, relative to the image folder
+
+Why a canvas (``margin`` > 1, a train proxy's choice): a policy's turn or zoom-out on a crop
+that is already cut fills its corners with black, which a model never sees at test time and
+which darkens the crop (the search's BatchNorm term then credits geometric ops with a
+brightness change). On a canvas the policy's geometric ops are the crop's maps (same center,
+same pixels per degree) and bring in the image around the person instead, as a crop transform
+from the full image would (HRNet folds them into it); the crop is cut from the canvas after the
+policy (:func:`autopose.data.transforms.cut_window`). A margin of 1.5 costs 2.25× the pixels to store
+and decode. Readers get the crop by default; the trainer asks for the canvas.
 
 The file-level key ``autopose`` holds :class:`ProxyMetadata` as json: dataset,
 keypoint names, flip pairs, crop size, seed, skipped files and why, a
@@ -52,7 +62,15 @@ from autopose.data.coco import (
 )
 from autopose.data.instances import PersonInstance
 from autopose.data.mpii import MPII_FLIP_PAIRS, MPII_KEYPOINTS, is_mpii_layout, mpii_instances
-from autopose.data.transforms import check_crop_size, crop_matrix, transform_points, warp_image
+from autopose.data.transforms import (
+    canvas_extent,
+    canvas_padding,
+    check_crop_size,
+    crop_matrix,
+    cut_window,
+    transform_points,
+    warp_image,
+)
 from autopose.errors import AutoposeError
 from autopose.files import read_json
 
@@ -90,11 +108,17 @@ class ProxyMetadata:
     images_dir: str
     jpeg_quality: int = JPEG_QUALITY
     skeleton: tuple[tuple[int, int], ...] = ()
+    canvas_pad: tuple[int, int] = (0, 0)
     format: str = PROXY_FORMAT
 
     @property
     def num_keypoints(self) -> int:
         return len(self.keypoint_names)
+
+    @property
+    def stored_size(self) -> tuple[int, int]:
+        """``(height, width)`` of each stored image: the crop and its canvas."""
+        return self.input_size[0] + 2 * self.canvas_pad[0], self.input_size[1] + 2 * self.canvas_pad[1]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -125,6 +149,7 @@ class ProxyMetadata:
                 images_dir=str(raw["images_dir"]),
                 jpeg_quality=int(raw["jpeg_quality"]),
                 skeleton=tuple((int(a), int(b)) for a, b in raw.get("skeleton", ())),
+                canvas_pad=(int(raw.get("canvas_pad", (0, 0))[0]), int(raw.get("canvas_pad", (0, 0))[1])),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise AutoposeError(f"bad proxy metadata ({error})", path=path, field=METADATA_KEY) from None
@@ -334,10 +359,16 @@ def _read_image(path: str) -> Image.Image:
 
 
 def _crop_row(
-    image: Image.Image, inst: PersonInstance, input_size: tuple[int, int], quality: int, source: str
+    image: Image.Image,
+    inst: PersonInstance,
+    input_size: tuple[int, int],
+    quality: int,
+    source: str,
+    pad: tuple[int, int] = (0, 0),
 ) -> dict[str, Any]:
-    matrix = crop_matrix(inst.center, inst.scale, input_size)
-    crop = warp_image(image, matrix, input_size)
+    stored = (input_size[0] + 2 * pad[0], input_size[1] + 2 * pad[1])
+    matrix = crop_matrix(inst.center, canvas_extent(inst.scale, input_size, pad), stored)
+    crop = warp_image(image, matrix, stored)
     buffer = io.BytesIO()
     # 4:4:4 chroma: thin limbs keep their colour (left/right cues) in small crops.
     Image.fromarray(crop).save(buffer, format="JPEG", quality=quality, subsampling=0)
@@ -395,6 +426,7 @@ def build_proxy(
     progress: bool = True,
     jpeg_quality: int = JPEG_QUALITY,
     exclude: Path | None = None,
+    margin: float = 1.0,
 ) -> ProxyReport:
     """Write (or reuse) the Parquet proxy of a keypoint dataset.
 
@@ -411,6 +443,9 @@ def build_proxy(
             must not hold: a held-out split of the same images, e.g. train2017 images for the
             search's policy step that the train proxy does not hold. The images are drawn
             among the rest.
+        margin: store each crop on a canvas about this many times its sides (1: the crop
+            alone), for a policy's geometric ops to bring in the image around the person (see
+            the module docstring). Train proxies want it; val and holdout splits do not.
 
     Returns:
         A :class:`ProxyReport`. When ``out`` already holds a proxy of the same inputs
@@ -435,6 +470,10 @@ def build_proxy(
         check_crop_size(height, width)
     except ValueError as error:
         raise AutoposeError(str(error), field="input_size") from None
+    try:
+        pad = canvas_padding((height, width), margin)
+    except ValueError as error:
+        raise AutoposeError(str(error), field="margin") from None
     if not images_dir.is_dir():
         raise AutoposeError("image folder does not exist", path=images_dir, field="images")
 
@@ -448,6 +487,7 @@ def build_proxy(
         "input_size": [height, width],
         "jpeg_quality": jpeg_quality,
         **({"exclude": excluded_hash} if excluded_hash is not None else {}),
+        **({"canvas_pad": list(pad)} if pad != (0, 0) else {}),  # older proxies keep their fingerprint
     }
     fingerprint = _fingerprint(_file_sha256(ann), images_dir, image_paths, settings)
     _remove_stale_temporaries(out)  # left by a build of out that was killed
@@ -505,7 +545,7 @@ def build_proxy(
                 continue
             images_used += 1
             for inst in by_image[image_path]:
-                pending.append(_crop_row(image, inst, (height, width), jpeg_quality, relative))
+                pending.append(_crop_row(image, inst, (height, width), jpeg_quality, relative, pad))
                 rows_written += 1
             if len(pending) >= ROWS_PER_GROUP:
                 flush()
@@ -535,6 +575,7 @@ def build_proxy(
             images_dir=str(images_dir),
             jpeg_quality=jpeg_quality,
             skeleton=source.skeleton,
+            canvas_pad=pad,
         )
         writer.add_key_value_metadata({METADATA_KEY: metadata.to_json()})
         writer.close()
@@ -560,12 +601,15 @@ def decode_crop(data: bytes | pa.Buffer) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())
 
 
-def decode_batch(batch: pa.RecordBatch | pa.Table, *, as_numpy: bool = False) -> dict[str, Any]:
+def decode_batch(
+    batch: pa.RecordBatch | pa.Table, *, as_numpy: bool = False, pad: tuple[int, int] = (0, 0)
+) -> dict[str, Any]:
     """A batch of proxy rows → batched arrays (for streaming and Ray Data ``map_batches``).
 
     Args:
         batch: proxy rows (``batch_format="pyarrow"`` in Ray Data gives a ``pa.Table``).
         as_numpy: return numpy arrays (what Ray Data wants back) instead of tensors.
+        pad: the proxy's ``canvas_pad``: the crops are cut out of their canvases.
 
     Returns:
         ``image B×3×H×W`` uint8, ``keypoints B×K×2`` float32 (crop px),
@@ -577,9 +621,20 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, *, as_numpy: bool = False) ->
     chunks = crops.chunks if isinstance(crops, pa.ChunkedArray) else [crops]
     images = [decode_crop(value.as_buffer()) for chunk in chunks for value in chunk]
     image = torch.stack(images) if images else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    visibility = torch.from_numpy(columns["visibility"])
+    image, keypoints = _cut(image, torch.from_numpy(columns["keypoints"]), visibility, pad)
+    columns["keypoints"] = keypoints.numpy()
     if as_numpy:
         return {**columns, "image": image.numpy()}
     return {**{name: torch.from_numpy(array) for name, array in columns.items()}, "image": image}
+
+
+def _cut(
+    images: torch.Tensor, keypoints: torch.Tensor, visibility: torch.Tensor, pad: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The crops out of their canvases; absent keypoints stay at (0, 0), as the file stores them."""
+    window, moved = cut_window(images, keypoints, pad)
+    return window, torch.where(visibility[..., None] > 0, moved, keypoints)
 
 
 def _fixed_list_numpy(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...]) -> np.ndarray:
@@ -622,6 +677,10 @@ class ProxyDataset(torch.utils.data.Dataset):
         path: the ``.parquet`` proxy.
         verify: check the content hash once, here (raises :class:`AutoposeError` on a
             mismatch). Workers do not check again.
+        canvas: items hold each crop's canvas (``metadata.stored_size``, keypoints in canvas
+            pixels) instead of the crop: what a policy that brings in the image around the crop
+            wants (:attr:`canvas_pad` says how far in the crop lies). The same as the crop for a
+            proxy stored without a margin.
 
     Items are dicts: ``image`` ``3×H×W`` uint8, ``keypoints`` ``K×2`` float32 (crop px),
     ``visibility`` ``K`` float32, ``center``/``scale`` ``(2,)`` float64, ``bbox``
@@ -629,11 +688,22 @@ class ProxyDataset(torch.utils.data.Dataset):
     collate batches them.
     """
 
-    def __init__(self, path: Path, *, verify: bool = True):
+    def __init__(self, path: Path, *, verify: bool = True, canvas: bool = False):
         self.path = Path(path)
         self.metadata = verify_proxy(self.path) if verify else read_proxy_metadata(self.path)
+        self.canvas = canvas
         self._crops: pa.Array | None = None
         self._columns: dict[str, np.ndarray] | None = None
+
+    @property
+    def canvas_pad(self) -> tuple[int, int]:
+        """``(rows, cols)`` between each item's image edge and its crop: the proxy's canvas
+        padding when items are canvases, else ``(0, 0)``."""
+        return self.metadata.canvas_pad if self.canvas else (0, 0)
+
+    @property
+    def _cut(self) -> tuple[int, int]:
+        return (0, 0) if self.canvas else self.metadata.canvas_pad
 
     def __len__(self) -> int:
         return self.metadata.num_rows
@@ -653,10 +723,17 @@ class ProxyDataset(torch.utils.data.Dataset):
             raise IndexError(index)
         index = index % len(self)
         columns = self._columns
+        visibility = torch.from_numpy(columns["visibility"][index])
+        image, keypoints = _cut(
+            decode_crop(self._crops[index].as_buffer()),
+            torch.from_numpy(columns["keypoints"][index]),
+            visibility,
+            self._cut,
+        )
         return {
-            "image": decode_crop(self._crops[index].as_buffer()),
-            "keypoints": torch.from_numpy(columns["keypoints"][index]),
-            "visibility": torch.from_numpy(columns["visibility"][index]),
+            "image": image,
+            "keypoints": keypoints,
+            "visibility": visibility,
             "center": torch.from_numpy(columns["center"][index]),
             "scale": torch.from_numpy(columns["scale"][index]),
             "bbox": torch.from_numpy(columns["bbox"][index]),
@@ -669,7 +746,7 @@ class ProxyDataset(torch.utils.data.Dataset):
         """Stream the file in order as batched tensors (see :func:`decode_batch`)."""
         file = _open_parquet(self.path)
         for batch in file.iter_batches(batch_size=batch_size):
-            yield decode_batch(batch)
+            yield decode_batch(batch, pad=self._cut)
 
     def iter_record_batches(self, batch_size: int = 64) -> Iterator[pa.RecordBatch]:
         """Stream the raw Arrow record batches (crops still JPEG)."""

@@ -824,7 +824,12 @@ def generate_synth(
 
 
 def build_synth_proxies(
-    synth: Path, outputs: dict[str, Path], *, input_size: tuple[int, int], progress: bool = False
+    synth: Path,
+    outputs: dict[str, Path],
+    *,
+    input_size: tuple[int, int],
+    progress: bool = False,
+    train_margin: float = 1.0,
 ) -> dict[str, ProxyReport]:
     """Parquet proxies of splits that :func:`generate_synth` wrote.
 
@@ -833,6 +838,8 @@ def build_synth_proxies(
         outputs: split name (``train``, ``val``, ``holdout``) → the ``.parquet`` file to write.
         input_size: crop ``(height, width)``.
         progress: tqdm bars on stderr.
+        train_margin: the ``train`` split's canvas around each crop (``build_proxy``'s
+            ``margin``); the other splits are scored as they are and store the crop alone.
 
     Returns:
         Each split's :class:`~autopose.data.proxy.ProxyReport` (``reused`` when a finished
@@ -845,6 +852,7 @@ def build_synth_proxies(
             out,
             input_size=input_size,
             progress=progress,
+            margin=train_margin if split == "train" else 1.0,
         )
         for split, out in outputs.items()
     }

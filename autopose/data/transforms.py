@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 from PIL import Image
 
 BOX_PADDING = 1.25
@@ -121,6 +122,48 @@ def warp_image(
         (out_w, out_h), Image.Transform.AFFINE, data, Image.Resampling.BILINEAR
     )
     return np.asarray(warped)
+
+
+# The widest canvas a proxy stores around each crop, as canvas side over crop side: 2 already
+# holds a 45° turn of a 4:3 crop and a zoom-out to 1/2 without a black corner.
+MAX_MARGIN = 3.0
+
+
+def canvas_padding(input_size: tuple[int, int], margin: float) -> tuple[int, int]:
+    """``(rows, cols)`` of image a canvas keeps on each side of an ``input_size`` crop so that
+    its sides are about ``margin`` times the crop's (rounded to whole pixels; ``margin = 1``: none).
+
+    Raises:
+        ValueError: ``margin`` outside ``[1, MAX_MARGIN]``.
+    """
+    if not 1.0 <= margin <= MAX_MARGIN:
+        raise ValueError(f"margin must lie in [1, {MAX_MARGIN:g}] (canvas side over crop side), got {margin}")
+    height, width = input_size
+    return round((margin - 1.0) * height / 2), round((margin - 1.0) * width / 2)
+
+
+def canvas_extent(scale: np.ndarray, input_size: tuple[int, int], pad: tuple[int, int]) -> np.ndarray:
+    """The image extent ``(w, h)`` of the canvas around a crop of extent ``scale``: the crop's
+    pixels per image pixel kept, so that canvas pixel ``p + (cols, rows)`` is crop pixel ``p``."""
+    height, width = input_size
+    rows, cols = pad
+    return np.asarray(scale, dtype=np.float64) * np.array(
+        [(width + 2 * cols) / width, (height + 2 * rows) / height]
+    )
+
+
+def cut_window(
+    images: torch.Tensor, keypoints: torch.Tensor, pad: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The crops inside canvases ``…×C×(H+2·rows)×(W+2·cols)``: ``…×C×H×W`` images and the
+    keypoints ``…×K×2`` in the crops' pixels. Visibility is unchanged: a point outside the crop
+    is the codec's to drop, as in a crop cut without a canvas."""
+    if pad == (0, 0):
+        return images, keypoints
+    rows, cols = pad
+    height, width = images.shape[-2:]
+    window = images[..., rows : height - rows, cols : width - cols]
+    return window, keypoints - keypoints.new_tensor([float(cols), float(rows)])
 
 
 # The largest crop side accepted. Top-down pose networks take 256×192 or 384×288 (the P2Net

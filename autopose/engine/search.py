@@ -140,6 +140,7 @@ from torch.optim.optimizer import ParamsT
 from autopose.augment import RelaxedPolicy
 from autopose.augment.policy import PolicyNoise, as_float_images
 from autopose.data.codec import HeatmapCodec
+from autopose.data.transforms import cut_window
 
 Tensor = torch.Tensor
 Batch = tuple[Tensor, Tensor, Tensor]  # images, keypoints, visibility
@@ -363,6 +364,9 @@ class BilevelSearch:
         balance_paths: scale Eq. 8's hypergradient and the BatchNorm-statistics term each to
             unit L2 norm per policy tensor before ``λ`` weighs the second: ``λ`` is then the
             terms' ratio, whatever their raw sizes (see "Balancing the two paths").
+        canvas_pad: ``(rows, cols)``: the training batches are canvases around their crops
+            (:class:`autopose.data.ProxyDataset` with ``canvas=True``); the policy runs on the
+            canvas and the crop is cut from it before the network sees it.
     """
 
     def __init__(
@@ -381,6 +385,7 @@ class BilevelSearch:
         val_batchnorm: Literal["batch", "running"] = "batch",
         batchnorm_path: float = 0.0,
         balance_paths: bool = False,
+        canvas_pad: tuple[int, int] = (0, 0),
     ):
         if not (math.isfinite(batchnorm_path) and batchnorm_path >= 0):
             raise ValueError(f"batchnorm_path must be finite and ≥ 0, got {batchnorm_path}")
@@ -404,6 +409,7 @@ class BilevelSearch:
         self.val_batchnorm = val_batchnorm
         self.batchnorm_path = float(batchnorm_path)
         self.balance_paths = bool(balance_paths)
+        self.canvas_pad = (int(canvas_pad[0]), int(canvas_pad[1]))
         # the last search step's hypergradient (flat, after the ranks' average), for the cosine
         self.previous_hypergradient: Tensor | None = None
 
@@ -422,7 +428,10 @@ class BilevelSearch:
         images = as_float_images(images)
         if noise is None:
             noise = self.policy.sample_noise(images.shape[0])
-        augmented, moved, moved_visibility = self.policy(images, keypoints, visibility, noise)
+        augmented, moved, moved_visibility = self.policy(
+            images, keypoints, visibility, noise, pad=self.canvas_pad
+        )
+        augmented, moved = cut_window(augmented, moved, self.canvas_pad)
         if self.differentiate_targets:
             heatmaps, weight = self.codec.encode(moved, moved_visibility.detach())
         else:

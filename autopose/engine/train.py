@@ -52,6 +52,7 @@ from autopose.augment import (
 from autopose.augment.schedule import PolicySchedule, policy_from_document, schedule_document
 from autopose.data import CocoCropDataset, HeatmapCodec, ProxyDataset, load_coco
 from autopose.data.proxy import ProxyMetadata, read_proxy_metadata
+from autopose.data.transforms import cut_window
 from autopose.engine.checkpoint import load_checkpoint, save_checkpoint
 from autopose.engine.config import (
     RUN_URI_PREFIX,
@@ -370,6 +371,7 @@ class Trainer:
         self.dataset_name = meta.dataset
         _check_proxy_fits(self.val_set.metadata, "val", model, path=data.val)
         self.train_set = self._train_dataset()
+        self.canvas_pad: tuple[int, int] = getattr(self.train_set, "canvas_pad", (0, 0))
         # A split held out from the val distribution: the search's policy step reads it, and every
         # run scores it once at the end (``holdout_ap``) so that choices can be made without val.
         self.holdout_set: ProxyDataset | None = None
@@ -476,7 +478,9 @@ class Trainer:
         if data.train_ann is not None:
             instances = load_coco(Path(data.train_ann), Path(data.train_images), labelled_only=True)
             return CocoCropDataset(instances, tuple(self.model_config.input_size))
-        dataset = ProxyDataset(Path(data.train))
+        # Canvases, when the proxy stores them: the policy's geometric ops bring in the image
+        # around each crop, and the crop is cut after the policy (_augmented).
+        dataset = ProxyDataset(Path(data.train), canvas=True)
         _check_proxy_fits(dataset.metadata, "train", self.model_config, path=data.train)
         return dataset
 
@@ -517,6 +521,7 @@ class Trainer:
             val_batchnorm=bilevel.val_batchnorm,
             batchnorm_path=bilevel.batchnorm_path,
             balance_paths=bilevel.balance_paths,
+            canvas_pad=self.canvas_pad,
         )
         self.policy_every = bilevel.policy_every
         # The α step's un-augmented batches come from the val distribution (see BilevelSearch):
@@ -672,7 +677,8 @@ class Trainer:
         if isinstance(self.augment, RelaxedPolicy | PolicySchedule):
             self.augment.set_step(self.step)
         with torch.no_grad():
-            images, keypoints, visibility = self.augment(images, keypoints, visibility)
+            images, keypoints, visibility = self.augment(images, keypoints, visibility, pad=self.canvas_pad)
+            images, keypoints = cut_window(images, keypoints, self.canvas_pad)
         heatmaps, weight = self._targets(keypoints, visibility)
         outputs = self.model(images)
         loss = self.loss_fn(outputs, heatmaps, weight)

@@ -141,6 +141,9 @@ class DemoBudget:
     max_val_samples: int | None
     examples: int
     trial_cpus: float  # CPUs per trial: 0.5 runs four tiny trials at once on two cores
+    # The train proxy's canvas (build_proxy's margin): turns and zoom-outs bring in the background
+    # around each figure instead of black corners; 1.5 holds a ±45° turn of the crop nearly whole.
+    train_margin: float
 
     def sub_policies(self) -> int:
         return int(DEMO_SPACE["num_sub_policies"])
@@ -173,6 +176,7 @@ BUDGETS: dict[str, DemoBudget] = {
         full_steps_per_epoch=80,
         max_val_samples=None,
         examples=6,
+        train_margin=1.5,
         trial_cpus=1.0,
     ),
     "tiny": DemoBudget(
@@ -201,6 +205,7 @@ BUDGETS: dict[str, DemoBudget] = {
         full_steps_per_epoch=2,
         max_val_samples=16,
         examples=2,
+        train_margin=1.5,
         trial_cpus=0.5,
     ),
 }
@@ -340,7 +345,9 @@ def prepare_proxies(workdir: Path, budget: DemoBudget, synth: Path) -> tuple[Dem
         coco=folder / f"coco-samples-{EXAMPLE_CROP[0]}x{EXAMPLE_CROP[1]}.parquet",
     )
     splits = {"train": data.train, "val": data.val, "holdout": data.search_val}
-    reports = build_synth_proxies(synth, splits, input_size=budget.input_size)
+    reports = build_synth_proxies(
+        synth, splits, input_size=budget.input_size, train_margin=budget.train_margin
+    )
     reused = sum(report.reused for report in reports.values())
     report = build_proxy(COCO_ANN, COCO_SAMPLES, data.coco, input_size=EXAMPLE_CROP, progress=False)
     reused += int(report.reused)

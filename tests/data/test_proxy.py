@@ -186,3 +186,61 @@ def test_mpii_json_builds_a_proxy(tmp_path, mpii_ann, mpii_images):
         to_image = invert_affine(crop_matrix(inst.center, inst.scale, INPUT))
         back = transform_points(item["keypoints"].numpy()[labelled], to_image)
         assert np.abs(back - inst.keypoints[labelled, :2]).max() <= 0.5
+
+
+# -- a canvas around each crop (build_proxy's margin) ---------------------------------------------
+@pytest.fixture(scope="module")
+def canvas_proxy(tmp_path_factory, coco_ann, coco_images) -> Path:
+    out = tmp_path_factory.mktemp("canvas") / "coco-canvas.parquet"
+    build_proxy(coco_ann, coco_images, out, input_size=INPUT, progress=False, margin=1.5)
+    return out
+
+
+def test_a_canvas_proxy_reads_as_the_crop_and_holds_the_image_around_it(coco_proxy, canvas_proxy):
+    plain, framed = ProxyDataset(coco_proxy), ProxyDataset(canvas_proxy)
+    canvas = ProxyDataset(canvas_proxy, canvas=True)
+    rows, cols = framed.metadata.canvas_pad
+    assert (rows, cols) == (32, 24) and framed.metadata.input_size == INPUT
+    assert framed.metadata.stored_size == (INPUT[0] + 64, INPUT[1] + 48)
+    assert plain.metadata.canvas_pad == (0, 0) and framed.canvas_pad == (0, 0)
+    assert canvas.canvas_pad == (32, 24)
+    for i in range(len(plain)):
+        crop, window, whole = plain[i], framed[i], canvas[i]
+        assert window["image"].shape == crop["image"].shape == (3, *INPUT)
+        assert whole["image"].shape == (3, INPUT[0] + 64, INPUT[1] + 48)
+        # The same affine sampling, JPEG-coded at another size: the pixels agree to the codec's noise.
+        difference = (window["image"].float() - crop["image"].float()).abs().mean()
+        assert difference < 3.0
+        assert torch.equal(whole["image"][:, rows:-rows, cols:-cols], window["image"])
+        assert torch.allclose(window["keypoints"], crop["keypoints"], atol=1e-3)
+        labelled = crop["visibility"] > 0  # absent keypoints stay at (0, 0) in every layout
+        moved = crop["keypoints"] + torch.tensor([24.0, 32.0])
+        assert torch.allclose(whole["keypoints"][labelled], moved[labelled], atol=1e-3)
+        assert not whole["keypoints"][~labelled].any()
+        assert torch.equal(window["scale"], crop["scale"]) and torch.equal(window["center"], crop["center"])
+    streamed = next(framed.iter_batches(batch_size=4))
+    assert streamed["image"].shape[-2:] == INPUT
+    assert torch.allclose(streamed["keypoints"], torch.stack([framed[i]["keypoints"] for i in range(4)]))
+
+
+def test_the_margin_is_part_of_the_fingerprint_and_an_old_proxy_has_none(coco_proxy, canvas_proxy):
+    assert read_proxy_metadata(coco_proxy).fingerprint != read_proxy_metadata(canvas_proxy).fingerprint
+    # A proxy written before canvases existed has no canvas_pad in its metadata: it stores crops.
+    import json
+
+    raw = json.loads(read_proxy_metadata(coco_proxy).to_json())
+    del raw["canvas_pad"]
+    from autopose.data.proxy import ProxyMetadata
+
+    assert ProxyMetadata.from_json(json.dumps(raw), coco_proxy).canvas_pad == (0, 0)
+
+
+@pytest.mark.parametrize("margin", [0.5, 3.5, float("nan")])
+def test_an_absurd_margin_is_refused_naming_the_field_before_anything_is_written(
+    tmp_path, coco_ann, coco_images, margin
+):
+    out = tmp_path / "p.parquet"
+    with pytest.raises(AutoposeError) as raised:
+        build_proxy(coco_ann, coco_images, out, input_size=INPUT, progress=False, margin=margin)
+    assert raised.value.field == "margin" and "margin" in str(raised.value)
+    assert list(tmp_path.iterdir()) == []

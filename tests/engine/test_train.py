@@ -473,3 +473,18 @@ def test_an_epoch_longer_than_the_data_does_its_steps_on_a_fresh_shuffle(smoke_d
     assert result.steps == trainer.step == one_pass + 2
     assert trainer.history[-1]["step"] == one_pass + 2
     assert len(orders) == 2 and sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]
+
+
+@pytest.mark.parametrize("kind", ["handcrafted", "search"])
+def test_a_canvas_train_proxy_runs_the_policy_on_the_canvas_and_trains_on_the_crop(smoke_data, kind):
+    """The smoke train proxy stores each 64×48 crop on a 96×72 canvas: batches arrive as canvases,
+    the policy (a search's too, in its unrolled step) runs on them, and the network sees crops."""
+    data, model, train = configs(smoke_data, epochs=1, steps_per_epoch=2)
+    trainer = Trainer(data, model, train, AugmentSpec(kind=kind, seed=0), SPACE)
+    assert trainer.canvas_pad == (16, 12)
+    assert next(iter(trainer.loader))["image"].shape[-2:] == (96, 72)
+    seen: list[tuple[int, ...]] = []
+    trainer.net.register_forward_pre_hook(lambda _, inputs: seen.append(tuple(inputs[0].shape[-2:])))
+    losses = trainer.train_epoch()
+    assert seen and set(seen) == {(64, 48)}
+    assert all(math.isfinite(v) for v in losses.values())
