@@ -15,6 +15,17 @@ import torch.nn.functional as F
 
 from autopose.data.transforms import crop_matrix, invert_affine
 
+# HRNet and SimpleBaseline train with σ = 2 heatmap pixels at 256×192 and σ = 3 at 384×288: the
+# Gaussian keeps its size relative to the person as the input grows.
+SIGMA_AT_256 = 2.0
+
+
+def heatmap_sigma(input_size: tuple[int, int]) -> float:
+    """The target Gaussian's σ in heatmap pixels for an input of ``(height, width)``: 2 at 256 rows,
+    growing with the height above (3 at 384×288), and never below 2 (at smaller inputs a narrower
+    peak falls between heatmap pixels and its argmax is no longer stable)."""
+    return SIGMA_AT_256 * max(1.0, input_size[0] / 256.0)
+
 
 class HeatmapCodec:
     """Encode keypoints as Gaussian heatmaps and decode heatmaps back.
@@ -22,7 +33,8 @@ class HeatmapCodec:
     Args:
         input_size: ``(height, width)`` of the network input (crop).
         stride: input pixels per heatmap pixel (4: 256×192 → 64×48).
-        sigma: Gaussian standard deviation in heatmap pixels.
+        sigma: Gaussian standard deviation in heatmap pixels (``None``: by the input size,
+            :func:`heatmap_sigma`).
         blur_kernel: odd size of the Gaussian blur applied before the argmax
             when decoding (0 or 1 turns it off). The blur steadies the argmax of
             noisy predictions; with the default 3 taps an exact target decodes
@@ -35,7 +47,7 @@ class HeatmapCodec:
         self,
         input_size: tuple[int, int] = (256, 192),
         stride: int = 4,
-        sigma: float = 2.0,
+        sigma: float | None = None,
         blur_kernel: int = 3,
     ):
         height, width = input_size
@@ -43,7 +55,7 @@ class HeatmapCodec:
             raise ValueError(f"input size {input_size} is not a multiple of stride {stride}")
         self.input_size = (int(height), int(width))
         self.stride = int(stride)
-        self.sigma = float(sigma)
+        self.sigma = float(sigma) if sigma is not None else heatmap_sigma(self.input_size)
         self.heatmap_size = (height // stride, width // stride)
         self.blur_kernel = int(blur_kernel)
 

@@ -767,14 +767,22 @@ class CocoCropDataset(torch.utils.data.Dataset):
     Args:
         instances: persons from :func:`load_coco` / :func:`load_mpii`.
         input_size: crop ``(height, width)``.
+        margin: cut each crop on a canvas about this many times its sides (items are then
+            canvases, keypoints in canvas pixels, :attr:`canvas_pad` in from each side).
 
     Raises (per item):
         AutoposeError: the image file is missing or cannot be decoded.
     """
 
-    def __init__(self, instances: Sequence[PersonInstance], input_size: tuple[int, int] = (256, 192)):
+    def __init__(
+        self,
+        instances: Sequence[PersonInstance],
+        input_size: tuple[int, int] = (256, 192),
+        margin: float = 1.0,
+    ):
         self.instances = list(instances)
         self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.canvas_pad = canvas_padding(self.input_size, margin)
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -785,8 +793,10 @@ class CocoCropDataset(torch.utils.data.Dataset):
             image = _read_image(inst.image_path)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
             raise AutoposeError(f"cannot read image ({error})", path=inst.image_path) from None
-        matrix = crop_matrix(inst.center, inst.scale, self.input_size)
-        crop = warp_image(image, matrix, self.input_size)
+        rows, cols = self.canvas_pad
+        stored = (self.input_size[0] + 2 * rows, self.input_size[1] + 2 * cols)
+        matrix = crop_matrix(inst.center, canvas_extent(inst.scale, self.input_size, self.canvas_pad), stored)
+        crop = warp_image(image, matrix, stored)
         keypoints = np.zeros((inst.keypoints.shape[0], 2), dtype=np.float32)
         labelled = inst.keypoints[:, 2] > 0
         keypoints[labelled] = transform_points(inst.keypoints[labelled, :2], matrix)

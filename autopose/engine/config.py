@@ -207,6 +207,10 @@ class DataConfig:
     the val distribution (``autopose data synth --holdout-images``, or part of the target
     data you will not score on). Null: the policy steps on ``val`` itself, and the search
     trials' val AP is optimistic against the baselines'.
+
+    ``train_margin``: crops made on the fly from ``train_ann`` are cut on a canvas this many
+    times their sides, so that the policy's geometric ops bring in the image around the person
+    (a proxy stores its own canvas: ``build-proxy --margin``); 1 cuts the crop alone.
     """
 
     train: str | None = None
@@ -215,6 +219,7 @@ class DataConfig:
     train_ann: str | None = None
     train_images: str | None = None
     max_val_samples: int | None = None
+    train_margin: float = 1.0
 
     def _check(self, path, field_: str) -> None:
         for name in ("train", "val", "search_val", "train_ann", "train_images"):
@@ -245,6 +250,19 @@ class DataConfig:
                 field=f"{field_}.train_images".lstrip("."),
             )
         _positive(self.max_val_samples, "max_val_samples", path, field_)
+        check_margin(self.train_margin, path, f"{field_}.train_margin".lstrip("."))
+
+
+def check_margin(margin: float, path, field_: str) -> None:
+    """A canvas margin in ``[1, MAX_MARGIN]`` (canvas side over crop side), or the field is named."""
+    from autopose.data.transforms import MAX_MARGIN
+
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not 1.0 <= margin <= MAX_MARGIN:
+        raise AutoposeError(
+            f"must lie in [1, {MAX_MARGIN:g}] (canvas side over crop side), got {margin!r}",
+            path=path,
+            field=field_,
+        )
 
 
 @dataclass
@@ -253,7 +271,9 @@ class ModelConfig:
 
     ``options`` are P2Net's switches (``use_apm: false``, ``pyramid_channels: 32``
     for tiny test models …); lists become tuples. ``pretrained``: a local ImageNet
-    ResNet checkpoint for the backbone (nothing is downloaded).
+    ResNet checkpoint for the backbone (nothing is downloaded). ``heatmap_sigma``: the
+    training targets' Gaussian σ in heatmap pixels; null derives it from the input size
+    (2 at 256×192, 3 at 384×288: :func:`autopose.data.codec.heatmap_sigma`).
     """
 
     arch: str = "p2net_r50"
@@ -261,6 +281,7 @@ class ModelConfig:
     num_joints: int = 17
     options: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
+    heatmap_sigma: float | None = None
 
     def build_kwargs(self) -> dict[str, Any]:
         return {key: tuple(v) if isinstance(v, list) else v for key, v in self.options.items()}
@@ -287,6 +308,7 @@ class ModelConfig:
                 field=f"{field_}.input_size".lstrip("."),
             )
         _positive(self.num_joints, "num_joints", path, field_)
+        _positive(self.heatmap_sigma, "heatmap_sigma", path, field_)
 
 
 @dataclass

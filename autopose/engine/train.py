@@ -380,7 +380,7 @@ class Trainer:
             _check_proxy_fits(
                 self.holdout_set.metadata, "search_val", model, path=data.search_val, field="data.search_val"
             )
-        self.codec = HeatmapCodec(tuple(model.input_size))
+        self.codec = HeatmapCodec(tuple(model.input_size), sigma=model.heatmap_sigma)
         self.space = search_space_from(space)
 
         from autopose.models import build_model
@@ -477,7 +477,7 @@ class Trainer:
         data = self.data_config
         if data.train_ann is not None:
             instances = load_coco(Path(data.train_ann), Path(data.train_images), labelled_only=True)
-            return CocoCropDataset(instances, tuple(self.model_config.input_size))
+            return CocoCropDataset(instances, tuple(self.model_config.input_size), margin=data.train_margin)
         # Canvases, when the proxy stores them: the policy's geometric ops bring in the image
         # around each crop, and the crop is cut after the policy (_augmented).
         dataset = ProxyDataset(Path(data.train), canvas=True)

@@ -42,6 +42,7 @@ from autopose.engine.config import (
     TrainConfig,
     absolute_path,
     build_dataclass,
+    check_margin,
     load_yaml,
     to_plain,
 )
@@ -94,7 +95,8 @@ class FullTrainConfig:
 
     Fields left null take the value from ``train``. ``train_ann`` +
     ``train_images`` train on a COCO file with crops made on the fly (the
-    whole train2017 needs no cache); null trains on ``data.train``.
+    whole train2017 needs no cache); null trains on ``data.train``. ``train_margin``: those
+    crops' canvas (see :class:`~autopose.engine.config.DataConfig`).
     ``backend``: ``auto`` is NCCL with GPUs, gloo without.
     """
 
@@ -111,6 +113,7 @@ class FullTrainConfig:
     max_failures: int = 2
     train_ann: str | None = None
     train_images: str | None = None
+    train_margin: float = 1.0
     registered_model: str = "autopose-pose"
     alias: str = "promoted"
 
@@ -126,6 +129,7 @@ class FullTrainConfig:
                 raise AutoposeError("must be > 0", path=path, field=f"{field_}.{name}")
         if self.num_workers < 0:
             raise AutoposeError("must be ≥ 0", path=path, field=f"{field_}.num_workers")
+        check_margin(self.train_margin, path, f"{field_}.train_margin")
 
 
 @dataclass
@@ -360,6 +364,7 @@ class ExperimentConfig:
             train=None,
             train_ann=self.full_train.train_ann,
             train_images=self.full_train.train_images,
+            train_margin=self.full_train.train_margin,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -89,3 +89,15 @@ def test_absent_and_outside_keypoints_get_no_target():
     assert weight.tolist() == [[1.0, 0.0, 0.0, 0.0]]
     assert heatmaps[0, 1:].abs().sum() == 0
     assert heatmaps[0, 0].max() > 0.5
+
+
+def test_sigma_follows_the_input_size_as_hrnet_trains_it():
+    from autopose.data.codec import heatmap_sigma
+
+    assert HeatmapCodec((256, 192)).sigma == 2.0  # HRNet's and SimpleBaseline's 256×192
+    assert HeatmapCodec((384, 288)).sigma == 3.0  # and their 384×288
+    assert HeatmapCodec((64, 48)).sigma == heatmap_sigma((64, 48)) == 2.0  # never narrower than 2
+    assert HeatmapCodec((384, 288), sigma=1.5).sigma == 1.5
+    # the target's width in input pixels keeps its size relative to the person
+    small, large = HeatmapCodec((256, 192)), HeatmapCodec((384, 288))
+    assert small.sigma * small.stride / 256 == pytest.approx(large.sigma * large.stride / 384)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from autopose.data import CocoCropDataset
 from autopose.engine.checkpoint import load_model
 from autopose.engine.config import AugmentSpec, BilevelConfig, DataConfig, ModelConfig, TrainConfig
 from autopose.engine.train import EpochReport, Trainer, TrainHooks
@@ -358,6 +360,13 @@ def test_ddp_on_gloo_shards_the_data_and_keeps_the_ranks_in_step(smoke_data, tmp
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6)  # DDP kept them equal
 
 
+def test_the_targets_sigma_comes_from_the_model_config_or_the_input_size(smoke_data):
+    data, model, train = configs(smoke_data, epochs=1)
+    assert Trainer(data, model, train, AugmentSpec(kind="none"), SPACE).codec.sigma == 2.0
+    model = dataclasses.replace(model, heatmap_sigma=1.5)
+    assert Trainer(data, model, train, AugmentSpec(kind="none"), SPACE).codec.sigma == 1.5
+
+
 def test_trains_on_coco_crops_made_on_the_fly(smoke_data, coco_ann, coco_images):
     """Full training reads a COCO file and its images directly (no proxy cache)."""
     _, model, train = configs(smoke_data, epochs=1, steps_per_epoch=1)
@@ -366,6 +375,27 @@ def test_trains_on_coco_crops_made_on_the_fly(smoke_data, coco_ann, coco_images)
     assert len(trainer.train_set) == 12  # the bundled persons with keypoints
     result = trainer.run()
     assert result.steps == 1 and math.isfinite(result.history[-1]["train_loss"])
+
+
+def test_crops_made_on_the_fly_come_on_a_canvas_cut_after_the_policy(smoke_data, coco_ann, coco_images):
+    _, model, train = configs(smoke_data, epochs=1, steps_per_epoch=1)
+    data = DataConfig(
+        train_ann=str(coco_ann), train_images=str(coco_images), val=str(smoke_data["val"]), train_margin=2.0
+    )
+    trainer = Trainer(data, model, train, AugmentSpec(kind="handcrafted", seed=0), SPACE)
+    assert trainer.canvas_pad == (32, 24)
+    plain = CocoCropDataset(trainer.train_set.instances, (64, 48))
+    canvas, crop = trainer.train_set[0], plain[0]
+    assert canvas["image"].shape == (3, 128, 96)
+    # the same affine sampling of the same image: the crop is the canvas's middle, pixel for pixel
+    assert (canvas["image"][:, 32:-32, 24:-24].int() - crop["image"].int()).abs().max() <= 1
+    labelled = crop["visibility"] > 0
+    moved = crop["keypoints"][labelled] + torch.tensor([24.0, 32.0])
+    assert torch.allclose(canvas["keypoints"][labelled], moved, atol=1e-4)
+    seen: list[tuple[int, ...]] = []
+    trainer.net.register_forward_pre_hook(lambda _, inputs: seen.append(tuple(inputs[0].shape[-2:])))
+    trainer.run()
+    assert set(seen) >= {(64, 48)} and (128, 96) not in seen
 
 
 # -- the warm start and the holdout split ------------------------------------------------------------

@@ -8,7 +8,7 @@ import torchvision
 
 from autopose.models import build_model
 from autopose.models.complexity import count_flops, count_parameters, model_info
-from autopose.models.p2net import PAPER_R101_384x288
+from autopose.models.p2net import PAPER_REFINE_BLOCKS, DilatedBottleneck, PAPER_R101_384x288
 
 
 def test_p2net_r101_matches_the_paper_within_ten_percent() -> None:
@@ -19,6 +19,18 @@ def test_p2net_r101_matches_the_paper_within_ten_percent() -> None:
     assert info["gflops_hrnet"] == pytest.approx(PAPER_R101_384x288["gflops"], rel=0.10)
     assert info["gflops_hrnet"] == pytest.approx(info["macs"] / 2**30)
     assert info["gflops_1e9"] == pytest.approx(info["macs"] / 1e9)
+
+
+def test_refinenet_stacks_more_dilated_bottlenecks_into_the_deeper_levels() -> None:
+    """The paper's layout (more bottlenecks in deeper levels), the default of every P2Net, and its
+    counts as measured against the paper's table (46.55M, 25.85 G MACs; paper 42.5M, 26.3)."""
+    model = build_model("p2net_r101", input_size=(384, 288))
+    per_level = tuple(
+        sum(isinstance(m, DilatedBottleneck) for m in level.modules()) for level in model.refine.levels
+    )
+    assert per_level == PAPER_REFINE_BLOCKS == (1, 1, 2, 3)
+    assert count_parameters(model) == 46_545_813
+    assert count_flops(model, (384, 288)) == 25_853_771_776
 
 
 def test_resnet50_matches_torchvision_docs() -> None:

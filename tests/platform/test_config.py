@@ -79,6 +79,9 @@ def test_round_trip_through_the_logged_mapping(smoke_config):
         (lambda c: c["search"].update(init_magnitude=10), "search.init_magnitude", "(0, 10)"),
         (lambda c: c["search"].update(init_magnitude="mid"), "search.init_magnitude", "expected float"),
         (lambda c: c["tune"].update(scheduler="hyperband"), "tune.scheduler", "'asha'"),
+        (lambda c: c["data"].update(train_margin=0.5), "data.train_margin", "[1, 3]"),
+        (lambda c: c["model"].update(heatmap_sigma=-1.0), "model.heatmap_sigma", "must be > 0"),
+        (lambda c: c.update(full_train={"train_margin": 9}), "full_train.train_margin", "canvas side"),
     ],
 )
 def test_bad_config_fails_naming_file_and_field(smoke_config, change, field, words):
@@ -306,6 +309,8 @@ def test_the_coco_cluster_config_is_valid(smoke_data, coco_ann, coco_images):
     # the paper's optimiser and mining: Adam at 5e-4, weight decay 1e-5, OHKM of the top 10
     for train in (config.train, config.full_train_config()):
         assert (train.lr, train.weight_decay, train.ohkm_topk) == (5.0e-4, 1.0e-5, 10)
+    # the full training's crops are cut on a canvas, for turns and zooms to bring in the image
+    assert config.full_train_data().train_margin == 1.5 and config.data.train_margin == 1.0
 
 
 def test_online_hard_keypoint_mining_keeps_the_papers_ten_by_default():
