@@ -496,7 +496,10 @@ class Trainer:
             sampler=sampler if sampler is not None else _EpochPermutation(len(self.train_set), train.seed),
             num_workers=train.loader_workers,
             drop_last=True,
-            persistent_workers=False,
+            # A GPU copies from pinned pages without a staging copy (the batch moves non_blocking);
+            # loaders outlive an epoch, which makes several passes over a small proxy.
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=train.loader_workers > 0,
         )
         return sampler, loader
 

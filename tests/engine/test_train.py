@@ -518,3 +518,14 @@ def test_a_canvas_train_proxy_runs_the_policy_on_the_canvas_and_trains_on_the_cr
     losses = trainer.train_epoch()
     assert seen and set(seen) == {(64, 48)}
     assert all(math.isfinite(v) for v in losses.values())
+
+
+def test_loader_processes_feed_the_batches_the_main_process_reads(smoke_data):
+    """``train.loader_workers`` (kept across the epoch's passes) changes who decodes, not what."""
+    losses = []
+    for workers in (0, 2):
+        data, model, train = configs(smoke_data, epochs=1, steps_per_epoch=6, loader_workers=workers)
+        trainer = Trainer(data, model, train, AugmentSpec(kind="none"), SPACE)
+        assert trainer.loader.persistent_workers == (workers > 0)
+        losses.append(trainer.run().history[-1]["train_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
