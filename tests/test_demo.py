@@ -99,12 +99,25 @@ def test_every_trial_fine_tunes_the_one_base_model(demo_run):
 
 
 def test_the_search_trial_steps_its_policy_as_the_suite_measured_best(demo_run):
-    from autopose.platform.demo import DEMO_POLICY_STEP
+    from autopose.engine.config import load_yaml
+    from autopose.platform.demo import BUDGETS
 
     (search,) = [r for r in _trials(_runs(demo_run)) if r.data.tags.get("autopose.kind") == "search"]
-    for key, value in DEMO_POLICY_STEP.items():
+    policy_step = {
+        key: value
+        for key, value in load_yaml(BUDGETS["tiny"].experiment)["search"].items()
+        if key in ("sampling", "batchnorm_path", "policy_every", "policy_optimizer", "unroll_lr", "policy_lr")
+    }
+    assert policy_step == {
+        "sampling": "hard",
+        "batchnorm_path": 1.0,
+        "policy_every": 4,
+        "policy_optimizer": "normalized",
+        "unroll_lr": 0.1,
+        "policy_lr": 0.3,
+    }
+    for key, value in policy_step.items():
         assert search.data.params[f"search.{key}"] == str(value)
-    assert DEMO_POLICY_STEP["sampling"] == "hard" and DEMO_POLICY_STEP["policy_every"] > 1
     # the learned direction of each signed op, and the share of the policy the export keeps
     assert {k for k in search.data.metrics if k.startswith("op_sign/")} == {
         "op_sign/TranslateX",

@@ -23,8 +23,9 @@ Re-running continues where it stopped, with no clean-up: the synthetic data and
 proxies are reused when their inputs match, a search whose planned trials all
 finished in MLflow is not run again (a half-finished one resumes through Tune's
 restore), a finished full training of the promoted run is reused (a half-finished
-one resumes from its checkpoint). The experiment config is built here in code
-(:func:`demo_config`), with nothing read from outside the package.
+one resumes from its checkpoint). The experiment is the package's ``demo_data/demo.yaml``
+(``demo_tiny.yaml`` for the tiny budget; ``search_spaces/`` links to both), loaded like any
+experiment file with the work folder's paths (:func:`demo_config`).
 """
 
 from __future__ import annotations
@@ -53,160 +54,59 @@ COCO_DETS = COCO_SAMPLES / "test_coco_det_AP_H_56.json"
 STATE_FILE = "demo_state.json"
 EXAMPLE_CROP = (256, 192)  # the COCO samples' proxy: only for pictures, so a comfortable size
 
-# The demo's search space: the ops that answer the val shift (Rotate, Brightness) among
-# ops that do not (translation, zoom, sharpness, cutout, solarize). Fewer ops than the
-# paper's ten keep a search step affordable on two CPU cores.
-DEMO_SPACE: dict[str, Any] = {
-    "name": "demo",
-    "num_sub_policies": 4,
-    "ops_per_sub_policy": 1,
-    "ops": {
-        "TranslateX": [-0.25, 0.25],
-        "Rotate": [-45.0, 45.0],
-        "Scale": [0.7, 1.35],
-        "Brightness": [0.1, 1.9],
-        "Sharpness": [0.1, 1.9],
-        "Cutout": [0.0, 0.5],
-    },
-}
+# The demo's experiments, shipped as files a user can read and copy (search_spaces/ links to them).
+DEMO_SPACE_FILE = DEMO_DATA / "demo_space.yaml"
 SHIFT_OPS = ("Rotate", "Brightness")  # the ops that match DEMO_SHIFT
-
-# How the demo's search steps its policy: the variant that won on the known-answer suite
-# (benchmarks/search_quality.py, 6 shifts × 3 seeds; README "The search's policy step"): each
-# sample draws one op (what the export writes), the BatchNorm-statistics path beside Eq. 8, the
-# policy stepped on every 4th weight step by a normalized step. Exported and retrained: +0.072
-# over none against +0.035 with the relaxed mix and Adam on every step.
-DEMO_POLICY_STEP: dict[str, Any] = {
-    "sampling": "hard",
-    "batchnorm_path": 1.0,
-    "policy_every": 4,
-    "policy_optimizer": "normalized",
-}
-
 
 BASE_THREADS = max(1, min(2, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
 class DemoBudget:
-    """How much work the demo does (``full``: the 15-minute demo; ``tiny``: the test's).
-
-    Why the search settings differ from the engine's defaults (measured on the demo's data,
-    ``benchmarks/search_quality.py``): the weights train with Adam, whose step per weight is
-    about its learning rate whatever the gradient, while the unrolled step of Eq. 8 is
-    ``ζ·g``; with ``ζ`` = the learning rate (2e-3) the unrolled weights barely move and the
-    hypergradient is so small that Adam's ε mutes it. ``unroll_lr = 0.1`` moves them by a
-    fraction of a real Adam step (ζ = 2 overshoots: the unrolled val loss grew 100-fold).
-    The policy step is :data:`DEMO_POLICY_STEP`'s, with ``policy_lr`` its length per tensor.
-
-    Why the full budget's data and batches look as they do: on cluttered images with up to
-    three figures, 200 steps of 32 crops left every model at val AP ≈ 0.01, where no policy
-    could gain, not even one written to match the shift. One figure per image on a smooth
-    background (``clutter=False``) and batches of 8 (three times the updates for the same
-    crops) reach val AP 0.05–0.07 in the same time, where a shift-matched policy gains +50 %.
-
-    Why a warm start (measured with the flip test fixed, ``benchmarks/search_quality.py``):
-    trials trained from scratch stopped while every learning curve still climbed steeply, so
-    their ranking was mostly noise. The base model (800 steps without augmentation, trained once
-    and cached) ends at val AP 0.07–0.10 on the combined shift. Every trial fine-tunes it for two
-    short epochs, the second at a tenth of the learning rate so that the weights settle before
-    they are scored: none then spreads by 0.009–0.029 over three seeds while the shift-matched
-    policy gains +0.054 to +0.405 (ahead in 18 of 18 cells), so the noise floor lies below what a
-    policy can gain.
-    """
+    """How much work the demo does (``full``: the 8-minute demo; ``tiny``: the test's): the
+    experiment file it runs (the model, the trials' budget, the search's settings and why, in
+    that file's comments) and the synthetic data it makes for it."""
 
     name: str
+    experiment: Path  # the experiment YAML; its data paths are replaced by the work folder's
     train_images: int
     val_images: int
     holdout_images: int  # the search's policy step reads these, never the scored val split
     max_persons: int
     clutter: bool
-    input_size: tuple[int, int]
-    width: int  # P2Net-R18 narrowed to this many channels in every neck and head level
-    base_epochs: int  # the warm start: a base model trained once without augmentation
-    base_steps_per_epoch: int
-    epochs: int  # every trial fine-tunes the base for this many epochs
-    steps_per_epoch: int
-    batch_size: int
-    lr: float
-    lr_milestones: tuple[int, ...]  # ×0.1 from these epochs: the trials end on small steps
-    search_trials: int
-    random_seeds: tuple[int, ...]
-    policy_lr: float
-    unroll_lr: float
-    tau1: float
-    tau2: float
-    full_epochs: int
-    full_steps_per_epoch: int
-    max_val_samples: int | None
-    examples: int
-    trial_cpus: float  # CPUs per trial: 0.5 runs four tiny trials at once on two cores
     # The train proxy's canvas (build_proxy's margin): turns and zoom-outs bring in the background
     # around each figure instead of black corners; 1.5 holds a ±45° turn of the crop nearly whole.
     train_margin: float
 
-    def sub_policies(self) -> int:
-        return int(DEMO_SPACE["num_sub_policies"])
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The crop size the experiment's model takes (the proxies are built at it)."""
+        from autopose.engine.config import load_yaml
+
+        height, width = load_yaml(self.experiment)["model"]["input_size"]
+        return int(height), int(width)
 
 
 BUDGETS: dict[str, DemoBudget] = {
     "full": DemoBudget(
         name="full",
+        experiment=DEMO_DATA / "demo.yaml",
         train_images=1000,
         val_images=150,
         holdout_images=150,
         max_persons=1,
         clutter=False,
-        input_size=(64, 48),
-        width=32,
-        base_epochs=8,
-        base_steps_per_epoch=100,
-        epochs=2,
-        steps_per_epoch=60,
-        batch_size=8,
-        lr=1.0e-3,
-        lr_milestones=(1,),
-        search_trials=1,
-        random_seeds=(0, 1),
-        policy_lr=0.3,
-        unroll_lr=0.1,
-        tau1=1.0,
-        tau2=0.5,
-        full_epochs=4,  # 4×80 steps of 8 crops on each of 2 workers from the base: 5× a trial's crops
-        full_steps_per_epoch=80,
-        max_val_samples=None,
-        examples=6,
         train_margin=1.5,
-        trial_cpus=1.0,
     ),
     "tiny": DemoBudget(
         name="tiny",
+        experiment=DEMO_DATA / "demo_tiny.yaml",
         train_images=24,
         val_images=8,
         holdout_images=8,
         max_persons=3,
         clutter=True,
-        input_size=(64, 48),
-        width=16,
-        base_epochs=1,
-        base_steps_per_epoch=2,
-        epochs=2,
-        steps_per_epoch=2,
-        batch_size=8,
-        lr=1.0e-3,
-        lr_milestones=(),
-        search_trials=1,
-        random_seeds=(0,),
-        policy_lr=0.3,
-        unroll_lr=0.1,
-        tau1=1.0,
-        tau2=0.5,
-        full_epochs=1,
-        full_steps_per_epoch=2,
-        max_val_samples=16,
-        examples=2,
         train_margin=1.5,
-        trial_cpus=0.5,
     ),
 }
 
@@ -364,85 +264,26 @@ def demo_config(
     seed: int = 0,
     random_seeds: tuple[int, ...] | None = None,
 ) -> ExperimentConfig:
-    """The demo's experiment, built in code and checked like a YAML file would be.
+    """The demo's experiment: ``budget.experiment`` loaded like any experiment file, with the work
+    folder's data, MLflow store and storage, and optionally another name, seed or random seeds.
 
     Every trial trains in its own process (``num_workers: 0``, one CPU each, so that a
     2-core machine runs two trials at once); the full training uses 2 Ray Train workers.
     """
-    width = budget.width
     overrides: dict[str, Any] = {
-        "experiment": name or f"autopose-demo-{budget.name}",
         "tracking_uri": f"sqlite:///{(workdir / 'mlflow.db').absolute()}",
         "storage_path": str((workdir / "runs").absolute()),
-        "data": {
-            "train": str(data.train),
-            "val": str(data.val),
-            "search_val": str(data.search_val),
-            "max_val_samples": budget.max_val_samples,
-        },
-        "model": {
-            "arch": "p2net_r18",
-            "input_size": list(budget.input_size),
-            "options": {
-                "pyramid_channels": width,
-                "parallel_channels": [width] * 4,
-                "parallel_stages": 1,
-                "refine_channels": width,
-                "refine_blocks": [1, 1, 1, 1],
-            },
-        },
-        "train": {
-            "epochs": budget.epochs,
-            "steps_per_epoch": budget.steps_per_epoch,
-            "batch_size": budget.batch_size,
-            "lr": budget.lr,
-            "lr_milestones": list(budget.lr_milestones),
-            "ohkm_topk": 8,
-            "seed": seed,
-            "num_workers": 0,
-            "cpus_per_worker": budget.trial_cpus,
-            "threads_per_worker": 1,
-            "max_failures": 1,
-        },
-        "space": DEMO_SPACE,
-        "search": {
-            "trials": budget.search_trials,
-            "tau1": budget.tau1,
-            "tau2": budget.tau2,
-            "policy_lr": budget.policy_lr,
-            **DEMO_POLICY_STEP,
-            "unroll_lr": budget.unroll_lr,
-            "hessian": "finite_difference",
-        },
-        "baselines": {
-            "random_seeds": list(random_seeds if random_seeds is not None else budget.random_seeds),
-            "handcrafted": True,
-            "none": True,
-        },
-        "tune": {"max_concurrent": None, "search_alg": None, "scheduler": None, "max_failures": 1},
-        "full_train": {
-            "epochs": budget.full_epochs,
-            "steps_per_epoch": budget.full_steps_per_epoch,
-            "lr_milestones": [budget.full_epochs - 1] if budget.lr_milestones else [],
-            "num_workers": 2,
-            "cpus_per_worker": 1.0,
-            "threads_per_worker": 1,
-            "backend": "gloo",
-            "registered_model": f"autopose-demo-{budget.name}",
-            "alias": "promoted",
-        },
-        "warm_start": {
-            "epochs": budget.base_epochs,
-            "steps_per_epoch": budget.base_steps_per_epoch,
-            "seed": 0,
-            # The base trains before any trial, alone on the machine: two threads where there are
-            # two cores (placement only: the cached base's key does not change).
-            "cpus_per_worker": float(BASE_THREADS),
-            "threads_per_worker": BASE_THREADS,
-        },
-        "examples": budget.examples,
+        "data": {"train": str(data.train), "val": str(data.val), "search_val": str(data.search_val)},
+        "train": {"seed": seed},
+        # The base trains before any trial, alone on the machine: two threads where there are two
+        # cores (placement only: the cached base's key does not change).
+        "warm_start": {"cpus_per_worker": float(BASE_THREADS), "threads_per_worker": BASE_THREADS},
     }
-    return load_experiment(None, overrides)
+    if name is not None:
+        overrides["experiment"] = name
+    if random_seeds is not None:
+        overrides["baselines"] = {"random_seeds": list(random_seeds)}
+    return load_experiment(budget.experiment, overrides)
 
 
 # -- Ray and the console ------------------------------------------------------------------------------

@@ -48,10 +48,10 @@ KINDS = (*RANKED, "tpe", "pba", "selected")
 
 def _policy(steps: Sequence[tuple[str, float]], p: float = 0.9) -> dict[str, Any]:
     """A policy of the demo's space, one sub-policy per ``(op, value in the op's units)``."""
-    from autopose.augment import SearchSpace
-    from autopose.platform.demo import DEMO_SPACE
+    from autopose.augment import load_search_space
+    from autopose.platform.demo import DEMO_SPACE_FILE
 
-    space = SearchSpace.from_dict(DEMO_SPACE)
+    space = load_search_space(DEMO_SPACE_FILE)
     return {
         "format": "autopose.policy/1",
         "space": space.name,

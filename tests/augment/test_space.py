@@ -112,7 +112,7 @@ def test_magnitude_is_the_inverse_of_value():
         space.magnitude("Equalize", 0.0)
 
 
-# The demo's space (autopose.platform.demo.DEMO_SPACE), written out: the oracle for which ops are signed.
+# The demo's space (search_spaces/demo_space.yaml), written out: the oracle for which ops are signed.
 DEMO_OPS = {
     "TranslateX": [-0.25, 0.25],
     "Rotate": [-45.0, 45.0],

@@ -305,12 +305,13 @@ def test_new_shift_keys_parse_round_trip_and_reject_bad_values():
 
 
 def test_known_shifts_name_ops_of_the_demo_space():
-    from autopose.platform.demo import DEMO_SPACE, SHIFT_OPS
+    from autopose.augment import load_search_space
+    from autopose.platform.demo import DEMO_SPACE_FILE, SHIFT_OPS
 
     assert set(MATCHED_OPS) == set(KNOWN_SHIFTS)
     assert KNOWN_SHIFTS["combined"] == DEMO_SHIFT and MATCHED_OPS["combined"] == SHIFT_OPS
     for ops in MATCHED_OPS.values():
-        assert ops and set(ops) <= set(DEMO_SPACE["ops"])
+        assert ops and set(ops) <= set(load_search_space(DEMO_SPACE_FILE).op_names)
 
 
 def _pair(tmp_path: Path, shift: str, **settings) -> tuple[Path, Path]:

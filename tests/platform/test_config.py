@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -315,3 +316,23 @@ def test_the_coco_cluster_config_is_valid(smoke_data, coco_ann, coco_images):
 
 def test_online_hard_keypoint_mining_keeps_the_papers_ten_by_default():
     assert TrainConfig().ohkm_topk == 10 and PoseLoss().ohkm_topk == 10
+
+
+def test_the_demos_experiments_are_files_that_differ_only_in_size(smoke_data):
+    """search_spaces/demo.yaml and demo_tiny.yaml (links to the files the package ships) load like
+    any experiment; the tiny one tests what the full one runs: the same model family, space and
+    search step, smaller."""
+    from autopose.platform.demo import BUDGETS, DEMO_DATA
+
+    splits = {"train": "train", "val": "val", "search_val": "holdout"}
+    data = {"data": {key: str(smoke_data[split]) for key, split in splits.items()}}
+    for name in ("demo.yaml", "demo_tiny.yaml", "demo_space.yaml"):
+        assert (REPO / "search_spaces" / name).resolve() == (DEMO_DATA / name).resolve()
+    full = load_experiment(REPO / "search_spaces" / "demo.yaml", data)
+    tiny = load_experiment(BUDGETS["tiny"].experiment, data)
+    assert BUDGETS["full"].experiment.resolve() == (REPO / "search_spaces" / "demo.yaml").resolve()
+    assert full.space_dict == tiny.space_dict and list(full.space_dict["ops"])[:2] == ["TranslateX", "Rotate"]
+    assert dataclasses.replace(full.search, trials=1) == dataclasses.replace(tiny.search, trials=1)
+    assert full.model.arch == tiny.model.arch and full.model.input_size == tiny.model.input_size
+    assert BUDGETS["full"].input_size == tuple(full.model.input_size) == (64, 48)
+    assert (full.experiment, tiny.experiment) == ("autopose-demo-full", "autopose-demo-tiny")

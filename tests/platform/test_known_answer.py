@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from autopose.augment import Policy, SearchSpace
+from autopose.augment import Policy, load_search_space
 from autopose.data.synth import KNOWN_SHIFTS, MATCHED_OPS
-from autopose.platform.demo import DEMO_SPACE
+from autopose.platform.demo import DEMO_SPACE_FILE
 from autopose.platform.known_answer import (
     KINDS,
     exported_steps,
@@ -20,14 +20,14 @@ from autopose.platform.known_answer import (
 
 @pytest.mark.parametrize("shift", list(KNOWN_SHIFTS))
 def test_every_matched_policy_is_a_policy_of_the_demo_space_using_the_shifts_ops(shift):
-    space = SearchSpace.from_dict(DEMO_SPACE)
+    space = load_search_space(DEMO_SPACE_FILE)
     document = Policy.from_dict(matched_policy(shift), space=space).to_dict()
     used = {step["op"] for sub in document["sub_policies"] for step in sub}
     assert used and used <= set(MATCHED_OPS[shift])
 
 
 def test_matched_magnitudes_land_on_the_intended_values():
-    space = SearchSpace.from_dict(DEMO_SPACE)
+    space = load_search_space(DEMO_SPACE_FILE)
     values = [space.value(s["op"], s["m"]) for sub in matched_policy("combined")["sub_policies"] for s in sub]
     assert values == pytest.approx([-30.0, 30.0, 0.6, 0.6], abs=1e-9)
 
@@ -43,7 +43,7 @@ def test_right_direction_per_op():
 
 
 def test_exported_steps_weigh_each_value_and_its_mirror_as_the_policy_draws_them():
-    space = SearchSpace.from_dict(DEMO_SPACE)
+    space = load_search_space(DEMO_SPACE_FILE)
     m = space.magnitude
     document = {
         "format": "autopose.policy/2",
