@@ -7,7 +7,10 @@ On a CUDA machine, in about 8 minutes:
    images/s and the share of the device's bf16 peak (``3 × 2 × MACs`` FLOPs per image, forward
    and backward, × images/s ÷ peak). Target for one H100/H200: P2Net-R50 ≥ 3,000 images/s.
 2. ``policy``: the relaxed policy's forward and backward and the discrete policy on a batch of
-   128 on the device, each as a share of one P2Net-R50 train step (target ≤ 5 %).
+   128 on the device, each as a share of one P2Net-R50 train step (target ≤ 5 %); and, from one
+   profiled call of each, the operators it launches, its host synchronisations (``nonzero``,
+   ``.item()``/``bool()`` of a device tensor) and the share of the call the device was busy: a
+   low share with many operators means the policy is launch-bound, not compute-bound.
 3. ``search_step``: the bi-level search step over a plain train step on the device (P2Net-R50,
    batch 32).
 4. ``platform``: one search trial of the tiny demo experiment on a local Ray with a GPU per
@@ -181,7 +184,31 @@ def bench_policy(args, device: torch.device, train_step_s: float) -> None:
             share_of_p2net_r50_train_step=round(share, 4),
             target_share_max=TARGET_POLICY_SHARE,
             met=share <= TARGET_POLICY_SHARE,
+            **launch_profile(function, device),
         )
+
+
+def launch_profile(function: Callable[[], object], device: torch.device) -> dict[str, object]:
+    """One profiled call: operators launched, host synchronisations, and (on CUDA) the share of
+    the call's wall time the device spent in kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as profiled:
+        started = time.perf_counter()
+        function()
+        synchronize(device)
+        wall = time.perf_counter() - started
+    averages = profiled.key_averages()
+    counts = {event.key: event.count for event in averages}
+    operators = sum(count for key, count in counts.items() if key.startswith("aten::"))
+    syncs = counts.get("aten::nonzero", 0) + counts.get("aten::_local_scalar_dense", 0)
+    record: dict[str, object] = {"aten_operators": operators, "host_syncs": syncs}
+    if device.type == "cuda":
+        busy_us = sum(event.self_device_time_total for event in averages)
+        record["device_busy_share"] = round(busy_us / 1e6 / wall, 3)
+    return record
 
 
 def bench_search_step(args, device: torch.device) -> None:
