@@ -106,15 +106,16 @@ def test_the_search_trial_steps_its_policy_as_the_suite_measured_best(demo_run):
     policy_step = {
         key: value
         for key, value in load_yaml(BUDGETS["tiny"].experiment)["search"].items()
-        if key in ("sampling", "batchnorm_path", "policy_every", "policy_optimizer", "unroll_lr", "policy_lr")
+        if key
+        in ("sampling", "batchnorm_path", "balance_paths", "policy_every", "policy_optimizer", "unroll_lr")
     }
     assert policy_step == {
         "sampling": "hard",
-        "batchnorm_path": 1.0,
+        "batchnorm_path": 0.5,
+        "balance_paths": True,
         "policy_every": 4,
         "policy_optimizer": "normalized",
         "unroll_lr": 0.1,
-        "policy_lr": 0.3,
     }
     for key, value in policy_step.items():
         assert search.data.params[f"search.{key}"] == str(value)
