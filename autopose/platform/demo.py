@@ -78,6 +78,10 @@ class DemoBudget:
     # around each figure instead of black corners; 1.5 holds a ±45° turn of the crop nearly whole.
     train_margin: float
 
+    def to_dict(self) -> dict[str, Any]:
+        """The budget as JSON-ready data (the demo's state file, the report)."""
+        return {**asdict(self), "experiment": str(self.experiment)}
+
     @property
     def input_size(self) -> tuple[int, int]:
         """The crop size the experiment's model takes (the proxies are built at it)."""
@@ -632,7 +636,7 @@ def _run_demo(workdir: Path, budget_name: str, stream) -> Path:
     def save_state(**extra: Any) -> None:
         entry = state.setdefault(budget.name, {})
         entry["stages"] = timings
-        entry["budget"] = asdict(budget)
+        entry["budget"] = budget.to_dict()
         entry.update(extra)
         _write_json(workdir / STATE_FILE, state)
 
@@ -702,7 +706,7 @@ def _run_demo(workdir: Path, budget_name: str, stream) -> Path:
             full_run=full.run_id,
             evaluation=evaluation,
             timings=timings,
-            budget=asdict(budget),
+            budget=budget.to_dict(),
             shift_ops=SHIFT_OPS,
         )
         info["note"] = _shown(html)
