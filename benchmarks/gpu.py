@@ -276,6 +276,12 @@ def bench_platform(args, device: torch.device) -> None:
     config = config.replace(
         train=train, baselines=baselines, full_train=full, search=search, selection=selection, warm_start=None
     )
+    import ray
+
+    if not ray.is_initialized():
+        # Without the dashboard: GPU images often lack its extras (aiohttp_cors, …), and one
+        # trial and one training leak nothing that matters (local_ray keeps it on for long runs).
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="ERROR")
     with quiet_libraries(), local_ray():
         started = time.perf_counter()
         (outcome,) = run_search(config, verbose=0)
