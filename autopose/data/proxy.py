@@ -63,10 +63,10 @@ from autopose.data.coco import (
 from autopose.data.instances import PersonInstance
 from autopose.data.mpii import MPII_FLIP_PAIRS, MPII_KEYPOINTS, is_mpii_layout, mpii_instances
 from autopose.data.transforms import (
-    canvas_extent,
+    canvas_crop_matrix,
     canvas_padding,
+    canvas_size,
     check_crop_size,
-    crop_matrix,
     cut_window,
     transform_points,
     warp_image,
@@ -118,7 +118,7 @@ class ProxyMetadata:
     @property
     def stored_size(self) -> tuple[int, int]:
         """``(height, width)`` of each stored image: the crop and its canvas."""
-        return self.input_size[0] + 2 * self.canvas_pad[0], self.input_size[1] + 2 * self.canvas_pad[1]
+        return canvas_size(self.input_size, self.canvas_pad)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -133,6 +133,7 @@ class ProxyMetadata:
                     path=path,
                     field="format",
                 )
+            rows, cols = raw.get("canvas_pad", (0, 0))  # absent in proxies from before canvases
             return cls(
                 dataset=str(raw["dataset"]),
                 keypoint_names=tuple(raw["keypoint_names"]),
@@ -149,7 +150,7 @@ class ProxyMetadata:
                 images_dir=str(raw["images_dir"]),
                 jpeg_quality=int(raw["jpeg_quality"]),
                 skeleton=tuple((int(a), int(b)) for a, b in raw.get("skeleton", ())),
-                canvas_pad=(int(raw.get("canvas_pad", (0, 0))[0]), int(raw.get("canvas_pad", (0, 0))[1])),
+                canvas_pad=(int(rows), int(cols)),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise AutoposeError(f"bad proxy metadata ({error})", path=path, field=METADATA_KEY) from None
@@ -366,9 +367,8 @@ def _crop_row(
     source: str,
     pad: tuple[int, int] = (0, 0),
 ) -> dict[str, Any]:
-    stored = (input_size[0] + 2 * pad[0], input_size[1] + 2 * pad[1])
-    matrix = crop_matrix(inst.center, canvas_extent(inst.scale, input_size, pad), stored)
-    crop = warp_image(image, matrix, stored)
+    matrix = canvas_crop_matrix(inst.center, inst.scale, input_size, pad)
+    crop = warp_image(image, matrix, canvas_size(input_size, pad))
     buffer = io.BytesIO()
     # 4:4:4 chroma: thin limbs keep their colour (left/right cues) in small crops.
     Image.fromarray(crop).save(buffer, format="JPEG", quality=quality, subsampling=0)
@@ -702,7 +702,8 @@ class ProxyDataset(torch.utils.data.Dataset):
         return self.metadata.canvas_pad if self.canvas else (0, 0)
 
     @property
-    def _cut(self) -> tuple[int, int]:
+    def _window_pad(self) -> tuple[int, int]:
+        """How far in the crop lies in what the file stores, when items are the crops."""
         return (0, 0) if self.canvas else self.metadata.canvas_pad
 
     def __len__(self) -> int:
@@ -728,7 +729,7 @@ class ProxyDataset(torch.utils.data.Dataset):
             decode_crop(self._crops[index].as_buffer()),
             torch.from_numpy(columns["keypoints"][index]),
             visibility,
-            self._cut,
+            self._window_pad,
         )
         return {
             "image": image,
@@ -746,7 +747,7 @@ class ProxyDataset(torch.utils.data.Dataset):
         """Stream the file in order as batched tensors (see :func:`decode_batch`)."""
         file = _open_parquet(self.path)
         for batch in file.iter_batches(batch_size=batch_size):
-            yield decode_batch(batch, pad=self._cut)
+            yield decode_batch(batch, pad=self._window_pad)
 
     def iter_record_batches(self, batch_size: int = 64) -> Iterator[pa.RecordBatch]:
         """Stream the raw Arrow record batches (crops still JPEG)."""
@@ -793,10 +794,8 @@ class CocoCropDataset(torch.utils.data.Dataset):
             image = _read_image(inst.image_path)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
             raise AutoposeError(f"cannot read image ({error})", path=inst.image_path) from None
-        rows, cols = self.canvas_pad
-        stored = (self.input_size[0] + 2 * rows, self.input_size[1] + 2 * cols)
-        matrix = crop_matrix(inst.center, canvas_extent(inst.scale, self.input_size, self.canvas_pad), stored)
-        crop = warp_image(image, matrix, stored)
+        matrix = canvas_crop_matrix(inst.center, inst.scale, self.input_size, self.canvas_pad)
+        crop = warp_image(image, matrix, canvas_size(self.input_size, self.canvas_pad))
         keypoints = np.zeros((inst.keypoints.shape[0], 2), dtype=np.float32)
         labelled = inst.keypoints[:, 2] > 0
         keypoints[labelled] = transform_points(inst.keypoints[labelled, :2], matrix)

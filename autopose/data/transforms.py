@@ -129,27 +129,39 @@ def warp_image(
 MAX_MARGIN = 3.0
 
 
+def check_margin(margin: float) -> None:
+    """Raise ValueError unless ``margin`` (canvas side over crop side) is a number in
+    ``[1, MAX_MARGIN]``."""
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not 1.0 <= margin <= MAX_MARGIN:
+        raise ValueError(f"must lie in [1, {MAX_MARGIN:g}] (canvas side over crop side), got {margin!r}")
+
+
 def canvas_padding(input_size: tuple[int, int], margin: float) -> tuple[int, int]:
     """``(rows, cols)`` of image a canvas keeps on each side of an ``input_size`` crop so that
     its sides are about ``margin`` times the crop's (rounded to whole pixels; ``margin = 1``: none).
 
     Raises:
-        ValueError: ``margin`` outside ``[1, MAX_MARGIN]``.
+        ValueError: ``margin`` outside ``[1, MAX_MARGIN]`` (:func:`check_margin`).
     """
-    if not 1.0 <= margin <= MAX_MARGIN:
-        raise ValueError(f"margin must lie in [1, {MAX_MARGIN:g}] (canvas side over crop side), got {margin}")
+    check_margin(margin)
     height, width = input_size
     return round((margin - 1.0) * height / 2), round((margin - 1.0) * width / 2)
 
 
-def canvas_extent(scale: np.ndarray, input_size: tuple[int, int], pad: tuple[int, int]) -> np.ndarray:
-    """The image extent ``(w, h)`` of the canvas around a crop of extent ``scale``: the crop's
-    pixels per image pixel kept, so that canvas pixel ``p + (cols, rows)`` is crop pixel ``p``."""
-    height, width = input_size
-    rows, cols = pad
-    return np.asarray(scale, dtype=np.float64) * np.array(
-        [(width + 2 * cols) / width, (height + 2 * rows) / height]
-    )
+def canvas_size(input_size: tuple[int, int], pad: tuple[int, int]) -> tuple[int, int]:
+    """``(height, width)`` of the canvas that holds an ``input_size`` crop ``pad`` in from each side."""
+    return input_size[0] + 2 * pad[0], input_size[1] + 2 * pad[1]
+
+
+def canvas_crop_matrix(
+    center: np.ndarray, scale: np.ndarray, input_size: tuple[int, int], pad: tuple[int, int]
+) -> np.ndarray:
+    """The image → canvas map (:func:`crop_matrix` at :func:`canvas_size`) of the crop with
+    ``center`` and extent ``scale``: the crop's pixels per image pixel kept, so that canvas pixel
+    ``p + (cols, rows)`` is crop pixel ``p``."""
+    stored = canvas_size(input_size, pad)
+    widening = np.array([stored[1] / input_size[1], stored[0] / input_size[0]])
+    return crop_matrix(center, np.asarray(scale, dtype=np.float64) * widening, stored)
 
 
 def cut_window(

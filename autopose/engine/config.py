@@ -254,15 +254,14 @@ class DataConfig:
 
 
 def check_margin(margin: float, path, field_: str) -> None:
-    """A canvas margin in ``[1, MAX_MARGIN]`` (canvas side over crop side), or the field is named."""
-    from autopose.data.transforms import MAX_MARGIN
+    """A canvas margin as :func:`autopose.data.transforms.check_margin` accepts it, or the field
+    is named."""
+    from autopose.data import transforms
 
-    if isinstance(margin, bool) or not isinstance(margin, int | float) or not 1.0 <= margin <= MAX_MARGIN:
-        raise AutoposeError(
-            f"must lie in [1, {MAX_MARGIN:g}] (canvas side over crop side), got {margin!r}",
-            path=path,
-            field=field_,
-        )
+    try:
+        transforms.check_margin(margin)
+    except ValueError as error:
+        raise AutoposeError(str(error), path=path, field=field_) from None
 
 
 @dataclass

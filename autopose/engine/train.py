@@ -371,7 +371,7 @@ class Trainer:
         self.dataset_name = meta.dataset
         _check_proxy_fits(self.val_set.metadata, "val", model, path=data.val)
         self.train_set = self._train_dataset()
-        self.canvas_pad: tuple[int, int] = getattr(self.train_set, "canvas_pad", (0, 0))
+        self.canvas_pad: tuple[int, int] = self.train_set.canvas_pad
         # A split held out from the val distribution: the search's policy step reads it, and every
         # run scores it once at the end (``holdout_ap``) so that choices can be made without val.
         self.holdout_set: ProxyDataset | None = None
@@ -473,13 +473,13 @@ class Trainer:
             )
         self.net.load_state_dict(model_state)
 
-    def _train_dataset(self) -> Dataset:
+    def _train_dataset(self) -> ProxyDataset | CocoCropDataset:
         data = self.data_config
         if data.train_ann is not None:
             instances = load_coco(Path(data.train_ann), Path(data.train_images), labelled_only=True)
             return CocoCropDataset(instances, tuple(self.model_config.input_size), margin=data.train_margin)
         # Canvases, when the proxy stores them: the policy's geometric ops bring in the image
-        # around each crop, and the crop is cut after the policy (_augmented).
+        # around each crop, and the crop is cut after the policy (_plain_step, the search's augment).
         dataset = ProxyDataset(Path(data.train), canvas=True)
         _check_proxy_fits(dataset.metadata, "train", self.model_config, path=data.train)
         return dataset

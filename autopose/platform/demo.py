@@ -238,7 +238,8 @@ def prepare_proxies(workdir: Path, budget: DemoBudget, synth: Path) -> tuple[Dem
     file of the same inputs). Returns the paths and how many were reused."""
     from autopose.data import build_proxy, build_synth_proxies
 
-    height, width = budget.input_size
+    input_size = budget.input_size  # read from the experiment file once
+    height, width = input_size
     folder = workdir / "data"
     folder.mkdir(parents=True, exist_ok=True)
     data = DemoData(
@@ -249,9 +250,7 @@ def prepare_proxies(workdir: Path, budget: DemoBudget, synth: Path) -> tuple[Dem
         coco=folder / f"coco-samples-{EXAMPLE_CROP[0]}x{EXAMPLE_CROP[1]}.parquet",
     )
     splits = {"train": data.train, "val": data.val, "holdout": data.search_val}
-    reports = build_synth_proxies(
-        synth, splits, input_size=budget.input_size, train_margin=budget.train_margin
-    )
+    reports = build_synth_proxies(synth, splits, input_size=input_size, train_margin=budget.train_margin)
     reused = sum(report.reused for report in reports.values())
     report = build_proxy(COCO_ANN, COCO_SAMPLES, data.coco, input_size=EXAMPLE_CROP, progress=False)
     reused += int(report.reused)
