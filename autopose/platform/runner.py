@@ -6,15 +6,15 @@ GPUs; ``num_workers: 0`` runs the loop in the calling process) whose workers run
 :func:`train_loop_per_worker`. That function drives
 :class:`autopose.engine.train.Trainer` and, after each epoch:
 
-* rank 0 logs the epoch's metrics to the MLflow run; when the tracking server
-  does not answer, the epoch waits in memory and goes with the next epoch that
-  gets through (same step numbers), training goes on, and the report to Ray
-  carries ``tracking_errors`` (failed attempts) and ``tracking_unlogged``
-  (epochs and artifacts still waiting); Ray's results keep every epoch, from
-  which the search's driver completes the run later (see ``autopose.platform.tune``);
 * every rank reports them to Ray (a barrier), with a checkpoint of the full
   training state from rank 0;
-* at the end rank 0 logs ``policy/policy.json`` and ``policy/examples.png``.
+* outside a search, rank 0 also logs the epoch to the MLflow run (an
+  :class:`~autopose.platform.tracking.EpochLog`: when the tracking server does
+  not answer, the epoch waits in memory and goes with the next epoch that gets
+  through, same step numbers, and training goes on). In a search the driver logs
+  every trial's epochs from the reports (``autopose.platform.tune.TrialRuns``);
+* at the end rank 0 logs ``policy/policy.json`` and ``policy/examples.png`` (in a
+  search, a report with ``artifacts_unlogged`` tells the driver that they did not go).
 
 Where checkpoints go, and how a restarted run finds them:
 
@@ -66,6 +66,9 @@ CHECKPOINT_FILE = "checkpoint.pt"
 POLICY_FILE = "policy.json"
 BEST_METRIC = "val_ap"  # a full training registers its checkpoint with the highest
 BEST_FOLDER, BEST_RECORD = "best", "best.json"  # in-process: the best checkpoint and its epoch
+# What a trial's reports carry besides its metrics, for the search's driver (never logged as metrics):
+NODE_KEY = "node_id"  # the Ray node rank 0 ran on
+ARTIFACTS_UNLOGGED = "artifacts_unlogged"  # 1: the final policy could not be logged
 
 
 @dataclass
@@ -86,8 +89,6 @@ class TrainingJob:
             after this epoch's report and checkpoint.
         inject_kill_after_epoch: fault injection: the last rank's process kills itself
             (SIGKILL, no clean-up) once, right after this epoch's report and checkpoint.
-        tracking_lost: the run could not be opened (tracking server unreachable when the
-            trial started): train untracked and report every epoch as unlogged.
         keep_best: also keep the checkpoint with the best ``val_ap`` (full training).
     """
 
@@ -104,7 +105,6 @@ class TrainingJob:
     checkpoint_dir: str | None = None
     inject_failure_after_epoch: int | None = None
     inject_kill_after_epoch: int | None = None
-    tracking_lost: bool = False
     keep_best: bool = False
 
 
@@ -175,10 +175,9 @@ class _ReportingHooks(TrainHooks):
         self.job, self.session = job, session
         self.cpu_start = time.process_time()
         self._run = None
-        self._unlogged: dict[int, dict[str, float]] = {}  # epoch → metrics MLflow has not taken yet
-        self._policy_unlogged = False
-        self.tracking_errors = 1 if job.tracking_lost else 0
-        self._in_doubt = False  # a call failed: the server may have stored an epoch without answering
+        self._epochs = None  # outside Tune: this run's EpochLog (in a search the driver logs epochs)
+        self._artifacts_waiting = False  # the final policy and its picture, not logged yet
+        self._failed = False  # a tracking call failed (said once)
 
     def run(self):
         if self._run is None and self.job.run_id is not None:
@@ -207,17 +206,15 @@ class _ReportingHooks(TrainHooks):
                 trainer.save(Path(folder) / CHECKPOINT_FILE)
                 (Path(folder) / POLICY_FILE).write_text(json.dumps(trainer.policy_document(), indent=2))
                 saved = Path(folder)
-            tracking = {}
+            extra: dict[str, Any] = {}
+            if trainer.is_main and self.job.in_tune:
+                extra[NODE_KEY] = ray.get_runtime_context().get_node_id()  # the driver tags the run
             if trainer.is_main and self.job.run_id is not None:
-                self._unlogged[report.epoch] = metrics
-                self._policy_unlogged = self._policy_unlogged or report.is_last
-                self._flush(trainer)
-                unlogged = len(self._unlogged) + int(self._policy_unlogged)
-                tracking = {"tracking_errors": self.tracking_errors, "tracking_unlogged": unlogged}
-            elif trainer.is_main and self.job.tracking_lost:
-                tracking = {"tracking_errors": self.tracking_errors, "tracking_unlogged": report.epoch + 1}
+                self._track(report, metrics, trainer)
+                if self._artifacts_waiting:
+                    extra[ARTIFACTS_UNLOGGED] = 1  # the driver logs the policy from the checkpoint
             # Every rank reports, equally often (Ray's report is a barrier); rank 0 brings the checkpoint.
-            self.session.report({**metrics, **tracking}, saved)
+            self.session.report({**metrics, **extra}, saved)
         if report.epoch == self.job.inject_failure_after_epoch:
             raise RuntimeError(f"injected failure after epoch {report.epoch} ({self.job.title})")
         if report.epoch == self.job.inject_kill_after_epoch and trainer.rank == trainer.world_size - 1:
@@ -227,33 +224,33 @@ class _ReportingHooks(TrainHooks):
             time.sleep(6.0 if trainer.world_size > 1 or self.session.workers else 1.0)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def _flush(self, trainer: Trainer) -> None:
-        """Send the waiting epochs in order, then the final policy; a lost tracking server
+    def _track(self, report: EpochReport, metrics: dict[str, float], trainer: Trainer) -> None:
+        """Rank 0's MLflow writes: outside Tune the epochs (in a search the driver logs them from
+        the reports), and after the last epoch the policy and its picture. A lost tracking server
         leaves them waiting for the next epoch and never stops the training."""
+        from autopose.platform.tracking import EpochLog
+
+        if not self.job.in_tune:
+            if self._epochs is None:
+                self._epochs = EpochLog(self.run())
+            self._epochs.add(report.epoch, metrics)
+        self._artifacts_waiting = self._artifacts_waiting or report.is_last
         try:
-            if self._in_doubt and self._unlogged:
-                # An epoch is one batch (stored whole or not at all): skip those the server has,
-                # so that a lost answer does not log an epoch twice.
-                stored = self.run().client.get_metric_history(self.run().run_id, "epoch")
-                for epoch in {int(m.step) for m in stored} & set(self._unlogged):
-                    del self._unlogged[epoch]
-            for epoch in sorted(self._unlogged):
-                self.run().log_metrics(self._unlogged[epoch], step=epoch)
-                del self._unlogged[epoch]
-            if self._policy_unlogged:
+            if self._epochs is not None:
+                self._epochs.flush()
+            if self._artifacts_waiting:
                 self._log_policy(trainer)
-                self._policy_unlogged = False
-            self._in_doubt = False
+                self._artifacts_waiting = False
         except Exception as error:  # MlflowException, requests' and OSError kinds: the server is away
-            self._in_doubt = True
-            self.tracking_errors += 1
             # Said once; in a search the driver says it instead (its console is the one read).
-            log = logger.warning if self.tracking_errors == 1 and not self.job.in_tune else logger.debug
+            log = logger.warning if not (self._failed or self.job.in_tune) else logger.debug
+            self._failed = True
+            waiting = len(self._epochs.waiting) if self._epochs is not None else 0
             log(
                 "MLflow tracking at %s failed (%s); training goes on, %d epoch(s) wait to be logged",
                 self.job.tracking_uri,
                 first_line(error),
-                len(self._unlogged),
+                waiting,
             )
 
     def _log_policy(self, trainer: Trainer) -> None:

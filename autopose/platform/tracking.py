@@ -383,6 +383,70 @@ class TrackedRun:
         return self.client.get_run(self.run_id).info.status
 
 
+class EpochLog:
+    """The per-epoch metrics of one run on their way to MLflow: the only way epochs are logged.
+
+    Epochs wait here until the tracking server takes them, in order, each under its own step.
+    An epoch goes as one batch (stored whole or not at all, its ``epoch`` metric with it), so
+    after a call whose answer was lost, and before the first send (a resumed run), the epochs
+    the server already holds are skipped: every epoch is logged once.
+    """
+
+    def __init__(self, run: TrackedRun):
+        self.run = run
+        self.waiting: dict[int, dict[str, Any]] = {}
+        self._in_doubt = True  # nothing is known of what the run holds until it is asked
+
+    def add(self, epoch: int, metrics: Mapping[str, Any]) -> None:
+        """Queue ``epoch``'s metrics (non-numeric values are never logged); the last wins."""
+        self.waiting[int(epoch)] = dict(metrics)
+
+    def flush(self) -> None:
+        """Send the waiting epochs in order.
+
+        Raises:
+            Exception: the server did not take them (MlflowException, requests' and OSError
+                kinds); what was not sent keeps waiting.
+        """
+        try:
+            if self._in_doubt and self.waiting:
+                stored = self.run.client.get_metric_history(self.run.run_id, "epoch")
+                for epoch in {int(m.step) for m in stored} & set(self.waiting):
+                    del self.waiting[epoch]
+            for epoch in sorted(self.waiting):
+                self.run.log_metrics(self.waiting[epoch], step=epoch)
+                del self.waiting[epoch]
+            self._in_doubt = False
+        except Exception:
+            self._in_doubt = True
+            raise
+
+
+def close_run(
+    run: TrackedRun,
+    status: str,
+    *,
+    wall_s: float,
+    resources: tuple[float, float],
+    step: int,
+    stopped_early: bool = False,
+) -> None:
+    """Log a run's cost and close it: how every run ends (trials, the base, full trainings).
+
+    ``wall_s`` is the run's wall time (every attempt), ``resources`` the ``(CPUs, GPUs)`` it held
+    (:func:`autopose.platform.runner.resources_of`): ``trial_wall_s``, ``cost_cpu_s`` and
+    ``cost_gpu_s`` are logged at ``step``. ``stopped_early`` tags a run closed before its planned
+    epochs (and removes the tag from one that has them after all).
+    """
+    cpus, gpus = resources
+    run.log_metrics({"trial_wall_s": wall_s, "cost_cpu_s": wall_s * cpus, "cost_gpu_s": wall_s * gpus}, step)
+    if stopped_early:
+        run.set_tags({TAG_STOPPED_EARLY: "true"})
+    elif TAG_STOPPED_EARLY in run.client.get_run(run.run_id).data.tags:
+        run.client.delete_tag(run.run_id, TAG_STOPPED_EARLY)
+    run.finish(status)
+
+
 def check_artifact_path(artifact: str) -> str:
     """An artifact path stays inside its run's artifact folder: relative, no ``..``.
 
@@ -486,10 +550,12 @@ __all__ = [
     "TAG_PROMOTED",
     "TAG_SEED",
     "TAG_TRIAL",
+    "EpochLog",
     "RunStatus",
     "TrackedRun",
     "check_artifact_path",
     "check_tracking",
+    "close_run",
     "download_artifact",
     "ensure_experiment",
     "flatten",

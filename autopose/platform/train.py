@@ -40,6 +40,7 @@ from autopose.platform.tracking import (
     TAG_TRIAL,
     TrackedRun,
     check_tracking,
+    close_run,
     ensure_experiment,
     flatten,
     log_model,
@@ -176,6 +177,10 @@ def run_training(
     storage = storage_join(experiment.storage_path, "full-train")
     run_name = f"{experiment_name}-{key}"
     started = time.perf_counter()
+
+    def cost() -> dict[str, Any]:
+        return {"wall_s": time.perf_counter() - started, "resources": resources_of(train)}
+
     try:
         with ray_session(address):
             result = fit(job, name=run_name, storage_path=storage, backend=experiment.full_train.backend)
@@ -184,15 +189,12 @@ def run_training(
             metrics = _evaluate(kept.local, experiment)
             model_uri, version = _register(kept.local, experiment, run.run_id, kept.epoch, train.epochs)
         checkpoint = kept.location
-        wall = time.perf_counter() - started
-        cpus, gpus = resources_of(train)
-        metrics.update({"trial_wall_s": wall, "cost_cpu_s": wall * cpus, "cost_gpu_s": wall * gpus})
         run.log_metrics(metrics, step=train.epochs)
         run.set_tags({TAG_CHECKPOINT: checkpoint, TAG_REGISTERED_EPOCH: kept.epoch})
     except BaseException:
-        run.finish("FAILED")
+        close_run(run, "FAILED", **cost(), step=train.epochs)
         raise
-    run.finish("FINISHED")
+    close_run(run, "FINISHED", **cost(), step=train.epochs)
     return TrainingOutcome(
         run_id=run.run_id,
         checkpoint=checkpoint,

@@ -4,10 +4,12 @@ Every trial trains the same model under the same budget (the config's
 ``train`` section) and differs only in its augmentation: ``search`` trials
 learn a RelaxedPolicy with the bi-level step, baselines use random policies
 (one per seed), the hand-crafted recipe, none, and optionally RandAugment and
-TrivialAugment. Each trial is a small driver function that opens its MLflow run
-and builds a Ray Train ``TorchTrainer`` (:func:`autopose.platform.runner.fit`);
-Tune runs as many trials at once as the cluster's resources allow (or
-``tune.max_concurrent``) and ranks them by ``val_ap``.
+TrivialAugment. Each trial is a small driver function that builds a Ray Train
+``TorchTrainer`` (:func:`autopose.platform.runner.fit`); Tune runs as many
+trials at once as the cluster's resources allow (or ``tune.max_concurrent``)
+and ranks them by ``val_ap``. The driver is the one writer of every trial's
+MLflow run (:class:`TrialRuns`, a Tune callback): it opens the run, logs each
+reported epoch, and closes it with its cost; the trial logs only its artifacts.
 
 Methods beside the differentiable search, each a Tune run of its own scored on the holdout split
 (``data.search_val``): ``tpe`` (``tune/<name>+tpe``: Optuna's TPE proposes discrete policies,
@@ -30,12 +32,12 @@ Failures: a failed trial is retried ``tune.max_failures`` times and resumes from
 its latest checkpoint; ``--resume`` (:func:`run_search` with ``resume=True``)
 finishes an interrupted experiment with ``Tuner.restore(resume_errored=True)``.
 
-A tracking server that goes away mid-search stops nothing: trials train on and
-keep the epochs it did not take (sent when it answers again, same steps); the
-driver says so once (:class:`WatchTracking`). Tune's results hold every epoch,
-so after the trials end :func:`sync_runs` completes each trial's run from them
-(the epochs it misses, its close); a server still away then is reported with
-what is missing, and ``--resume`` completes the runs once it is back.
+A tracking server that goes away mid-search stops nothing: trials train on, the
+driver keeps the epochs it did not take and sends them when it answers again (same
+steps), and says so once each way (:class:`TrialRuns`). Tune's results hold every
+epoch, so after the trials end :func:`sync_runs` completes each run still open
+from them; a server still away then is reported with what is missing, and
+``--resume`` completes the runs once it is back.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ from autopose.errors import AutoposeError, error_cause, first_line
 from autopose.platform.cluster import ray_session
 from autopose.platform.compare import read_selection
 from autopose.platform.config import ExperimentConfig, check_name, storage_join
-from autopose.platform.runner import POLICY_FILE, TrainingJob, fit, resources_of
+from autopose.platform.runner import ARTIFACTS_UNLOGGED, NODE_KEY, POLICY_FILE, TrainingJob, fit, resources_of
 from autopose.platform.selection import SELECTION_BASELINES
 from autopose.platform.tracking import (
     CONFIG_ARTIFACT,
@@ -81,13 +83,15 @@ from autopose.platform.tracking import (
     TAG_SEED,
     TAG_SELECTED,
     TAG_STAGE,
-    TAG_STOPPED_EARLY,
     TAG_TRIAL,
+    EpochLog,
     TrackedRun,
     bounded_http,
     check_tracking,
     client,
+    close_run,
     ensure_experiment,
+    epochs_logged,
     flatten,
     quick_tracking_failures,
     source_tags,
@@ -98,6 +102,7 @@ from autopose.platform.warm_start import prepare_warm_start
 logger = logging.getLogger(__name__)
 
 METRIC, MODE = "val_ap", "max"
+_MAX_RUNS = 50_000  # MLflow's own cap on one search_runs page
 SELECTION_STAGE = "selection"
 TPE_KIND, PBA_KIND, HOLDOUT_METRIC = "tpe", "pba", "holdout_ap"
 # The first words of a trial run's description in MLflow (its ``mlflow.note.content``), by kind.
@@ -207,36 +212,27 @@ def open_trial_run(setup: TrialSetup, spec: AugmentSpec, tags: dict[str, str]) -
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """The Tune trainable: open the trial's MLflow run, train on Ray Train, record the cost.
+    """The Tune trainable: train on Ray Train and report every epoch to Tune.
 
-    A tracking server that does not answer stops nothing: the trial trains untracked
-    (or keeps what it could not log) and the driver completes the run afterwards.
+    The trial writes nothing to MLflow but its artifacts (the final policy and its picture): the
+    driver's :class:`TrialRuns` opened its run before this starts, and logs its epochs, status
+    and cost from the reports. A tracking server that does not answer stops nothing.
     """
     quick_tracking_failures()
     experiment = setup.experiment
     spec = trial_spec(config, experiment)
     trial_id = ray.tune.get_context().get_trial_id()
-    tags = trial_tags(setup, config, trial_id)
-    tags[TAG_NODE] = ray.get_runtime_context().get_node_id()  # where the trial's driver ran
-    run = None
+    trial_key = trial_tags(setup, config, trial_id)[TAG_TRIAL]
     try:
-        finished = _finished_run(
-            experiment.tracking_uri, setup.experiment_id, tags[TAG_TRIAL], experiment.train
-        )
-        if finished is not None:
-            # The driver died after this trial had finished but before Tune saved that: the resumed
-            # search gets the logged result back instead of training the trial (and its run) again.
-            ray.tune.report(dict(finished.data.metrics))
-            return
-        run = open_trial_run(setup, spec, tags)
-        attempt = len(run.client.get_metric_history(run.run_id, "attempt_wall_s"))
-        # Every start is counted, also those whose process died before closing the run (SIGKILL,
-        # lost node). Tags, not metrics: a timestamp is no score to plot against val AP.
-        starts = int(run.client.get_run(run.run_id).data.tags.get(TAG_ATTEMPTS, "0"))
-        run.set_tags({TAG_ATTEMPTS: starts + 1, TAG_ATTEMPT_STARTED: utc_now()})
+        found = _trial_run(experiment.tracking_uri, setup.experiment_id, trial_key)
     except Exception as error:  # MlflowException, requests' and OSError kinds: the server is away
-        logger.debug("trial %s trains untracked: %s", trial_id, first_line(error))
-        run = None
+        logger.debug("trial %s trains without its run: %s", trial_id, first_line(error))
+        found = None
+    if found is not None and _complete(found, experiment.train.epochs):
+        # The driver died after this trial had finished but before Tune saved that: the resumed
+        # search gets the logged result back instead of training the trial (and its run) again.
+        ray.tune.report(dict(found.data.metrics))
+        return
     job = TrainingJob(
         data=experiment.data,
         model=experiment.model,
@@ -244,164 +240,231 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         augment=spec,
         space=experiment.space_dict,
         tracking_uri=experiment.tracking_uri,
-        run_id=run.run_id if run is not None else None,
+        run_id=found.info.run_id if found is not None else None,
         examples=experiment.examples,
         title=f"{setup.search_name}: {spec.kind} (seed {spec.seed})",
         in_tune=True,
         inject_failure_after_epoch=setup.inject_failure_after_epoch,
         inject_kill_after_epoch=setup.inject_kill_after_epoch,
-        tracking_lost=run is None,
     )
-    started = time.perf_counter()
-
-    def close(status: str) -> None:
-        """Log this attempt's time and the trial's cost so far, then close the run. A server
-        away leaves the run open: the driver closes it from Tune's results (:func:`sync_runs`)."""
-        if run is None:
-            return
-        try:
-            complete = _epochs_logged(run) >= experiment.train.epochs
-            if status == "STOPPED" and not complete and config["trial"]["kind"] == PBA_KIND:
-                # PBT pauses members at every perturbation and starts them again (the same run)
-                run.log_metrics({"attempt_wall_s": time.perf_counter() - started}, step=attempt)
-                return
-            if status == "STOPPED":  # stopped by Tune: complete when its last epoch is logged
-                if not complete:
-                    run.set_tags({TAG_STOPPED_EARLY: "true"})
-                status = "FINISHED" if complete else "KILLED"
-            run.log_metrics({"attempt_wall_s": time.perf_counter() - started}, step=attempt)
-            total_wall = sum(m.value for m in run.client.get_metric_history(run.run_id, "attempt_wall_s"))
-            cpus, gpus = resources_of(experiment.train)
-            run.log_metrics(
-                {
-                    "trial_wall_s": total_wall,
-                    "cost_cpu_s": total_wall * cpus,
-                    "cost_gpu_s": total_wall * gpus,
-                },
-                step=experiment.train.epochs,
-            )
-            if status == "FINISHED" and _epochs_logged(run) < experiment.train.epochs:
-                return  # epochs still wait to be logged: the driver completes and closes the run
-            run.finish(status)
-        except Exception as error:  # the server is away: the driver closes the run later
-            logger.debug("trial %s: run %s left open: %s", trial_id, run.run_id, first_line(error))
-
-    try:
-        fit(
-            job,
-            name=f"{setup.search_name}-{trial_id}",
-            storage_path=storage_join(experiment.storage_path, "train"),
-            tune_callback=True,
-        )
-    except SystemExit:
-        # Tune stops a trial by exiting its thread at a report: ASHA cutting it short, or reaching
-        # max_t at the last epoch (then the trial is complete: its last epoch is logged).
-        close("STOPPED")
-        raise
-    except BaseException:
-        close("FAILED")
-        raise
-    close("FINISHED")
+    fit(
+        job,
+        name=f"{setup.search_name}-{trial_id}",
+        storage_path=storage_join(experiment.storage_path, "train"),
+        tune_callback=True,
+    )
 
 
-def _finished_run(tracking_uri: str, experiment_id: str, trial_key: str, train):
-    """The trial's MLflow run when it is FINISHED with every epoch logged, else None."""
-    mlflow_client = client(tracking_uri)
-    found = mlflow_client.search_runs(
+def _trial_run(tracking_uri: str, experiment_id: str, trial_key: str):
+    """The MLflow run tagged ``autopose.trial = trial_key``, or None."""
+    found = client(tracking_uri).search_runs(
         [experiment_id], filter_string=f"tags.`{TAG_TRIAL}` = '{trial_key}'", max_results=1
     )
-    if not found or found[0].info.status != "FINISHED":
-        return None
-    epochs = len(mlflow_client.get_metric_history(found[0].info.run_id, METRIC))
-    return found[0] if epochs >= train.epochs else None
+    return found[0] if found else None
 
 
-def _epochs_logged(run: TrackedRun) -> int:
-    return len(run.client.get_metric_history(run.run_id, "val_ap"))
+def _complete(run, epochs: int) -> bool:
+    """Whether ``run`` is FINISHED with its ``epochs`` logged."""
+    return run.info.status == "FINISHED" and epochs_logged(run.data.metrics) >= epochs
 
 
-class CloseRuns(ray.tune.Callback):
-    """On the driver: closes the MLflow run of a trial that ended without closing it itself.
+@dataclass
+class _TrialRun:
+    """The driver's record of one trial's run (see :class:`TrialRuns`)."""
 
-    A trial stopped early by the scheduler (ASHA) is interrupted between two
-    epochs, and a trial whose process died never reaches its own bookkeeping:
-    their runs would stay RUNNING. Stopped runs end KILLED and tagged
-    ``autopose.stopped_early``, with the cost Tune measured; dead ones FAILED
-    (a retry reopens the same run).
+    run: TrackedRun | None = None  # None: not opened yet (the server did not answer)
+    epochs: EpochLog | None = None
+    done: bool = False  # closed already (by an earlier driver): never written again
+    attempt: int = 0  # this attempt's step in ``attempt_wall_s``
+    earlier_wall_s: float = 0.0  # the attempts before this one
+    started: float | None = None  # this attempt's start (driver clock); None: no attempt open
+    counted: bool = False  # this attempt's start is in the run's tags
+    last_result: float | None = None
+    last_epoch: int = -1  # the latest epoch reported
+    pending: dict[int, dict[str, Any]] = field(default_factory=dict)  # epochs before the run opened
+    pending_node: str | None = None  # the node the latest result came from
+    node: str | None = None  # the node tag set
+
+
+class TrialRuns(ray.tune.Callback):
+    """On the driver: the one writer of every trial's MLflow run (the trials log only artifacts).
+
+    * trial start (also a retry, a resume, a PBT member continuing): the run is found by its
+      ``autopose.trial`` tag or created, its params and config logged, its start counted
+      (``autopose.attempts``, ``autopose.attempt_started``);
+    * every result: the epoch's metrics, under the epoch as step (:class:`EpochLog`: each once);
+    * retry, error and completion: the attempt's wall time (``attempt_wall_s``); error and
+      completion also close the run with its cost (:func:`close_run`): FAILED, FINISHED, or KILLED
+      and tagged ``autopose.stopped_early`` for a trial the scheduler stopped before its last epoch.
+
+    A tracking server that does not answer stops nothing: what it did not take waits here (every
+    epoch is in Tune's results too), the driver says once that it went away and once that it
+    answers again, and asks it again at most every :attr:`RETRY_S` seconds, so that a lost server
+    does not slow the search down. :func:`sync_runs` completes what is still missing after the
+    trials end, and after a killed driver (``--resume``).
     """
 
-    def __init__(
-        self, tracking_uri: str, experiment_id: str, search_name: str, cpus: float, gpus: float, epochs: int
-    ):
-        self.tracking_uri, self.experiment_id, self.search_name = tracking_uri, experiment_id, search_name
-        self.cpus, self.gpus, self.epochs = cpus, gpus, epochs
+    RETRY_S = 1.0
 
-    def _open_run(self, trial) -> TrackedRun | None:
-        key = f"{self.search_name}/{trial.trial_id}"
-        found = client(self.tracking_uri).search_runs(
-            [self.experiment_id], filter_string=f"tags.`{TAG_TRIAL}` = '{key}'", max_results=1
-        )
-        if not found or found[0].info.status != "RUNNING":
-            return None
-        return TrackedRun.attach(self.tracking_uri, found[0].info.run_id)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        try:
-            self._complete(trial)
-        except Exception as error:  # the tracking server is away: sync_runs closes the run later
-            logger.debug("run of trial %s left open: %s", trial.trial_id, first_line(error))
-
-    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        try:
-            run = self._open_run(trial)
-            if run is not None:
-                run.finish("FAILED")
-        except Exception as error:
-            logger.debug("run of trial %s left open: %s", trial.trial_id, first_line(error))
-
-    def _complete(self, trial) -> None:
-        run = self._open_run(trial)
-        if run is None:
-            return
-        result = trial.last_result or {}
-        wall = float(result.get("time_total_s", 0.0))
-        step = int(result.get("training_iteration", 0))
-        run.log_metrics(
-            {"trial_wall_s": wall, "cost_cpu_s": wall * self.cpus, "cost_gpu_s": wall * self.gpus}, step
-        )
-        complete = _epochs_logged(run) >= self.epochs
-        if not complete:
-            run.set_tags({TAG_STOPPED_EARLY: "true"})
-        run.finish("FINISHED" if complete else "KILLED")
-
-
-class WatchTracking(ray.tune.Callback):
-    """On the driver: says once that the tracking server went away (trials report
-    ``tracking_unlogged`` > 0), and once that it answers again (every trial caught up)."""
-
-    def __init__(self, tracking_uri: str):
-        self.tracking_uri = tracking_uri
-        self.waiting: dict[str, int] = {}  # trial id → epochs and artifacts it could not log yet
+    def __init__(self, setup: TrialSetup):
+        self.trial_setup = setup  # not `setup`: Tune calls its callbacks' setup()
+        self.trials: dict[str, _TrialRun] = {}
         self.lost = False
+        self._retry_at = 0.0
+        self._resources = resources_of(setup.experiment.train)
+
+    # -- Tune's events
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        state = self.trials.setdefault(trial.trial_id, _TrialRun())
+        if state.started is not None:  # a PBT member continuing after a pause: its last attempt ends
+            self._end_attempt(trial, state, at=state.last_result)
+        state.started, state.counted, state.node = time.perf_counter(), False, None
+        self._write(trial, lambda: self._send(trial, state))
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
-        unlogged = int(result.get("tracking_unlogged") or 0)
-        self.waiting[trial.trial_id] = unlogged
-        if unlogged and not self.lost:
-            self.lost = True
-            logger.warning(
-                "autopose: MLflow tracking server at %s does not answer (trial %s could not log epoch %s); "
-                "training goes on, the unlogged epochs are kept and sent when it answers again",
-                self.tracking_uri,
-                _trial_name(trial),
-                int(result.get("epoch", -1)),
+        state = self.trials.setdefault(trial.trial_id, _TrialRun(started=time.perf_counter()))
+        state.last_result = time.perf_counter()
+        if isinstance(result.get("epoch"), int | float):
+            state.last_epoch = max(state.last_epoch, int(result["epoch"]))
+            state.pending[int(result["epoch"])] = _epoch_metrics(result)
+        if result.get(NODE_KEY) is not None:
+            state.pending_node = str(result[NODE_KEY])
+        self._write(trial, lambda: self._send(trial, state))
+
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+        state = self.trials.get(trial.trial_id)
+        if state is not None and state.started is not None:
+            self._write(trial, lambda: self._end_attempt(trial, state), retry_now=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._close(trial, "FAILED")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._close(trial, None)
+
+    # -- the writes
+    def _open(self, trial, state: _TrialRun) -> None:
+        if state.run is not None or state.done:
+            return
+        setup = self.trial_setup
+        tags = trial_tags(setup, trial.config, trial.trial_id)
+        found = _trial_run(setup.experiment.tracking_uri, setup.experiment_id, tags[TAG_TRIAL])
+        if found is not None and _complete(found, setup.experiment.train.epochs):
+            state.done = True  # finished before a killed driver could tell Tune: left as it is
+            return
+        # Every start is counted, also one whose process then dies before its attempt is timed;
+        # the count goes in with the run's creation (a driver killed right after leaves it right).
+        # Tags, not metrics: a timestamp is no score to plot against val AP.
+        starts = int(found.data.tags.get(TAG_ATTEMPTS, "0")) if found is not None else 0
+        tags |= {TAG_ATTEMPTS: str(starts + 1), TAG_ATTEMPT_STARTED: utc_now()}
+        run = open_trial_run(setup, trial_spec(trial.config, setup.experiment), tags)
+        state.counted = True
+        walls = run.client.get_metric_history(run.run_id, "attempt_wall_s")
+        state.attempt, state.earlier_wall_s = len(walls), sum(m.value for m in walls)
+        state.run, state.epochs = run, EpochLog(run)
+
+    def _send(self, trial, state: _TrialRun) -> None:
+        self._open(trial, state)
+        if state.run is None:
+            return
+        if not state.counted:  # a later start of a run this driver opened
+            starts = int(state.run.client.get_run(state.run.run_id).data.tags.get(TAG_ATTEMPTS, "0"))
+            state.run.set_tags({TAG_ATTEMPTS: starts + 1, TAG_ATTEMPT_STARTED: utc_now()})
+            state.counted = True
+        for epoch in sorted(state.pending):
+            state.epochs.add(epoch, state.pending.pop(epoch))
+        state.epochs.flush()
+        if state.pending_node is not None and state.node != state.pending_node:
+            state.run.set_tags({TAG_NODE: state.pending_node})
+            state.node = state.pending_node
+
+    def _end_attempt(self, trial, state: _TrialRun, at: float | None = None) -> None:
+        """Log the open attempt's wall time (from its start to ``at``, default now)."""
+        if state.started is None:
+            return
+        wall = (at if at is not None else time.perf_counter()) - state.started
+        if state.run is not None:
+            state.run.log_metrics({"attempt_wall_s": wall}, step=state.attempt)
+            state.attempt += 1
+        state.earlier_wall_s += wall
+        state.started = None
+
+    def _close(self, trial, status: str | None) -> None:
+        """Close the trial's run: ``status``, or by its epochs when None (FINISHED with every
+        epoch, else KILLED: stopped early). A server away leaves it to :func:`sync_runs`."""
+        state = self.trials.get(trial.trial_id)
+        if state is None or state.done:
+            return
+
+        def close() -> None:
+            self._send(trial, state)
+            if state.run is None:
+                return
+            self._end_attempt(trial, state)
+            complete = state.last_epoch + 1 >= self.trial_setup.experiment.train.epochs
+            final = status or ("FINISHED" if complete else "KILLED")
+            close_run(
+                state.run,
+                final,
+                wall_s=state.earlier_wall_s,
+                resources=self._resources,
+                step=max(state.last_epoch + 1, 0),
+                stopped_early=final == "KILLED",
             )
-        elif self.lost and not any(self.waiting.values()):
+            state.done = True
+            if (trial.last_result or {}).get(ARTIFACTS_UNLOGGED) and trial.checkpoint is not None:
+                _log_policy_from(trial.checkpoint, state.run)
+
+        self._write(trial, close, retry_now=True)
+
+    def _write(self, trial, write: Callable[[], None], *, retry_now: bool = False) -> None:
+        """Run ``write``; a server away is said once and asked again at most every ``RETRY_S``."""
+        now = time.monotonic()
+        if self.lost and not retry_now and now < self._retry_at:
+            return
+        try:
+            write()
+        except Exception as error:  # MlflowException, requests' and OSError kinds: the server is away
+            self._retry_at = now + self.RETRY_S
+            if not self.lost:
+                self.lost = True
+                logger.warning(
+                    "autopose: MLflow tracking server at %s does not answer (trial %s could not log "
+                    "epoch %s: %s); training goes on, the unlogged epochs are kept and sent when it "
+                    "answers again",
+                    self.trial_setup.experiment.tracking_uri,
+                    _trial_name(trial),
+                    self.trials[trial.trial_id].last_epoch if trial.trial_id in self.trials else -1,
+                    first_line(error),
+                )
+            return
+        if self.lost and not any(self._waiting(state) for state in self.trials.values()):
             self.lost = False
             logger.warning(
                 "autopose: MLflow tracking server at %s answers again; the waiting epochs are logged",
-                self.tracking_uri,
+                self.trial_setup.experiment.tracking_uri,
             )
+
+    @staticmethod
+    def _waiting(state: _TrialRun) -> bool:
+        if state.done:
+            return False
+        return state.run is None or bool(state.pending) or bool(state.epochs and state.epochs.waiting)
+
+
+def _epoch_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """The metrics a trial's result logs for its epoch (Tune's own keys left out)."""
+    return {k: v for k, v in result.items() if k not in _NOT_LOGGED}
+
+
+def _log_policy_from(checkpoint, run: TrackedRun) -> None:
+    """Log the trial's final policy from its checkpoint (the trial could not log it)."""
+    if POLICY_ARTIFACT in {a.path for a in run.client.list_artifacts(run.run_id, "policy")}:
+        return
+    with checkpoint.as_directory() as folder:
+        policy = Path(folder) / POLICY_FILE
+        if policy.is_file():
+            run.log_artifact(policy, "policy")
 
 
 # -- the trials' plan ---------------------------------------------------------------------------------------
@@ -521,14 +584,6 @@ def _trainable(setup: TrialSetup):
     return ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), resources)
 
 
-def _close_runs(setup: TrialSetup) -> CloseRuns:
-    cpus, gpus = resources_of(setup.experiment.train)
-    experiment = setup.experiment
-    return CloseRuns(
-        experiment.tracking_uri, setup.experiment_id, setup.search_name, cpus, gpus, experiment.train.epochs
-    )
-
-
 def _asha(experiment: ExperimentConfig):
     """ASHA over epochs (``tune.grace_period``, ``tune.reduction_factor``) on the Tuner's metric."""
     from ray.tune.schedulers import ASHAScheduler
@@ -580,7 +635,7 @@ def _new_tuner(
             name=Path(path).name,
             storage_path=storage_join(experiment.storage_path, "tune"),
             failure_config=ray.tune.FailureConfig(max_failures=settings.max_failures),
-            callbacks=[_close_runs(setup), WatchTracking(experiment.tracking_uri)],
+            callbacks=[TrialRuns(setup)],
             # One checkpoint per trial: Tune deletes the older only once the newer is persisted,
             # and at two a smoke search's trials alone held 3.1 GB of a test run's 13 GB.
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=checkpoints_kept),
@@ -1011,15 +1066,15 @@ def _mark_selected(experiment: ExperimentConfig, search_name: str, say) -> None:
         logger.warning("autopose: the selected run could not be tagged (%s)", first_line(error))
 
 
-# Keys Tune adds to every result, and the trial's own tracking counters: never logged as metrics.
+# Keys Tune adds to every result, and what a trial tells the driver: never logged as metrics.
 _NOT_LOGGED = {
     *AUTO_RESULT_KEYS,
     "done",
     "trial_id",
     "should_checkpoint",
     "experiment_tag",
-    "tracking_errors",
-    "tracking_unlogged",
+    NODE_KEY,
+    ARTIFACTS_UNLOGGED,
 }
 
 
@@ -1057,32 +1112,29 @@ def _reported_epochs(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     }
 
 
-def _tracking_trouble(rows: list[dict[str, Any]]) -> bool:
-    return any(int(row.get("tracking_errors") or 0) for row in rows)
-
-
 def sync_runs(results, setup: TrialSetup) -> dict[str, str] | None:
-    """Complete the MLflow run of every trial that had tracking trouble from Tune's results:
-    open it when the trial never could, log the epochs it misses (same steps), its cost (as
-    Tune measured it), the final policy from the last checkpoint, and close it as Tune saw
-    the trial end. Runs without trouble are left as they are.
+    """Complete from Tune's results the MLflow run of every trial the driver could not: open it
+    when it never was, log the epochs it misses (same steps), the final policy from the last
+    checkpoint when the trial could not log it, and close it with its cost as Tune saw the trial
+    end. A closed run is complete (:class:`TrialRuns` closes a run only once it has every
+    reported epoch), so only runs missing or RUNNING are touched: those of trials that ended
+    while the server was away, or under a driver that was killed.
 
     Returns:
         None when every run is complete, else ``{trial id: what its run misses}`` (the
         tracking server does not answer).
     """
     experiment = setup.experiment
-    epochs_planned = experiment.train.epochs
     try:
         runs = {
             run.data.tags.get(TAG_TRIAL): run
             for run in client(experiment.tracking_uri).search_runs(
                 [setup.experiment_id],
                 filter_string=f"tags.`{TAG_SEARCH}` = '{setup.search_name}'",
-                max_results=5000,
+                max_results=_MAX_RUNS,
             )
         }
-    except Exception:  # the server is away: every trial that had trouble stays to sync
+    except Exception:  # the server is away: every trial's run is in doubt
         runs = None
     missing: dict[str, str] = {}
     for result in results:
@@ -1091,56 +1143,44 @@ def sync_runs(results, setup: TrialSetup) -> dict[str, str] | None:
         reported = _reported_epochs(rows)
         if not reported:
             continue  # never trained an epoch: nothing to log
-        if runs is None:  # nothing can be checked: the trial's close at least is in doubt
-            trouble = _tracking_trouble(rows)
-            missing[trial_id] = "epochs after the server went away, and its close" if trouble else "its close"
+        if runs is None:
+            missing[trial_id] = "the epochs it did not log, and its close"
             continue
         tags = trial_tags(setup, result.config, trial_id)
         found = runs.get(tags[TAG_TRIAL])
-        if found is not None and found.info.status != "RUNNING" and not _tracking_trouble(rows):
-            continue  # tracked and closed as usual
+        if found is not None and found.info.status != "RUNNING":
+            continue  # closed by the driver: complete
         try:
-            _sync_run(result, setup, tags, found, reported, epochs_planned)
+            _sync_run(result, setup, tags, found, reported)
         except Exception as error:  # the server went away again
             missing[trial_id] = f"not completed ({first_line(error)})"
     return missing or None
 
 
-def _sync_run(result, setup: TrialSetup, tags: dict[str, str], found, reported, epochs_planned: int) -> None:
-    spec = trial_spec(result.config, setup.experiment)
+def _sync_run(result, setup: TrialSetup, tags: dict[str, str], found, reported) -> None:
     if found is None:
-        run = open_trial_run(setup, spec, tags)
+        run = open_trial_run(setup, trial_spec(result.config, setup.experiment), tags)
     else:
         run = TrackedRun.attach(setup.experiment.tracking_uri, found.info.run_id)
-    # Each epoch went as one batch, stored whole or not at all: its "epoch" metric says which are in.
-    logged = {m.step for m in run.client.get_metric_history(run.run_id, "epoch")}
-    for epoch in sorted(set(reported) - logged):
-        run.log_metrics(reported[epoch], step=epoch)
-    trained_all = len(reported) >= epochs_planned
-    if not run.client.get_metric_history(run.run_id, "trial_wall_s"):  # the trial could not close it
-        wall = float((result.metrics or {}).get("time_total_s", 0.0))
-        cpus, gpus = resources_of(setup.experiment.train)
-        run.log_metrics(
-            {"trial_wall_s": wall, "cost_cpu_s": wall * cpus, "cost_gpu_s": wall * gpus}, len(reported)
-        )
+    epochs = EpochLog(run)
+    for epoch, metrics in reported.items():
+        epochs.add(epoch, metrics)
+    epochs.flush()
+    trained_all = len(reported) >= setup.experiment.train.epochs
     if trained_all and result.checkpoint is not None:
-        artifacts = {a.path for a in run.client.list_artifacts(run.run_id, "policy")}
-        if POLICY_ARTIFACT not in artifacts:
-            with result.checkpoint.as_directory() as folder:
-                policy = Path(folder) / POLICY_FILE
-                if policy.is_file():
-                    run.log_artifact(policy, "policy")
-    if result.error:
-        status = "FAILED"
-    elif trained_all:
-        status = "FINISHED"
-        if run.client.get_run(run.run_id).data.tags.get(TAG_STOPPED_EARLY):
-            run.client.delete_tag(run.run_id, TAG_STOPPED_EARLY)  # closed early for want of epochs
-    else:
-        run.set_tags({TAG_STOPPED_EARLY: "true"})
-        status = "KILLED"
-    if run.status() != status:
-        run.finish(status)
+        _log_policy_from(result.checkpoint, run)
+    status = "FAILED" if result.error else ("FINISHED" if trained_all else "KILLED")
+    # The attempts the driver timed, else (a killed driver timed none) as long as Tune measured.
+    walls = run.client.get_metric_history(run.run_id, "attempt_wall_s")
+    wall = sum(m.value for m in walls) or float((result.metrics or {}).get("time_total_s", 0.0))
+    close_run(
+        run,
+        status,
+        wall_s=wall,
+        resources=resources_of(setup.experiment.train),
+        step=len(reported),
+        stopped_early=status == "KILLED",
+    )
 
 
 def _fail_orphaned_runs(tracking_uri: str, experiment_id: str, search_name: str) -> None:
@@ -1153,7 +1193,7 @@ def _fail_orphaned_runs(tracking_uri: str, experiment_id: str, search_name: str)
     for run in mlflow_client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{TAG_SEARCH}` = '{search_name}' and attributes.status = 'RUNNING'",
-        max_results=5000,
+        max_results=_MAX_RUNS,
     ):
         mlflow_client.set_tag(run.info.run_id, TAG_ORPHANED, "true")
         mlflow_client.set_terminated(run.info.run_id, status="FAILED")
@@ -1175,7 +1215,7 @@ def _outcomes(
         runs = {
             run.data.tags.get(TAG_TRIAL): run
             for run in client(experiment.tracking_uri).search_runs(
-                [experiment_id], filter_string=f"tags.`{TAG_SEARCH}` = '{search_name}'", max_results=5000
+                [experiment_id], filter_string=f"tags.`{TAG_SEARCH}` = '{search_name}'", max_results=_MAX_RUNS
             )
         }
     except Exception:  # the server is away (said already): run ids unknown

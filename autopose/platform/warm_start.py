@@ -36,6 +36,7 @@ from autopose.platform.tracking import (
     TAG_SEED,
     TrackedRun,
     client,
+    close_run,
     epochs_logged,
     flatten,
     source_tags,
@@ -214,16 +215,23 @@ def _train_base(
             atomic_write(cached, "wb") as target,
         ):
             shutil.copyfileobj(source, target)
-        wall = time.perf_counter() - started
-        cpus, gpus = resources_of(train)
-        run.log_metrics(
-            {"trial_wall_s": wall, "cost_cpu_s": wall * cpus, "cost_gpu_s": wall * gpus}, train.epochs
-        )
         run.set_tags({TAG_CHECKPOINT: str(cached)})
     except BaseException:
-        run.finish("FAILED")
+        close_run(
+            run,
+            "FAILED",
+            wall_s=time.perf_counter() - started,
+            resources=resources_of(train),
+            step=train.epochs,
+        )
         raise
-    run.finish("FINISHED")
+    close_run(
+        run,
+        "FINISHED",
+        wall_s=time.perf_counter() - started,
+        resources=resources_of(train),
+        step=train.epochs,
+    )
 
 
 def _log_cached_base(

@@ -1,0 +1,89 @@
+"""How every run's epochs are logged and how every run is closed, on a real SQLite MLflow."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+from autopose.platform.tracking import (
+    QUICK_TRACKING_ENV,
+    TAG_STOPPED_EARLY,
+    TAG_TRIAL,
+    EpochLog,
+    TrackedRun,
+    bounded_http,
+    close_run,
+    ensure_experiment,
+)
+
+pytestmark = pytest.mark.platform
+
+
+@pytest.fixture
+def run(tmp_path) -> TrackedRun:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = ensure_experiment(uri, "tracking")
+    return TrackedRun.open(uri, experiment_id, run_name="trial", tags={TAG_TRIAL: "tracking/t0"})
+
+
+def _steps(run: TrackedRun, key: str) -> list[int]:
+    return sorted(m.step for m in MlflowClient(run.tracking_uri).get_metric_history(run.run_id, key))
+
+
+def test_epoch_log_logs_each_epoch_once_across_writers(run):
+    """A second EpochLog on the same run (a resumed driver, a restarted worker) is handed epochs
+    the run holds already and one it does not: only the new one is logged, under its own step."""
+    first = EpochLog(run)
+    for epoch in (0, 1):
+        first.add(epoch, {"epoch": epoch, "val_ap": 0.1 * (epoch + 1), "node_id": "not a number"})
+    first.flush()
+    assert first.waiting == {}
+
+    resumed = EpochLog(TrackedRun.attach(run.tracking_uri, run.run_id))
+    for epoch in (1, 2, 0):
+        resumed.add(epoch, {"epoch": epoch, "val_ap": 0.5})
+    resumed.flush()
+
+    assert _steps(run, "val_ap") == [0, 1, 2]
+    assert _steps(run, "epoch") == [0, 1, 2]
+    history = MlflowClient(run.tracking_uri).get_metric_history(run.run_id, "val_ap")
+    assert {m.step: m.value for m in history} == {0: pytest.approx(0.1), 1: pytest.approx(0.2), 2: 0.5}
+    assert "node_id" not in MlflowClient(run.tracking_uri).get_run(run.run_id).data.metrics
+
+
+def test_epoch_log_keeps_what_a_lost_server_did_not_take(tmp_path, run):
+    """Against a store that cannot be reached the epochs stay waiting, in order; once the run's
+    store answers (the same log pointed at it again), they go, each once."""
+    unreachable = TrackedRun.attach("http://127.0.0.1:9", run.run_id)
+    epochs = EpochLog(unreachable)
+    epochs.add(1, {"epoch": 1, "val_ap": 0.2})
+    epochs.add(0, {"epoch": 0, "val_ap": 0.1})
+    with (
+        bounded_http(**QUICK_TRACKING_ENV),
+        pytest.raises(Exception),  # noqa: B017 (requests' and MLflow's kinds)
+    ):
+        epochs.flush()
+    assert sorted(epochs.waiting) == [0, 1]
+    epochs.run = run
+    epochs.flush()
+    assert epochs.waiting == {} and _steps(run, "val_ap") == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("status", "stopped_early"), [("FINISHED", False), ("KILLED", True), ("FAILED", False)]
+)
+def test_close_run_logs_the_cost_and_the_status(run, status, stopped_early):
+    close_run(run, status, wall_s=10.0, resources=(2.0, 0.5), step=3, stopped_early=stopped_early)
+    closed = MlflowClient(run.tracking_uri).get_run(run.run_id)
+    assert closed.info.status == status
+    assert closed.data.metrics == {"trial_wall_s": 10.0, "cost_cpu_s": 20.0, "cost_gpu_s": 5.0}
+    assert _steps(run, "cost_cpu_s") == [3]
+    assert (TAG_STOPPED_EARLY in closed.data.tags) == stopped_early
+
+
+def test_close_run_clears_a_stopped_early_tag_once_the_run_is_complete(run):
+    """A run closed early while its last epochs were missing, completed later, is not early."""
+    close_run(run, "KILLED", wall_s=1.0, resources=(1.0, 0.0), step=1, stopped_early=True)
+    close_run(run, "FINISHED", wall_s=2.0, resources=(1.0, 0.0), step=2)
+    closed = MlflowClient(run.tracking_uri).get_run(run.run_id)
+    assert closed.info.status == "FINISHED" and TAG_STOPPED_EARLY not in closed.data.tags
