@@ -302,6 +302,15 @@ def metric_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
 
 
+def _metric_entries(metrics: Mapping[str, Any], timestamp_ms: int, step: int) -> list[Metric]:
+    """MLflow metrics of the finite numbers in ``metrics`` (text and flags are never logged)."""
+    return [
+        Metric(metric_name(k), float(v), timestamp_ms, int(step))
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    ]
+
+
 # -- one run ---------------------------------------------------------------------------------------
 class TrackedRun:
     """One MLflow run, written through an explicit client (usable in any process).
@@ -330,40 +339,59 @@ class TrackedRun:
     ) -> TrackedRun:
         """The run whose ``key_tag`` equals ``tags[key_tag]``, reopened (a retried or resumed
         trial), else a new one. Either way it ends up RUNNING with ``tags`` set."""
-        mlflow_client = client(tracking_uri)
         key = tags[key_tag]
-        found = mlflow_client.search_runs(
+        found = client(tracking_uri).search_runs(
             [experiment_id], filter_string=f"tags.`{key_tag}` = '{key}'", max_results=1
         )
-        if found:
-            run_id = found[0].info.run_id
-            mlflow_client.update_run(run_id, status="RUNNING")
-        else:
-            run_id = mlflow_client.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
-        run = cls(tracking_uri, run_id)
+        return cls.reopen_or_create(tracking_uri, experiment_id, found[0] if found else None, run_name, tags)
+
+    @classmethod
+    def reopen_or_create(
+        cls, tracking_uri: str, experiment_id: str, found, run_name: str, tags: Mapping[str, str]
+    ) -> TrackedRun:
+        """``found`` (an MLflow run the caller looked up) reopened with ``tags`` set, or, when it
+        is None, a new run created with them."""
+        mlflow_client = client(tracking_uri)
+        if found is None:
+            created = mlflow_client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+            return cls(tracking_uri, created.info.run_id)
+        run = cls(tracking_uri, found.info.run_id)
+        mlflow_client.update_run(run.run_id, status="RUNNING")
         run.set_tags(tags)
         return run
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log params once; a retried trial logs the same values again, which MLflow
-        accepts; keys already logged are skipped so that a resumed run never conflicts."""
-        existing = self.client.get_run(self.run_id).data.params
+    def log_params(self, params: Mapping[str, Any], existing: Mapping[str, str] | None = None) -> None:
+        """Log params once: keys the run has already (``existing``, else asked) are skipped,
+        so that a resumed run never conflicts."""
+        if existing is None:
+            existing = self.client.get_run(self.run_id).data.params
         fresh = [Param(k, str(v)[:_MAX_PARAM_VALUE]) for k, v in params.items() if k not in existing]
         for start in range(0, len(fresh), 100):
             self.client.log_batch(self.run_id, params=fresh[start : start + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        entries = [
-            Metric(metric_name(k), float(v), now, int(step))
-            for k, v in metrics.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
-        ]
+        entries = _metric_entries(metrics, int(time.time() * 1000), step)
         for start in range(0, len(entries), _MAX_BATCH_METRICS):
             self.client.log_batch(self.run_id, metrics=entries[start : start + _MAX_BATCH_METRICS])
+
+    def log_steps(self, steps: Mapping[int, Mapping[str, Any]]) -> list[int]:
+        """Log several steps' metrics (step → metrics; a run's epochs are its steps) in as few
+        calls as MLflow's batch limit allows, never splitting a step; returns the steps sent, in
+        order, when every call went through (a failed call raises, the earlier ones stay)."""
+        now = int(time.time() * 1000)
+        batch: list[Metric] = []
+        for step in sorted(steps):
+            entries = _metric_entries(steps[step], now, step)
+            if batch and len(batch) + len(entries) > _MAX_BATCH_METRICS:
+                self.client.log_batch(self.run_id, metrics=batch)
+                batch = []
+            batch.extend(entries)
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+        return sorted(steps)
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         if artifact_path is not None:
@@ -386,10 +414,11 @@ class TrackedRun:
 class EpochLog:
     """The per-epoch metrics of one run on their way to MLflow: the only way epochs are logged.
 
-    Epochs wait here until the tracking server takes them, in order, each under its own step.
-    An epoch goes as one batch (stored whole or not at all, its ``epoch`` metric with it), so
-    after a call whose answer was lost, and before the first send (a resumed run), the epochs
-    the server already holds are skipped: every epoch is logged once.
+    Epochs wait here until the tracking server takes them, each under its own step, as many
+    as wait in one call (:meth:`TrackedRun.log_steps`). An epoch is never split across calls
+    (stored whole or not at all, its ``epoch`` metric with it), so after a call whose answer
+    was lost, and before the first send (a resumed run), the epochs the server already holds
+    are skipped: every epoch is logged once.
     """
 
     def __init__(self, run: TrackedRun):
@@ -413,9 +442,10 @@ class EpochLog:
                 stored = self.run.client.get_metric_history(self.run.run_id, "epoch")
                 for epoch in {int(m.step) for m in stored} & set(self.waiting):
                     del self.waiting[epoch]
-            for epoch in sorted(self.waiting):
-                self.run.log_metrics(self.waiting[epoch], step=epoch)
-                del self.waiting[epoch]
+            if self.waiting:
+                sent = self.run.log_steps(self.waiting)
+                for epoch in sent:
+                    del self.waiting[epoch]
             self._in_doubt = False
         except Exception:
             self._in_doubt = True
@@ -430,20 +460,25 @@ def close_run(
     resources: tuple[float, float],
     step: int,
     stopped_early: bool = False,
+    attempt_wall: tuple[int, float] | None = None,
 ) -> None:
     """Log a run's cost and close it: how every run ends (trials, the base, full trainings).
 
     ``wall_s`` is the run's wall time (every attempt), ``resources`` the ``(CPUs, GPUs)`` it held
     (:func:`autopose.platform.runner.resources_of`): ``trial_wall_s``, ``cost_cpu_s`` and
-    ``cost_gpu_s`` are logged at ``step``. ``stopped_early`` tags a run closed before its planned
-    epochs (and removes the tag from one that has them after all).
+    ``cost_gpu_s`` are logged at ``step``, in one call with ``attempt_wall`` (the closing attempt's
+    step and wall time, as ``attempt_wall_s``) when given. ``stopped_early`` tags a run closed
+    before its planned epochs.
     """
     cpus, gpus = resources
-    run.log_metrics({"trial_wall_s": wall_s, "cost_cpu_s": wall_s * cpus, "cost_gpu_s": wall_s * gpus}, step)
+    cost = {"trial_wall_s": wall_s, "cost_cpu_s": wall_s * cpus, "cost_gpu_s": wall_s * gpus}
+    entries = {step: cost}
+    if attempt_wall is not None:
+        attempt, wall = attempt_wall
+        entries.setdefault(attempt, {})["attempt_wall_s"] = wall
+    run.log_steps(entries)
     if stopped_early:
         run.set_tags({TAG_STOPPED_EARLY: "true"})
-    elif TAG_STOPPED_EARLY in run.client.get_run(run.run_id).data.tags:
-        run.client.delete_tag(run.run_id, TAG_STOPPED_EARLY)
     run.finish(status)
 
 

@@ -46,6 +46,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -133,6 +134,9 @@ class TrialSetup:
     inject_failure_after_epoch: int | None = None
     inject_kill_after_epoch: int | None = None
     source: dict[str, str] = field(default_factory=dict)  # tracking.source_tags of the driver
+    # What each trial runs: None is run_trial (train); benchmarks/platform_scale.py passes a
+    # stand-in that only reports, to measure the driver without training.
+    trial_function: Callable[[dict[str, Any], TrialSetup], None] | None = None
 
 
 @dataclass
@@ -191,12 +195,13 @@ def trial_tags(setup: TrialSetup, config: dict[str, Any], trial_id: str) -> dict
     return tags
 
 
-def open_trial_run(setup: TrialSetup, spec: AugmentSpec, tags: dict[str, str]) -> TrackedRun:
-    """The trial's run, found by its tag or created, with its params and config logged."""
+def open_trial_run(setup: TrialSetup, spec: AugmentSpec, tags: dict[str, str], found) -> TrackedRun:
+    """The trial's run ``found`` by its tag (reopened), or a new one when None, with its params
+    and config logged."""
     experiment = setup.experiment
     candidate = tags.get(TAG_CANDIDATE)
     run_name = f"{spec.kind}-{spec.seed}" if candidate is None else f"selection {candidate} seed {spec.seed}"
-    run = TrackedRun.open(experiment.tracking_uri, setup.experiment_id, run_name=run_name, tags=tags)
+    run = TrackedRun.reopen_or_create(experiment.tracking_uri, setup.experiment_id, found, run_name, tags)
     params = {
         "kind": spec.kind,
         "seed": spec.seed,
@@ -206,7 +211,7 @@ def open_trial_run(setup: TrialSetup, spec: AugmentSpec, tags: dict[str, str]) -
         **flatten(to_plain(experiment.data), "data."),
         "space": experiment.space_dict.get("name", ""),
     }
-    run.log_params(params)
+    run.log_params(params, existing=found.data.params if found is not None else {})
     run.log_yaml(experiment.to_dict(), CONFIG_ARTIFACT)
     return run
 
@@ -283,6 +288,14 @@ class _TrialRun:
     last_epoch: int = -1  # the latest epoch reported
     pending: dict[int, dict[str, Any]] = field(default_factory=dict)  # epochs before the run opened
     pending_node: str | None = None  # the node the latest result came from
+    sent_at: float = -math.inf  # when its epochs last went (monotonic clock)
+
+    def unsent(self) -> bool:
+        """Whether anything the trial reported is not in its run yet."""
+        if self.done:
+            return False
+        return self.run is None or bool(self.pending) or bool(self.epochs and self.epochs.waiting)
+
     node: str | None = None  # the node tag set
 
 
@@ -292,7 +305,10 @@ class TrialRuns(ray.tune.Callback):
     * trial start (also a retry, a resume, a PBT member continuing): the run is found by its
       ``autopose.trial`` tag or created, its params and config logged, its start counted
       (``autopose.attempts``, ``autopose.attempt_started``);
-    * every result: the epoch's metrics, under the epoch as step (:class:`EpochLog`: each once);
+    * every result: the epoch's metrics, under the epoch as step (:class:`EpochLog`: each once),
+      within :attr:`BATCH_S` seconds: the epochs a trial reports meanwhile go in one call (a
+      trial of real training reports an epoch every few minutes; a thousand quick ones would
+      otherwise hold the driver up, ``benchmarks/platform_scale.py``);
     * retry, error and completion: the attempt's wall time (``attempt_wall_s``); error and
       completion also close the run with its cost (:func:`close_run`): FAILED, FINISHED, or KILLED
       and tagged ``autopose.stopped_early`` for a trial the scheduler stopped before its last epoch.
@@ -305,11 +321,15 @@ class TrialRuns(ray.tune.Callback):
     """
 
     RETRY_S = 1.0
+    BATCH_S = 1.0
 
     def __init__(self, setup: TrialSetup):
         self.trial_setup = setup  # not `setup`: Tune calls its callbacks' setup()
         self.trials: dict[str, _TrialRun] = {}
         self.lost = False
+        self.behind: set[str] = set()  # trials whose writes failed since the server went away
+        # The search's runs an earlier driver left (a resume), by trial tag; read at the first start.
+        self._earlier: dict[str, Any] | None = None
         self._retry_at = 0.0
         self._resources = resources_of(setup.experiment.train)
 
@@ -329,7 +349,16 @@ class TrialRuns(ray.tune.Callback):
             state.pending[int(result["epoch"])] = _epoch_metrics(result)
         if result.get(NODE_KEY) is not None:
             state.pending_node = str(result[NODE_KEY])
-        self._write(trial, lambda: self._send(trial, state))
+        if time.monotonic() - state.sent_at >= self.BATCH_S:
+            self._write(trial, lambda: self._send(trial, state))
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        """Send the epochs that waited :attr:`BATCH_S` for more of their trial's."""
+        due = time.monotonic() - self.BATCH_S
+        for trial in trials:
+            state = self.trials.get(trial.trial_id)
+            if state is not None and state.unsent() and state.sent_at <= due:
+                self._write(trial, lambda trial=trial, state=state: self._send(trial, state))
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
         state = self.trials.get(trial.trial_id)
@@ -348,7 +377,16 @@ class TrialRuns(ray.tune.Callback):
             return
         setup = self.trial_setup
         tags = trial_tags(setup, trial.config, trial.trial_id)
-        found = _trial_run(setup.experiment.tracking_uri, setup.experiment_id, tags[TAG_TRIAL])
+        if self._earlier is None:  # one query for the whole search, not one per trial
+            self._earlier = {
+                run.data.tags.get(TAG_TRIAL): run
+                for run in client(setup.experiment.tracking_uri).search_runs(
+                    [setup.experiment_id],
+                    filter_string=f"tags.`{TAG_SEARCH}` = '{setup.search_name}'",
+                    max_results=_MAX_RUNS,
+                )
+            }
+        found = self._earlier.pop(tags[TAG_TRIAL], None)
         if found is not None and _complete(found, setup.experiment.train.epochs):
             state.done = True  # finished before a killed driver could tell Tune: left as it is
             return
@@ -357,13 +395,14 @@ class TrialRuns(ray.tune.Callback):
         # Tags, not metrics: a timestamp is no score to plot against val AP.
         starts = int(found.data.tags.get(TAG_ATTEMPTS, "0")) if found is not None else 0
         tags |= {TAG_ATTEMPTS: str(starts + 1), TAG_ATTEMPT_STARTED: utc_now()}
-        run = open_trial_run(setup, trial_spec(trial.config, setup.experiment), tags)
+        run = open_trial_run(setup, trial_spec(trial.config, setup.experiment), tags, found)
         state.counted = True
-        walls = run.client.get_metric_history(run.run_id, "attempt_wall_s")
+        walls = run.client.get_metric_history(run.run_id, "attempt_wall_s") if found is not None else []
         state.attempt, state.earlier_wall_s = len(walls), sum(m.value for m in walls)
         state.run, state.epochs = run, EpochLog(run)
 
     def _send(self, trial, state: _TrialRun) -> None:
+        state.sent_at = time.monotonic()
         self._open(trial, state)
         if state.run is None:
             return
@@ -400,18 +439,19 @@ class TrialRuns(ray.tune.Callback):
             self._send(trial, state)
             if state.run is None:
                 return
-            self._end_attempt(trial, state)
+            attempt, wall = state.attempt, time.perf_counter() - (state.started or time.perf_counter())
             complete = state.last_epoch + 1 >= self.trial_setup.experiment.train.epochs
             final = status or ("FINISHED" if complete else "KILLED")
             close_run(
                 state.run,
                 final,
-                wall_s=state.earlier_wall_s,
+                attempt_wall=(attempt, wall) if state.started is not None else None,
+                wall_s=state.earlier_wall_s + (wall if state.started is not None else 0.0),
                 resources=self._resources,
                 step=max(state.last_epoch + 1, 0),
                 stopped_early=final == "KILLED",
             )
-            state.done = True
+            state.started, state.done = None, True
             if (trial.last_result or {}).get(ARTIFACTS_UNLOGGED) and trial.checkpoint is not None:
                 _log_policy_from(trial.checkpoint, state.run)
 
@@ -426,6 +466,7 @@ class TrialRuns(ray.tune.Callback):
             write()
         except Exception as error:  # MlflowException, requests' and OSError kinds: the server is away
             self._retry_at = now + self.RETRY_S
+            self.behind.add(trial.trial_id)
             if not self.lost:
                 self.lost = True
                 logger.warning(
@@ -438,18 +479,20 @@ class TrialRuns(ray.tune.Callback):
                     first_line(error),
                 )
             return
-        if self.lost and not any(self._waiting(state) for state in self.trials.values()):
+        if self._caught_up(trial.trial_id) and self.lost and not self.behind:
             self.lost = False
             logger.warning(
                 "autopose: MLflow tracking server at %s answers again; the waiting epochs are logged",
                 self.trial_setup.experiment.tracking_uri,
             )
 
-    @staticmethod
-    def _waiting(state: _TrialRun) -> bool:
-        if state.done:
+    def _caught_up(self, trial_id: str) -> bool:
+        """Whether trial ``trial_id``'s run holds all it reported (then it is no longer behind)."""
+        state = self.trials.get(trial_id)
+        if state is not None and state.unsent():
             return False
-        return state.run is None or bool(state.pending) or bool(state.epochs and state.epochs.waiting)
+        self.behind.discard(trial_id)
+        return True
 
 
 def _epoch_metrics(result: dict[str, Any]) -> dict[str, Any]:
@@ -581,7 +624,8 @@ def _trainable(setup: TrialSetup):
         resources = {"cpu": train.cpus_per_worker, "gpu": train.gpus_per_worker}
     else:
         resources = {"cpu": 0.01}  # the driver only waits; its Ray Train workers hold the resources
-    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), resources)
+    trial = setup.trial_function or run_trial
+    return ray.tune.with_resources(ray.tune.with_parameters(trial, setup=setup), resources)
 
 
 def _asha(experiment: ExperimentConfig):
@@ -688,6 +732,7 @@ def run_search(
     resume: bool = False,
     verbose: int = 1,
     say: Callable[[str], None] = logger.info,
+    trial_function: Callable[[dict[str, Any], TrialSetup], None] | None = None,
 ) -> list[TrialOutcome]:
     """Run (or with ``resume`` finish) the search the config describes.
 
@@ -698,6 +743,8 @@ def run_search(
         resume: finish an interrupted search of the same name.
         verbose: Tune's console output (0 silent, 1 the trial table).
         say: where the driver's own progress lines go (the warm start's base model).
+        trial_function: what each trial runs (default :func:`run_trial`); a stand-in gets the
+            trial's Tune config and the :class:`TrialSetup`, and reports to Tune like it.
 
     Returns:
         One :class:`TrialOutcome` per trial, then one per selection-stage training (``candidate``
@@ -723,6 +770,7 @@ def run_search(
         inject_failure_after_epoch=int(failure) if failure not in (None, "") else None,
         inject_kill_after_epoch=int(kill) if kill not in (None, "") else None,
         source=source_tags("autopose search"),
+        trial_function=trial_function,
     )
     # Said before Ray starts (tens of seconds): reading the storage folder needs no Ray.
     exists = ray.tune.Tuner.can_restore(path)
@@ -1159,7 +1207,7 @@ def sync_runs(results, setup: TrialSetup) -> dict[str, str] | None:
 
 def _sync_run(result, setup: TrialSetup, tags: dict[str, str], found, reported) -> None:
     if found is None:
-        run = open_trial_run(setup, trial_spec(result.config, setup.experiment), tags)
+        run = open_trial_run(setup, trial_spec(result.config, setup.experiment), tags, None)
     else:
         run = TrackedRun.attach(setup.experiment.tracking_uri, found.info.run_id)
     epochs = EpochLog(run)
