@@ -41,7 +41,7 @@ import io
 import json
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -415,6 +415,119 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _check_build(
+    images_dir: Path, out: Path, max_images: int, input_size: tuple[int, int], margin: float
+) -> tuple[int, int]:
+    """Check ``build_proxy``'s arguments before anything is read; returns the canvas padding.
+
+    Raises:
+        AutoposeError: naming the argument.
+    """
+    if not out.parent.is_dir():
+        raise AutoposeError("output folder does not exist", path=out.parent, field="out")
+    if out.is_dir():  # checked now, not at the rename after every crop is built
+        raise AutoposeError("is a folder: give the .parquet file to write", path=out, field="out")
+    if max_images <= 0:
+        raise AutoposeError(f"must be positive, got {max_images}", field="max_images")
+    try:
+        check_crop_size(*input_size)
+    except ValueError as error:
+        raise AutoposeError(str(error), field="input_size") from None
+    try:
+        pad = canvas_padding(input_size, margin)
+    except ValueError as error:
+        raise AutoposeError(str(error), field="margin") from None
+    if not images_dir.is_dir():
+        raise AutoposeError("image folder does not exist", path=images_dir, field="images")
+    return pad
+
+
+def _reusable(out: Path, fingerprint: str) -> ProxyReport | None:
+    """The report of ``out`` when it is a whole proxy of the same inputs, else None."""
+    if not out.exists():
+        return None
+    try:
+        existing = read_proxy_metadata(out)
+        if existing.fingerprint != fingerprint:
+            return None
+        verify_proxy(out)
+    except AutoposeError:
+        return None  # not a usable proxy of these inputs: build a new one over it
+    return ProxyReport(
+        out, existing.num_rows, existing.images_used, list(existing.skipped), True, existing.content_hash
+    )
+
+
+def _crop_rows(
+    image_paths: list[str],
+    by_image: dict[str, list[PersonInstance]],
+    images_dir: Path,
+    size: tuple[int, int],
+    jpeg_quality: int,
+    pad: tuple[int, int],
+    skipped: list[SkippedFile],
+    progress: bool,
+) -> Iterator[list[dict[str, Any]]]:
+    """The proxy's rows, about :data:`ROWS_PER_GROUP` at a time, image by image in order; an
+    image that is missing or cannot be decoded is appended to ``skipped`` instead."""
+    pending: list[dict[str, Any]] = []
+    for image_path in tqdm(image_paths, desc="build-proxy", unit="img", disable=not progress):
+        relative = os.path.relpath(image_path, images_dir)
+        try:
+            image = _read_image(image_path)
+        except FileNotFoundError:
+            skipped.append(SkippedFile(relative, "missing file"))
+            continue
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+            skipped.append(SkippedFile(relative, f"cannot decode: {error}"))
+            continue
+        pending.extend(
+            _crop_row(image, inst, size, jpeg_quality, relative, pad) for inst in by_image[image_path]
+        )
+        if len(pending) >= ROWS_PER_GROUP:
+            yield pending
+            pending = []
+    if pending:
+        yield pending
+
+
+def _write_proxy_file(
+    out: Path,
+    schema: pa.Schema,
+    batches: Iterator[list[dict[str, Any]]],
+    footer: Callable[[int, str], ProxyMetadata],
+) -> ProxyMetadata:
+    """Write the rows of ``batches`` and the metadata ``footer(rows, content hash)`` returns to a
+    temporary file beside ``out``, then rename it to ``out``: the file appears whole or not at all
+    (an error, ``footer``'s too, leaves no temporary behind and ``out`` as it was)."""
+    hasher = _ContentHasher(schema)
+    rows_written = 0
+    tmp = out.parent / f"{_temporary_prefix(out)}{os.getpid()}.tmp"
+    writer = None
+    try:
+        writer = pq.ParquetWriter(
+            tmp,
+            schema,
+            compression={name: ("NONE" if name == "crop" else "SNAPPY") for name in schema.names},
+            use_dictionary=["source"],
+        )
+        for rows in batches:
+            batch = pa.RecordBatch.from_pylist(rows, schema=schema)
+            hasher.update(batch)
+            writer.write_batch(batch)
+            rows_written += len(rows)
+        metadata = footer(rows_written, hasher.hexdigest())
+        writer.add_key_value_metadata({METADATA_KEY: metadata.to_json()})
+        writer.close()
+        writer = None
+        os.replace(tmp, out)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+    return metadata
+
+
 def build_proxy(
     ann: Path,
     images_dir: Path,
@@ -459,23 +572,8 @@ def build_proxy(
     file's metadata. The file appears atomically (temporary file, then rename).
     """
     ann, images_dir, out = Path(ann), Path(images_dir), Path(out)
-    if not out.parent.is_dir():
-        raise AutoposeError("output folder does not exist", path=out.parent, field="out")
-    if out.is_dir():  # checked now, not at the rename after every crop is built
-        raise AutoposeError("is a folder: give the .parquet file to write", path=out, field="out")
-    if max_images <= 0:
-        raise AutoposeError(f"must be positive, got {max_images}", field="max_images")
+    pad = _check_build(images_dir, out, max_images, input_size, margin)
     height, width = input_size
-    try:
-        check_crop_size(height, width)
-    except ValueError as error:
-        raise AutoposeError(str(error), field="input_size") from None
-    try:
-        pad = canvas_padding((height, width), margin)
-    except ValueError as error:
-        raise AutoposeError(str(error), field="margin") from None
-    if not images_dir.is_dir():
-        raise AutoposeError("image folder does not exist", path=images_dir, field="images")
 
     excluded, excluded_hash = _images_of(Path(exclude)) if exclude is not None else (set(), None)
     source = _load_source(ann, images_dir, aspect_ratio=width / height)
@@ -492,64 +590,20 @@ def build_proxy(
     fingerprint = _fingerprint(_file_sha256(ann), images_dir, image_paths, settings)
     _remove_stale_temporaries(out)  # left by a build of out that was killed
 
-    if out.exists():
-        try:
-            existing = read_proxy_metadata(out)
-            if existing.fingerprint == fingerprint:
-                verify_proxy(out)
-                return ProxyReport(
-                    out,
-                    existing.num_rows,
-                    existing.images_used,
-                    list(existing.skipped),
-                    True,
-                    existing.content_hash,
-                )
-        except AutoposeError:
-            pass  # not a usable proxy of these inputs: build a new one over it
+    reused = _reusable(out, fingerprint)
+    if reused is not None:
+        return reused
 
     by_image: dict[str, list[PersonInstance]] = {}
     for inst in instances:
         by_image.setdefault(inst.image_path, []).append(inst)
-    schema = _schema(len(source.keypoint_names))
-    hasher = _ContentHasher(schema)
     skipped: list[SkippedFile] = []
-    rows_written = images_used = 0
-    tmp = out.parent / f"{_temporary_prefix(out)}{os.getpid()}.tmp"
-    writer = None
-    try:
-        writer = pq.ParquetWriter(
-            tmp,
-            schema,
-            compression={name: ("NONE" if name == "crop" else "SNAPPY") for name in schema.names},
-            use_dictionary=["source"],
-        )
-        pending: list[dict[str, Any]] = []
+    crops = _crop_rows(
+        image_paths, by_image, images_dir, (height, width), jpeg_quality, pad, skipped, progress
+    )
 
-        def flush() -> None:
-            if pending:
-                batch = pa.RecordBatch.from_pylist(pending, schema=schema)
-                hasher.update(batch)
-                writer.write_batch(batch)
-                pending.clear()
-
-        for image_path in tqdm(image_paths, desc="build-proxy", unit="img", disable=not progress):
-            relative = os.path.relpath(image_path, images_dir)
-            try:
-                image = _read_image(image_path)
-            except FileNotFoundError:
-                skipped.append(SkippedFile(relative, "missing file"))
-                continue
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-                skipped.append(SkippedFile(relative, f"cannot decode: {error}"))
-                continue
-            images_used += 1
-            for inst in by_image[image_path]:
-                pending.append(_crop_row(image, inst, (height, width), jpeg_quality, relative, pad))
-                rows_written += 1
-            if len(pending) >= ROWS_PER_GROUP:
-                flush()
-        flush()
+    def footer(rows_written: int, content_hash: str) -> ProxyMetadata:
+        images_used = len(image_paths) - len(skipped)
         if images_used == 0:
             raise AutoposeError(
                 f"none of the {len(image_paths)} sampled images could be read "
@@ -559,7 +613,7 @@ def build_proxy(
                 path=images_dir,
                 field="images",
             )
-        metadata = ProxyMetadata(
+        return ProxyMetadata(
             dataset=source.dataset,
             keypoint_names=tuple(source.keypoint_names),
             flip_pairs=tuple(source.flip_pairs),
@@ -569,7 +623,7 @@ def build_proxy(
             num_rows=rows_written,
             images_used=images_used,
             skipped=tuple(skipped),
-            content_hash=hasher.hexdigest(),
+            content_hash=content_hash,
             fingerprint=fingerprint,
             annotation_file=str(ann),
             images_dir=str(images_dir),
@@ -577,18 +631,12 @@ def build_proxy(
             skeleton=source.skeleton,
             canvas_pad=pad,
         )
-        writer.add_key_value_metadata({METADATA_KEY: metadata.to_json()})
-        writer.close()
-        writer = None
-        os.replace(tmp, out)
-    finally:
-        if writer is not None:
-            writer.close()
-        tmp.unlink(missing_ok=True)
+
+    metadata = _write_proxy_file(out, _schema(len(source.keypoint_names)), crops, footer)
     if skipped and progress:
         for entry in skipped:
             tqdm.write(f"skipped {entry.file}: {entry.reason}")
-    return ProxyReport(out, rows_written, images_used, skipped, False, metadata.content_hash)
+    return ProxyReport(out, metadata.num_rows, metadata.images_used, skipped, False, metadata.content_hash)
 
 
 # -- reading ------------------------------------------------------------------------------

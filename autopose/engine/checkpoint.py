@@ -139,6 +139,11 @@ def load_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
             objects other than tensors and plain values, or missing a field.
     """
     path = Path(path)
+    return _checked(_read_payload(path), path)
+
+
+def _read_payload(path: Path) -> Any:
+    """``torch.load`` with plain values and tensors only; every failure one line naming ``path``."""
     if not path.exists():
         raise AutoposeError("checkpoint not found", path=path)
     if not path.is_file():
@@ -168,6 +173,11 @@ def load_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
             f"not a readable checkpoint, truncated or corrupt ({reason})", path=path
         ) from None
 
+    return payload
+
+
+def _checked(payload: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The state dict and the metadata of a loaded payload, every field checked (errors name it)."""
     if not isinstance(payload, dict):
         raise AutoposeError(f"expected a checkpoint dict, got {type(payload).__name__}", path=path)
     if payload.get("format") != CHECKPOINT_FORMAT:

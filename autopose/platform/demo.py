@@ -614,19 +614,41 @@ def run_demo(workdir: Path, budget_name: str = "full", *, stream=None) -> Path:
         return _run_demo(workdir, budget_name, stream)
 
 
-def _run_demo(workdir: Path, budget_name: str, stream) -> Path:
-    from autopose.platform.compare import collect, format_table, read_selection
-    from autopose.platform.report import write_report
-    from autopose.platform.selection import format_selection
-    from autopose.platform.tracking import check_tracking
+def _demo_budget(name: str) -> DemoBudget:
+    if name not in BUDGETS:
+        raise AutoposeError(f"unknown budget {name!r}; valid: {', '.join(BUDGETS)}", field="--budget")
+    return BUDGETS[name]
 
-    if budget_name not in BUDGETS:
-        raise AutoposeError(f"unknown budget {budget_name!r}; valid: {', '.join(BUDGETS)}", field="--budget")
-    budget = BUDGETS[budget_name]
+
+def _demo_workdir(workdir: Path) -> Path:
+    """The demo's work folder, absolute, made when missing."""
     workdir = Path(workdir).absolute()
     if workdir.exists() and not workdir.is_dir():
         raise AutoposeError("exists and is not a folder", path=workdir, field="--workdir")
     workdir.mkdir(parents=True, exist_ok=True)
+    return workdir
+
+
+def _show_selection(config: ExperimentConfig, say: Callable[[str], None]):
+    """Say the trials by val AP and the selection by holdout AP; returns the selected candidate."""
+    from autopose.platform.compare import collect, format_table, read_selection
+    from autopose.platform.selection import format_selection
+
+    name = config.experiment
+    _, rows = collect(config.tracking_uri, name, search=name)
+    say(format_table(name, rows))
+    selection = read_selection(config, name)
+    if selection is None:
+        raise AutoposeError("the selection stage scored no candidate on holdout", field="search")
+    say(format_selection(selection))
+    return selection.winner
+
+
+def _run_demo(workdir: Path, budget_name: str, stream) -> Path:
+    from autopose.platform.report import write_report
+    from autopose.platform.tracking import check_tracking
+
+    budget, workdir = _demo_budget(budget_name), _demo_workdir(workdir)
     state = _read_state(workdir)
     timings: dict[str, Any] = state.get(budget.name, {}).get("stages", {})
     progress = Progress(STAGES, stream)
@@ -656,7 +678,6 @@ def _run_demo(workdir: Path, budget_name: str, stream) -> Path:
 
     config = demo_config(workdir, budget, data)
     check_tracking(config.tracking_uri)
-    name = config.experiment
     trials = ", ".join(f"{spec.kind}-{spec.seed}" for spec in config.trial_plan())
     with local_ray(say=progress.say):
         with progress.stage(
@@ -668,13 +689,7 @@ def _run_demo(workdir: Path, budget_name: str, stream) -> Path:
         save_state()
 
         with progress.stage("compare", "trials by val AP, candidates by holdout AP", timings) as info:
-            _, rows = collect(config.tracking_uri, name, search=name)
-            progress.say(format_table(name, rows))
-            selection = read_selection(config, name)
-            if selection is None:
-                raise AutoposeError("the selection stage scored no candidate on holdout", field="search")
-            progress.say(format_selection(selection))
-            best = selection.winner
+            best = _show_selection(config, progress.say)
             info["note"] = f"selected: {best.candidate}, holdout AP {best.holdout_ap:.4f}"
         save_state(best_run=best.run_id)
 

@@ -51,16 +51,18 @@ def metric_series(tracking_uri: str, run_id: str, prefix: str) -> dict[str, list
     """``name → [(step, value), …]`` of every metric of ``run_id`` whose key starts with
     ``prefix`` (``op_prob/``: one series per op), sorted by step."""
     mlflow_client = client(tracking_uri)
-    keys = [k for k in mlflow_client.get_run(run_id).data.metrics if k.startswith(prefix)]
-    series = {}
-    for key in sorted(keys):
-        history = mlflow_client.get_metric_history(run_id, key)
-        latest: dict[int, tuple[int, float]] = {}
-        for point in history:  # a retried epoch logs its step again: keep the latest value
-            if point.step not in latest or point.timestamp >= latest[point.step][0]:
-                latest[point.step] = (point.timestamp, point.value)
-        series[key[len(prefix) :]] = [(step, latest[step][1]) for step in sorted(latest)]
-    return series
+    keys = sorted(k for k in mlflow_client.get_run(run_id).data.metrics if k.startswith(prefix))
+    return {key[len(prefix) :]: _by_step(mlflow_client.get_metric_history(run_id, key)) for key in keys}
+
+
+def _by_step(history: Sequence[Any]) -> list[tuple[int, float]]:
+    """``[(step, value), …]`` of a metric's history, by step; a retried epoch logs its step
+    again: the latest value is kept."""
+    latest: dict[int, tuple[int, float]] = {}
+    for point in history:
+        if point.step not in latest or point.timestamp >= latest[point.step][0]:
+            latest[point.step] = (point.timestamp, point.value)
+    return [(step, latest[step][1]) for step in sorted(latest)]
 
 
 def _save(figure, out: Path) -> Path:
@@ -98,23 +100,33 @@ KIND_COLOURS = {
 }
 
 
+# More trials than this on the val AP curves: one legend entry per kind, thin lines, no markers.
+MANY_CURVES = 16
+
+
 def plot_val_curves(runs: Sequence[Any], tracking_uri: str, out: Path) -> Path:
     """val AP per epoch, one line per trial (colour by kind, line style by seed)."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6.4, 3.6))
     styles = ("-", "--", ":", "-.")
+    mlflow_client, many = client(tracking_uri), len(runs) > MANY_CURVES
+    labelled: set[str] = set()
     for run in runs:
         kind, seed = run.data.tags.get(TAG_KIND), run.data.tags.get(TAG_SEED, "0")
-        points = metric_series(tracking_uri, run.info.run_id, "val_ap").get("", [])
+        points = _by_step(mlflow_client.get_metric_history(run.info.run_id, "val_ap"))
         if points:
+            label = f"{kind}-{seed}" if not many else (kind if kind not in labelled else None)
+            labelled.add(kind)
             axis.plot(
                 [s for s, _ in points],
                 [v for _, v in points],
-                marker="o",
+                marker=None if many else "o",
                 markersize=3,
+                linewidth=0.6 if many else 1.5,
+                alpha=0.5 if many else 1.0,
                 color=KIND_COLOURS.get(kind, "black"),
-                linestyle=styles[int(seed) % len(styles)],
-                label=f"{kind}-{seed}",
+                linestyle="-" if many else styles[int(seed) % len(styles)],
+                label=label,
             )
     _epoch_axis(axis)
     axis.set_ylabel("val OKS AP")
@@ -425,6 +437,239 @@ def _summary(selection: Selection | None) -> str:
     return selection.summary()
 
 
+def _overview_section(
+    config: ExperimentConfig, selection: Selection | None, runs: dict[str, Any], shift_ops: Sequence[str]
+) -> list[str]:
+    """The title, the summary, the machine and budget, the MLflow UI command and the warm start."""
+    uri, name = config.tracking_uri, config.experiment
+    height, width = config.model.input_size
+    train = config.train
+    parts = [f"<h1>autopose demo: {html.escape(name)}</h1>"]
+    parts.append(f"<p class='summary'>{html.escape(_summary(selection))}</p>")
+    parts.append(
+        f"<p class='note'>Written {datetime.datetime.now().isoformat(timespec='seconds')} on "
+        f"{html.escape(platform.node())} ({os.cpu_count()} CPUs, {html.escape(platform.machine())}). "
+        f"Model {html.escape(config.model.arch)} at {height}×{width}, {train.epochs} epochs × "
+        f"{train.steps_per_epoch} steps of {train.batch_size} crops per trial. Val split: figures "
+        f"turned up to ±45° and darker than train; the ops that match that shift: "
+        f"{', '.join(shift_ops) or '–'}.</p>"
+    )
+    parts.append("<p>MLflow UI: <code>" + html.escape(mlflow_ui_command(uri)) + "</code></p>")
+
+    base_train = config.warm_start_config()
+    for base in (r for r in runs.values() if r.data.tags.get(TAG_KIND) == "base"):
+        parts.append(
+            f"<p>Warm start: every trial fine-tuned the base model of run <code>{base.info.run_id}</code> "
+            f"({base_train.epochs} epochs × {base_train.steps_per_epoch} "
+            f"steps without augmentation, trained once and cached; val AP "
+            f"{_fmt(base.data.metrics.get('val_ap'))}).</p>"
+        )
+    return parts
+
+
+def _policies_section(rows: Sequence[Any], walls: dict[str, float]) -> list[str]:
+    """Every trial by val AP."""
+    parts: list[str] = []
+    parts.append("<h2>Policies by val AP</h2>")
+    parts.append(
+        _table(
+            ["kind", "seed", "val AP", "holdout AP", "CPU-s held", "wall s", "status", "promoted", "run id"],
+            [
+                [
+                    html.escape(r.label),
+                    str(r.seed),
+                    _fmt(r.val_ap),
+                    _fmt(r.holdout_ap),
+                    _fmt(r.cost_cpu_s, 1),
+                    _fmt(walls.get(r.run_id), 1),
+                    html.escape(r.status),
+                    "yes" if r.promoted else "",
+                    f"<code>{r.run_id}</code>",
+                ]
+                for r in rows
+            ],
+        )
+    )
+    return parts
+
+
+def _selection_section(rows: Sequence[Any], selection: Selection | None) -> list[str]:
+    """The selection stage's candidates and the methods (nothing without a selection)."""
+    parts: list[str] = []
+    if selection is None:
+        return parts
+        parts.append("<h2>Selection on the holdout split</h2>")
+        parts.append(
+            "<p>After the trials, each method's candidate (every search trial's exported policy, and "
+            "tpe's and pba's best where they ran) was fine-tuned from the same start under the same "
+            "budget, beside none and the hand-crafted recipe (the search's own trials where they are the "
+            "same training), and scored on the holdout split; the best mean holdout AP is the policy "
+            "promoted. Val AP only reports. Gains are paired by seed.</p>"
+        )
+        parts.append(
+            _table(
+                ["candidate", "seeds", "holdout AP", "gain over none", "val AP", "run id"],
+                [
+                    [
+                        html.escape(r.candidate) + (" (selected)" if r is selection.winner else ""),
+                        str(len(r.seeds)),
+                        _fmt(r.holdout_ap),
+                        format_gain(r.gain, r.gain_sd, len(r.seeds)),
+                        _fmt(r.val_ap),
+                        f"<code>{r.run_id}</code>",
+                    ]
+                    for r in selection.ranked
+                ],
+            )
+        )
+        parts.append(f"<p>{html.escape(selection.summary())}</p>")
+        parts.append(
+            _table(
+                ["method", "trials", "CPU-s", "GPU-s", "best candidate", "holdout AP", "gain over none"],
+                [
+                    [
+                        html.escape(m.method),
+                        str(m.trials),
+                        _fmt(m.cost_cpu_s, 0),
+                        _fmt(m.cost_gpu_s, 0),
+                        html.escape(m.candidate or "–"),
+                        _fmt(m.holdout_ap),
+                        "–" if m.gain is None else format_gain(m.gain, m.gain_sd, m.seeds),
+                    ]
+                    for m in method_rows(rows, selection)
+                ],
+            )
+        )
+    return parts
+
+
+def _against_none_section(
+    trial_runs: Sequence[Any],
+    examples_png: Sequence[tuple[str, Path, dict[str, Any]]],
+    space: Any,
+    shift: str,
+    seed: int,
+) -> list[str]:
+    """The known-answer table for what this search ran (nothing without a none trial)."""
+    parts: list[str] = []
+    cell = known_answer_cell(trial_runs, {label: doc for label, _, doc in examples_png}, space, shift, seed)
+    if cell is not None:
+        from autopose.platform.known_answer import summarize, table
+
+        parts.append("<h2>Against no augmentation</h2>")
+        parts.append(
+            "<p>The known-answer table of <code>benchmarks/search_quality.py</code> for what this search "
+            "ran (one seed): val AP, in brackets the difference to none. Random policies are represented "
+            "by the one best on the holdout split. The benchmark adds AdaBN, RandAugment, "
+            "TrivialAugment, the shift-matched policy and the exported policy retrained, over seeds and "
+            "single-factor shifts.</p>"
+        )
+        header, lines = table(summarize([cell]))
+        parts.append(_table(header, [[html.escape(c) for c in line] for line in lines]))
+    return parts
+
+
+def _learned_policy_section(
+    pictures: dict[str, Path],
+    search_runs: Sequence[Any],
+    examples_png: Sequence[tuple[str, Path, dict[str, Any]]],
+    space: Any,
+) -> list[str]:
+    """The op probabilities over the search, and each shown policy as a table and on real crops."""
+    parts: list[str] = []
+    parts.append("<h2>The learned policy over the search</h2>")
+    parts.append(
+        "<p class='note'>Op probability: the chance that a step of a randomly drawn sub-policy is that op. "
+        "The magnitude curves average the sub-policies, so two sub-policies that rotate in opposite "
+        "directions cancel there: the tables below give the exported policy at the end of the search, "
+        "each sub-policy with its weight (the chance a sample draws it), each step's op, probability p "
+        "and magnitude (in the op's units: degrees, factors, fractions); an op that moves either way "
+        "from its identity shows its value and the mirrored one, each with its chance.</p>"
+    )
+    parts.append(f"<img src='{pictures['ops'].name}' alt='op probabilities per epoch'>")
+    shares = {
+        f"search-{r.data.tags.get(TAG_SEED, 0)}": r.data.metrics.get("exported_share") for r in search_runs
+    }
+    for label, png, document in examples_png:
+        parts.append(f"<h3>{html.escape(label)}</h3>")
+        parts.append(_policy_table(document, space, exported_share=shares.get(label)))
+        parts.append(f"<img src='{png.name}' alt='{html.escape(label)} on real crops'>")
+    return parts
+
+
+def _cost_section(rows: Sequence[Any], pictures: dict[str, Path], timings: dict[str, Any]) -> list[str]:
+    """CPU-seconds by kind, the cost picture and the demo's stage timings."""
+    parts: list[str] = []
+    parts.append("<h2>Cost of the search</h2>")
+    total_cpu = sum(r.cost_cpu_s or 0.0 for r in rows)
+    by_kind = {kind: sum(r.cost_cpu_s or 0.0 for r in rows if r.kind == kind) for kind in SEARCH_KINDS}
+    split = ", ".join(f"{kind} {seconds:.0f}" for kind, seconds in by_kind.items() if seconds > 0)
+    parts.append(
+        f"<p>{len(rows)} trials, {total_cpu:.0f} CPU-seconds in all ({split}): each trial's wall time "
+        "times the CPUs it held (MLflow's <code>cost_cpu_s</code>; <code>cost_gpu_s</code> likewise).</p>"
+    )
+    parts.append(f"<img src='{pictures['cost'].name}' alt='cost per trial'>")
+    stage_rows = []
+    order = ("data", "proxies", "search", "compare", "promote", "evaluate", "report")
+    for stage in sorted(timings, key=lambda name: order.index(name) if name in order else len(order)):
+        entry = timings[stage]
+        first = entry.get("first_wall_s")
+        stage_rows.append(
+            [
+                html.escape(stage),
+                _fmt(entry.get("wall_s"), 1),
+                "yes" if entry.get("reused") else "",
+                _fmt(first, 1),
+            ]
+        )
+    parts.append(_table(["stage", "wall s (this run)", "reused", "wall s (when it ran)"], stage_rows))
+    return parts
+
+
+def _full_training_section(
+    full_run: str | None, runs: dict[str, Any], evaluation: dict[str, Any] | None
+) -> list[str]:
+    """The promoted policy's full training and the final evaluation."""
+    parts: list[str] = []
+    parts.append("<h2>Full training of the promoted policy</h2>")
+    if full_run is not None and full_run in runs:
+        run = runs[full_run]
+        metrics = run.data.metrics
+        parent = html.escape(run.data.tags.get(TAG_PARENT, "–"))
+        workers = html.escape(run.data.params.get("train.num_workers", "?"))
+        parts.append(
+            f"<p>Run <code>{full_run}</code>, child of <code>{parent}</code>, {workers} Ray Train workers, "
+            f"{_fmt(metrics.get('trial_wall_s'), 1)} s wall. "
+            f"Val proxy AP {_fmt(metrics.get('final_val_ap'))}.</p>"
+        )
+    if evaluation:
+        labels = {
+            "val_split": "val split (synthetic, shifted): ground-truth boxes",
+            "coco_samples": "4 real COCO val2017 images: detector boxes",
+        }
+        keys = list(dict.fromkeys(k for part in evaluation.values() for k in part["metrics"]))
+        ordered = [name for name in labels if name in evaluation] + [n for n in evaluation if n not in labels]
+        parts.append(
+            _table(
+                ["data", *keys],
+                [
+                    [
+                        html.escape(labels.get(name, name)),
+                        *(_fmt(evaluation[name]["metrics"].get(k)) for k in keys),
+                    ]
+                    for name in ordered
+                ],
+            )
+        )
+        titles = "; ".join(html.escape(evaluation[name]["title"]) for name in ordered)
+        parts.append(f"<p class='note'>{titles}.</p>")
+        parts.append(
+            "<p class='note'>The model trained on synthetic figures only: the four real COCO images show "
+            "that the pipeline runs end to end on real photos and detector boxes, not accuracy on them.</p>"
+        )
+    return parts
+
+
 def write_report(
     folder: str | Path,
     config: ExperimentConfig,
@@ -473,189 +718,15 @@ def write_report(
     shown += [r for r in trial_runs if r.data.tags.get(TAG_KIND) == "handcrafted" and r not in shown][:1]
     examples_png = policy_pictures(shown, uri, config.space_dict, data_coco_proxy, folder, examples)
 
-    height, width = config.model.input_size
-    train = config.train
-    parts = [f"<h1>autopose demo: {html.escape(name)}</h1>"]
-    parts.append(f"<p class='summary'>{html.escape(_summary(selection))}</p>")
-    parts.append(
-        f"<p class='note'>Written {datetime.datetime.now().isoformat(timespec='seconds')} on "
-        f"{html.escape(platform.node())} ({os.cpu_count()} CPUs, {html.escape(platform.machine())}). "
-        f"Model {html.escape(config.model.arch)} at {height}×{width}, {train.epochs} epochs × "
-        f"{train.steps_per_epoch} steps of {train.batch_size} crops per trial. Val split: figures "
-        f"turned up to ±45° and darker than train; the ops that match that shift: "
-        f"{', '.join(shift_ops) or '–'}.</p>"
-    )
-    parts.append("<p>MLflow UI: <code>" + html.escape(mlflow_ui_command(uri)) + "</code></p>")
-
-    base_train = config.warm_start_config()
-    for base in (r for r in runs.values() if r.data.tags.get(TAG_KIND) == "base"):
-        parts.append(
-            f"<p>Warm start: every trial fine-tuned the base model of run <code>{base.info.run_id}</code> "
-            f"({base_train.epochs} epochs × {base_train.steps_per_epoch} "
-            f"steps without augmentation, trained once and cached; val AP "
-            f"{_fmt(base.data.metrics.get('val_ap'))}).</p>"
-        )
-    parts.append("<h2>Policies by val AP</h2>")
-    parts.append(
-        _table(
-            ["kind", "seed", "val AP", "holdout AP", "CPU-s held", "wall s", "status", "promoted", "run id"],
-            [
-                [
-                    html.escape(r.label),
-                    str(r.seed),
-                    _fmt(r.val_ap),
-                    _fmt(r.holdout_ap),
-                    _fmt(r.cost_cpu_s, 1),
-                    _fmt(walls.get(r.run_id), 1),
-                    html.escape(r.status),
-                    "yes" if r.promoted else "",
-                    f"<code>{r.run_id}</code>",
-                ]
-                for r in rows
-            ],
-        )
-    )
-    if selection is not None:
-        parts.append("<h2>Selection on the holdout split</h2>")
-        parts.append(
-            "<p>After the trials, each method's candidate (every search trial's exported policy, and "
-            "tpe's and pba's best where they ran) was fine-tuned from the same start under the same "
-            "budget, beside none and the hand-crafted recipe (the search's own trials where they are the "
-            "same training), and scored on the holdout split; the best mean holdout AP is the policy "
-            "promoted. Val AP only reports. Gains are paired by seed.</p>"
-        )
-        parts.append(
-            _table(
-                ["candidate", "seeds", "holdout AP", "gain over none", "val AP", "run id"],
-                [
-                    [
-                        html.escape(r.candidate) + (" (selected)" if r is selection.winner else ""),
-                        str(len(r.seeds)),
-                        _fmt(r.holdout_ap),
-                        format_gain(r.gain, r.gain_sd, len(r.seeds)),
-                        _fmt(r.val_ap),
-                        f"<code>{r.run_id}</code>",
-                    ]
-                    for r in selection.ranked
-                ],
-            )
-        )
-        parts.append(f"<p>{html.escape(selection.summary())}</p>")
-        parts.append(
-            _table(
-                ["method", "trials", "CPU-s", "GPU-s", "best candidate", "holdout AP", "gain over none"],
-                [
-                    [
-                        html.escape(m.method),
-                        str(m.trials),
-                        _fmt(m.cost_cpu_s, 0),
-                        _fmt(m.cost_gpu_s, 0),
-                        html.escape(m.candidate or "–"),
-                        _fmt(m.holdout_ap),
-                        "–" if m.gain is None else format_gain(m.gain, m.gain_sd, m.seeds),
-                    ]
-                    for m in method_rows(rows, selection)
-                ],
-            )
-        )
-    cell = known_answer_cell(
-        trial_runs, {label: doc for label, _, doc in examples_png}, space, shift, train.seed
-    )
-    if cell is not None:
-        from autopose.platform.known_answer import summarize, table
-
-        parts.append("<h2>Against no augmentation</h2>")
-        parts.append(
-            "<p>The known-answer table of <code>benchmarks/search_quality.py</code> for what this search "
-            "ran (one seed): val AP, in brackets the difference to none. Random policies are represented "
-            "by the one best on the holdout split. The benchmark adds AdaBN, RandAugment, "
-            "TrivialAugment, the shift-matched policy and the exported policy retrained, over seeds and "
-            "single-factor shifts.</p>"
-        )
-        header, lines = table(summarize([cell]))
-        parts.append(_table(header, [[html.escape(c) for c in line] for line in lines]))
+    parts = _overview_section(config, selection, runs, shift_ops)
+    parts += _policies_section(rows, walls)
+    parts += _selection_section(rows, selection)
+    parts += _against_none_section(trial_runs, examples_png, space, shift, config.train.seed)
     parts.append(f"<img src='{pictures['ap'].name}' alt='val AP by policy kind'>")
     parts.append(f"<img src='{pictures['curves'].name}' alt='val AP per epoch'>")
-
-    parts.append("<h2>The learned policy over the search</h2>")
-    parts.append(
-        "<p class='note'>Op probability: the chance that a step of a randomly drawn sub-policy is that op. "
-        "The magnitude curves average the sub-policies, so two sub-policies that rotate in opposite "
-        "directions cancel there: the tables below give the exported policy at the end of the search, "
-        "each sub-policy with its weight (the chance a sample draws it), each step's op, probability p "
-        "and magnitude (in the op's units: degrees, factors, fractions); an op that moves either way "
-        "from its identity shows its value and the mirrored one, each with its chance.</p>"
-    )
-    parts.append(f"<img src='{pictures['ops'].name}' alt='op probabilities per epoch'>")
-    shares = {
-        f"search-{r.data.tags.get(TAG_SEED, 0)}": r.data.metrics.get("exported_share") for r in search_runs
-    }
-    for label, png, document in examples_png:
-        parts.append(f"<h3>{html.escape(label)}</h3>")
-        parts.append(_policy_table(document, space, exported_share=shares.get(label)))
-        parts.append(f"<img src='{png.name}' alt='{html.escape(label)} on real crops'>")
-
-    parts.append("<h2>Cost of the search</h2>")
-    total_cpu = sum(r.cost_cpu_s or 0.0 for r in rows)
-    by_kind = {kind: sum(r.cost_cpu_s or 0.0 for r in rows if r.kind == kind) for kind in SEARCH_KINDS}
-    split = ", ".join(f"{kind} {seconds:.0f}" for kind, seconds in by_kind.items() if seconds > 0)
-    parts.append(
-        f"<p>{len(rows)} trials, {total_cpu:.0f} CPU-seconds in all ({split}): each trial's wall time "
-        "times the CPUs it held (MLflow's <code>cost_cpu_s</code>; <code>cost_gpu_s</code> likewise).</p>"
-    )
-    parts.append(f"<img src='{pictures['cost'].name}' alt='cost per trial'>")
-    stage_rows = []
-    order = ("data", "proxies", "search", "compare", "promote", "evaluate", "report")
-    for stage in sorted(timings, key=lambda name: order.index(name) if name in order else len(order)):
-        entry = timings[stage]
-        first = entry.get("first_wall_s")
-        stage_rows.append(
-            [
-                html.escape(stage),
-                _fmt(entry.get("wall_s"), 1),
-                "yes" if entry.get("reused") else "",
-                _fmt(first, 1),
-            ]
-        )
-    parts.append(_table(["stage", "wall s (this run)", "reused", "wall s (when it ran)"], stage_rows))
-
-    parts.append("<h2>Full training of the promoted policy</h2>")
-    if full_run is not None and full_run in runs:
-        run = runs[full_run]
-        metrics = run.data.metrics
-        parent = html.escape(run.data.tags.get(TAG_PARENT, "–"))
-        workers = html.escape(run.data.params.get("train.num_workers", "?"))
-        parts.append(
-            f"<p>Run <code>{full_run}</code>, child of <code>{parent}</code>, {workers} Ray Train workers, "
-            f"{_fmt(metrics.get('trial_wall_s'), 1)} s wall. "
-            f"Val proxy AP {_fmt(metrics.get('final_val_ap'))}.</p>"
-        )
-    if evaluation:
-        labels = {
-            "val_split": "val split (synthetic, shifted): ground-truth boxes",
-            "coco_samples": "4 real COCO val2017 images: detector boxes",
-        }
-        keys = list(dict.fromkeys(k for part in evaluation.values() for k in part["metrics"]))
-        ordered = [name for name in labels if name in evaluation] + [n for n in evaluation if n not in labels]
-        parts.append(
-            _table(
-                ["data", *keys],
-                [
-                    [
-                        html.escape(labels.get(name, name)),
-                        *(_fmt(evaluation[name]["metrics"].get(k)) for k in keys),
-                    ]
-                    for name in ordered
-                ],
-            )
-        )
-        titles = "; ".join(html.escape(evaluation[name]["title"]) for name in ordered)
-        parts.append(f"<p class='note'>{titles}.</p>")
-        parts.append(
-            "<p class='note'>The model trained on synthetic figures only: the four real COCO images show "
-            "that the pipeline runs end to end on real photos and detector boxes, not accuracy on them.</p>"
-        )
-
+    parts += _learned_policy_section(pictures, search_runs, examples_png, space)
+    parts += _cost_section(rows, pictures, timings)
+    parts += _full_training_section(full_run, runs, evaluation)
     parts.append("<h2>Budget</h2>")
     parts.append(f"<pre>{html.escape(json.dumps(budget, indent=2))}</pre>")
 

@@ -176,11 +176,7 @@ def run_training(
     )
     storage = storage_join(experiment.storage_path, "full-train")
     run_name = f"{experiment_name}-{key}"
-    started = time.perf_counter()
-
-    def cost() -> dict[str, Any]:
-        return {"wall_s": time.perf_counter() - started, "resources": resources_of(train)}
-
+    started, status = time.perf_counter(), "FAILED"  # until the model is registered
     try:
         with ray_session(address):
             result = fit(job, name=run_name, storage_path=storage, backend=experiment.full_train.backend)
@@ -191,10 +187,10 @@ def run_training(
         checkpoint = kept.location
         run.log_metrics(metrics, step=train.epochs)
         run.set_tags({TAG_CHECKPOINT: checkpoint, TAG_REGISTERED_EPOCH: kept.epoch})
-    except BaseException:
-        close_run(run, "FAILED", **cost(), step=train.epochs)
-        raise
-    close_run(run, "FINISHED", **cost(), step=train.epochs)
+        status = "FINISHED"
+    finally:
+        wall = time.perf_counter() - started
+        close_run(run, status, wall_s=wall, resources=resources_of(train), step=train.epochs)
     return TrainingOutcome(
         run_id=run.run_id,
         checkpoint=checkpoint,

@@ -201,7 +201,7 @@ def _train_base(
         examples=0,
         title=f"base model {tags[TAG_BASE]}",
     )
-    started = time.perf_counter()
+    started, status = time.perf_counter(), "FAILED"  # until the checkpoint is cached
     try:
         with ray_session(address):
             result = fit(
@@ -216,22 +216,10 @@ def _train_base(
         ):
             shutil.copyfileobj(source, target)
         run.set_tags({TAG_CHECKPOINT: str(cached)})
-    except BaseException:
-        close_run(
-            run,
-            "FAILED",
-            wall_s=time.perf_counter() - started,
-            resources=resources_of(train),
-            step=train.epochs,
-        )
-        raise
-    close_run(
-        run,
-        "FINISHED",
-        wall_s=time.perf_counter() - started,
-        resources=resources_of(train),
-        step=train.epochs,
-    )
+        status = "FINISHED"
+    finally:
+        wall = time.perf_counter() - started
+        close_run(run, status, wall_s=wall, resources=resources_of(train), step=train.epochs)
 
 
 def _log_cached_base(
