@@ -1,9 +1,11 @@
 """The GPU check runs end to end at toy sizes on the CPU (a check of the script, not a figure),
-and says in one line that it needs a GPU when asked for one where there is none."""
+and says in one line that it needs a GPU when asked for one where there is none; the platform's
+scale benchmark runs end to end at a few trials."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 GPU_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+SCALE = GPU_CHECK.with_name("platform_scale.py")
 
 
 def test_the_gpu_check_prints_every_part_as_json_lines_on_the_cpu_at_toy_sizes():
@@ -38,3 +41,24 @@ def test_asking_for_a_gpu_where_there_is_none_is_one_line_and_exit_2():
         [sys.executable, str(GPU_CHECK)], capture_output=True, text=True, timeout=120, check=False
     )
     assert done.returncode == 2 and "no CUDA device" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.platform
+@pytest.mark.slow
+def test_the_scale_benchmark_logs_every_epoch_of_every_report_only_trial_once(tmp_path):
+    """A few report-only trials through the search's driver on SQLite (the benchmark's own Ray):
+    every run FINISHED with each epoch once, and compare and the report read them back."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, str(SCALE), "--trials", "4", "--epochs", "3", "--stores", "sqlite"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**env, "TMPDIR": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [json.loads(text) for text in done.stdout.splitlines() if text.startswith("{")]
+    assert (line["runs"], line["finished"], line["compare_rows"]) == (4, 4, 4)
+    assert line["epochs_complete"] is True and line["results"] == 12
+    assert line["results_per_s"] > 0 and line["tune_alone_results_per_s"] > 0

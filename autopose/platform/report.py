@@ -100,16 +100,37 @@ KIND_COLOURS = {
 }
 
 
-# More trials than this on the val AP curves: one legend entry per kind, thin lines, no markers.
-MANY_CURVES = 16
+# More trials than this (a large search): the curves of the best CURVES_PER_KIND trials of each
+# kind, one legend entry per kind; the cost per kind instead of per trial.
+MANY_TRIALS, CURVES_PER_KIND = 16, 5
+
+
+def _best_of_each_kind(runs: Sequence[Any], count: int) -> list[Any]:
+    """The ``count`` runs of highest val AP of each kind, in the order given."""
+    by_kind: dict[str, list[Any]] = {}
+    for run in runs:
+        by_kind.setdefault(run.data.tags.get(TAG_KIND), []).append(run)
+    kept = {
+        id(run)
+        for group in by_kind.values()
+        for run in sorted(group, key=lambda r: -r.data.metrics.get("val_ap", -math.inf))[:count]
+    }
+    return [run for run in runs if id(run) in kept]
 
 
 def plot_val_curves(runs: Sequence[Any], tracking_uri: str, out: Path) -> Path:
-    """val AP per epoch, one line per trial (colour by kind, line style by seed)."""
+    """val AP per epoch, one line per trial (colour by kind, line style by seed); past
+    :data:`MANY_TRIALS` trials, the best :data:`CURVES_PER_KIND` of each kind (one history read
+    per curve: a thousand would take minutes through a tracking server, and hide each other)."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6.4, 3.6))
     styles = ("-", "--", ":", "-.")
-    mlflow_client, many = client(tracking_uri), len(runs) > MANY_CURVES
+    many = len(runs) > MANY_TRIALS
+    title = "val AP per epoch, every trial"
+    if many:
+        title = f"val AP per epoch, the best {CURVES_PER_KIND} trials of each kind ({len(runs)} in all)"
+        runs = _best_of_each_kind(runs, CURVES_PER_KIND)
+    mlflow_client = client(tracking_uri)
     labelled: set[str] = set()
     for run in runs:
         kind, seed = run.data.tags.get(TAG_KIND), run.data.tags.get(TAG_SEED, "0")
@@ -130,7 +151,7 @@ def plot_val_curves(runs: Sequence[Any], tracking_uri: str, out: Path) -> Path:
             )
     _epoch_axis(axis)
     axis.set_ylabel("val OKS AP")
-    axis.set_title("val AP per epoch, every trial", fontsize=9)
+    axis.set_title(title, fontsize=9)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
@@ -193,13 +214,20 @@ def plot_search_ops(
 
 def plot_cost(rows: Sequence[Any], walls: dict[str, float], out: Path) -> Path:
     """CPU-seconds held by every trial, and its wall seconds where they differ (a trial holding
-    one CPU costs its wall time: one bar says it)."""
+    one CPU costs its wall time: one bar says it); past :data:`MANY_TRIALS` trials, by kind."""
     plt = _pyplot()
     labels = [r.label for r in rows]
     cpu = [r.cost_cpu_s or 0.0 for r in rows]
     wall = [walls.get(r.run_id, 0.0) for r in rows]
-    figure, axis = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 2), 3.4))
-    positions = range(len(rows))
+    title = "cost per trial"
+    if len(rows) > MANY_TRIALS:  # one bar per kind: the sums, and how many trials each holds
+        kinds = list(dict.fromkeys(r.kind for r in rows))
+        labels = [f"{kind} ({sum(r.kind == kind for r in rows)})" for kind in kinds]
+        cpu = [sum(c for r, c in zip(rows, cpu, strict=True) if r.kind == kind) for kind in kinds]
+        wall = [sum(w for r, w in zip(rows, wall, strict=True) if r.kind == kind) for kind in kinds]
+        title = f"cost per kind ({len(rows)} trials)"
+    figure, axis = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 2), 3.4))
+    positions = range(len(labels))
     if all(abs(c - w) <= 0.01 * max(w, 1.0) for c, w in zip(cpu, wall, strict=True)):
         axis.bar(
             list(positions), cpu, width=0.6, label="CPU-seconds held (= wall seconds: 1 CPU)", color="#6baed6"
@@ -209,7 +237,7 @@ def plot_cost(rows: Sequence[Any], walls: dict[str, float], out: Path) -> Path:
         axis.bar([p + 0.2 for p in positions], wall, width=0.4, label="wall seconds", color="#fd8d3c")
     axis.set_xticks(list(positions), labels, rotation=30, fontsize=8)
     axis.set_ylabel("seconds")
-    axis.set_title("cost per trial", fontsize=9)
+    axis.set_title(title, fontsize=9)
     axis.legend(fontsize=8)
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()

@@ -187,3 +187,47 @@ def test_every_trial_kind_has_its_own_colour():
     from autopose.platform.tracking import SEARCH_KINDS
 
     assert set(KIND_COLOURS) == set(SEARCH_KINDS) and len(set(KIND_COLOURS.values())) == len(KIND_COLOURS)
+
+
+def test_a_large_search_draws_the_best_curves_of_each_kind_and_the_cost_by_kind(tmp_path):
+    """40 trials in a real SQLite MLflow: the curves read the history of the best 5 of each kind
+    only (the picture a thousand-trial search gets in seconds), the cost is one bar per kind."""
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from autopose.platform.compare import trial_rows
+    from autopose.platform.report import (
+        CURVES_PER_KIND,
+        _best_of_each_kind,
+        plot_cost,
+        plot_val_curves,
+    )
+    from autopose.platform.tracking import TAG_KIND, TAG_SEED, TrackedRun, ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = ensure_experiment(uri, "large")
+    for index in range(40):
+        kind = ("random", "none", "search")[index % 3]
+        run = TrackedRun.open(
+            uri,
+            experiment_id,
+            run_name=f"{kind}-{index}",
+            tags={"autopose.trial": f"large/{index}", TAG_KIND: kind, TAG_SEED: str(index)},
+        )
+        run.log_steps({epoch: {"epoch": epoch, "val_ap": index / 100 + epoch / 10} for epoch in range(3)})
+        run.log_metrics({"cost_cpu_s": 1.0}, step=3)
+        run.finish()
+    runs = MlflowClient(uri).search_runs([experiment_id])
+    kept = _best_of_each_kind(runs, CURVES_PER_KIND)
+    assert len(kept) == 3 * CURVES_PER_KIND
+    for kind in ("random", "none", "search"):
+        seeds = sorted(int(r.data.tags[TAG_SEED]) for r in kept if r.data.tags[TAG_KIND] == kind)
+        best = sorted(int(r.data.tags[TAG_SEED]) for r in runs if r.data.tags[TAG_KIND] == kind)[-5:]
+        assert seeds == best  # val AP grows with the index: the highest indices are the best
+
+    curves = plot_val_curves(runs, uri, tmp_path / "curves.png")
+    rows = trial_rows(uri, "large")
+    cost = plot_cost(rows, {r.run_id: 1.0 for r in rows}, tmp_path / "cost.png")
+    for picture in (curves, cost):
+        with Image.open(picture) as image:
+            assert image.width <= 1200  # not one bar per trial: 40 would be about 4,500 pixels wide
