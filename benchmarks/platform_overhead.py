@@ -11,9 +11,9 @@ runs three ways:
   GPU cluster takes: a TorchTrainer controller and worker group per trial).
 
 Each line gives the wall time and its ratio to ``direct``, and splits it: Tune
-and the trial's own process (start, imports, the MLflow run), Ray Train around
-the loop (controller, worker group, reports, checkpoints, per-epoch MLflow logs,
-the policy picture), and the loop itself. A last line gives the fixed costs
+and the trial's own process (start, imports; the driver opens the MLflow run and
+logs the epochs), Ray Train around the loop (controller, worker group, reports,
+checkpoints, the policy picture), and the loop itself. A last line gives the fixed costs
 measured one by one (Ray start, MLflow, the picture, imports in a fresh
 process). Prints JSON lines.
 
@@ -102,8 +102,9 @@ def through_platform(config_path: Path) -> dict[str, float]:
 
 
 def mlflow_costs(folder: Path, data: dict[str, str], epochs: int) -> dict[str, float]:
-    """What one trial's tracking costs, measured in this process on an existing database:
-    open the run, log params and per-epoch metrics, render and upload the policy picture."""
+    """What one trial's tracking costs, measured in this process on an existing database: open
+    the run, log params and the epochs (one call each, as the driver does for a trial of real
+    training, whose epochs come minutes apart), render and upload the policy picture."""
     from autopose.augment import no_policy
     from autopose.data import ProxyDataset
     from autopose.platform.pictures import render_policy_examples
