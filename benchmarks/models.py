@@ -13,6 +13,9 @@ P2Net-R50 (and SimpleBaseline-R50 beside it) on synthetic batches already on the
 device: the model's throughput, without data loading. Target: ≥ 1000 img/s on
 one H100.
 
+``--profile`` adds, per model, where one step's CPU time goes: the aten operators' self time by
+family (convolution, batch norm, upsampling, elementwise sums, copies …) and the top operators.
+
 Every figure is printed as one JSON object per line::
 
     .venv/bin/python benchmarks/models.py
@@ -76,6 +79,42 @@ class TrainStep:
         return time.perf_counter() - start, time.process_time() - cpu_start
 
 
+# Operator families of a profile: each aten operator's self time is counted in the first family
+# whose word its name holds (the backward's operators included), the rest as "other".
+FAMILIES = (
+    ("convolution", ("conv",)),
+    ("batch norm", ("batch_norm",)),
+    ("upsample", ("upsample", "interpolate")),
+    ("add, mul, sum", ("add", "mul", "sum")),
+    ("activation", ("relu", "threshold", "sigmoid")),
+    ("cat, copy, layout", ("cat", "copy", "contiguous", "clone", "to_", "empty", "zero", "fill", "narrow")),
+    ("pooling", ("pool",)),
+    ("optimizer", ("addcdiv", "sqrt", "lerp", "_foreach")),
+)
+
+
+def profile_step(runner: TrainStep) -> dict:
+    """Where one train step's CPU time goes: self time by operator family, and the top operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        runner.run()
+    events = [e for e in profiler.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    families: dict[str, float] = {}
+    for event in events:
+        family = next((f for f, words in FAMILIES if any(w in event.key for w in words)), "other")
+        families[family] = families.get(family, 0.0) + event.self_cpu_time_total
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
+    return {
+        "profile": runner.name,
+        "aten_self_cpu_ms": round(total / 1000, 1),
+        "operators_called": sum(e.count for e in events),
+        "share_by_family": {f: round(t / total, 3) for f, t in sorted(families.items(), key=lambda x: -x[1])},
+        "top": [[e.key, round(e.self_cpu_time_total / 1000, 1), e.count] for e in top],
+    }
+
+
 def describe(name: str, input_size: tuple[int, int]) -> dict:
     model = build_model(name, input_size=input_size)
     macs = count_flops(model, input_size)
@@ -103,6 +142,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--steps", type=int, default=None, help="timed steps per model (default 4 CPU, 50 GPU)"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="also print where one step's CPU time goes, by operator"
     )
     args = parser.parse_args()
     gpu = args.device.startswith("cuda")
@@ -174,6 +216,9 @@ def main() -> None:
             }
         )
     print(json.dumps(summary), flush=True)
+    if args.profile:
+        for runner in runners:
+            print(json.dumps(profile_step(runner)), flush=True)
 
 
 if __name__ == "__main__":
