@@ -113,7 +113,7 @@ def test_the_search_trial_steps_its_policy_as_the_suite_measured_best(demo_run):
         "sampling": "hard",
         "batchnorm_path": 0.5,
         "balance_paths": True,
-        "policy_every": 4,
+        "policy_every": 8,
         "policy_optimizer": "normalized",
         "unroll_lr": 0.1,
     }
