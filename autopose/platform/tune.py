@@ -337,7 +337,8 @@ class TrialRuns(ray.tune.Callback):
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         state = self.trials.setdefault(trial.trial_id, _TrialRun())
         if state.started is not None:  # a PBT member continuing after a pause: its last attempt ends
-            self._end_attempt(trial, state, at=state.last_result)
+            last = state.last_result
+            self._write(trial, lambda: self._end_attempt(trial, state, at=last), retry_now=True)
         state.started, state.counted, state.node = time.perf_counter(), False, None
         self._write(trial, lambda: self._send(trial, state))
 
