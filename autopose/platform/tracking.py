@@ -311,6 +311,15 @@ def _metric_entries(metrics: Mapping[str, Any], timestamp_ms: int, step: int) ->
     ]
 
 
+def find_run(tracking_uri: str, experiment_id: str, key: str, *, key_tag: str = TAG_TRIAL):
+    """The MLflow run of ``experiment_id`` whose ``key_tag`` is ``key`` (a trial's
+    ``autopose.trial``), or None."""
+    found = client(tracking_uri).search_runs(
+        [experiment_id], filter_string=f"tags.`{key_tag}` = '{key}'", max_results=1
+    )
+    return found[0] if found else None
+
+
 # -- one run ---------------------------------------------------------------------------------------
 class TrackedRun:
     """One MLflow run, written through an explicit client (usable in any process).
@@ -339,11 +348,8 @@ class TrackedRun:
     ) -> TrackedRun:
         """The run whose ``key_tag`` equals ``tags[key_tag]``, reopened (a retried or resumed
         trial), else a new one. Either way it ends up RUNNING with ``tags`` set."""
-        key = tags[key_tag]
-        found = client(tracking_uri).search_runs(
-            [experiment_id], filter_string=f"tags.`{key_tag}` = '{key}'", max_results=1
-        )
-        return cls.reopen_or_create(tracking_uri, experiment_id, found[0] if found else None, run_name, tags)
+        found = find_run(tracking_uri, experiment_id, tags[key_tag], key_tag=key_tag)
+        return cls.reopen_or_create(tracking_uri, experiment_id, found, run_name, tags)
 
     @classmethod
     def reopen_or_create(
@@ -373,14 +379,12 @@ class TrackedRun:
             self.client.log_batch(self.run_id, params=fresh[start : start + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        entries = _metric_entries(metrics, int(time.time() * 1000), step)
-        for start in range(0, len(entries), _MAX_BATCH_METRICS):
-            self.client.log_batch(self.run_id, metrics=entries[start : start + _MAX_BATCH_METRICS])
+        self.log_steps({step: metrics})
 
-    def log_steps(self, steps: Mapping[int, Mapping[str, Any]]) -> list[int]:
-        """Log several steps' metrics (step → metrics; a run's epochs are its steps) in as few
-        calls as MLflow's batch limit allows, never splitting a step; returns the steps sent, in
-        order, when every call went through (a failed call raises, the earlier ones stay)."""
+    def log_steps(self, steps: Mapping[int, Mapping[str, Any]]) -> None:
+        """Log several steps' metrics (step → metrics; a run's epochs are its steps), in order, in
+        as few calls as MLflow's batch limit allows; a step is split only when it alone exceeds
+        the limit. A failed call raises; the calls before it stay."""
         now = int(time.time() * 1000)
         batch: list[Metric] = []
         for step in sorted(steps):
@@ -389,9 +393,11 @@ class TrackedRun:
                 self.client.log_batch(self.run_id, metrics=batch)
                 batch = []
             batch.extend(entries)
+            while len(batch) > _MAX_BATCH_METRICS:  # one step larger than a batch
+                self.client.log_batch(self.run_id, metrics=batch[:_MAX_BATCH_METRICS])
+                batch = batch[_MAX_BATCH_METRICS:]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
-        return sorted(steps)
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         if artifact_path is not None:
@@ -415,10 +421,11 @@ class EpochLog:
     """The per-epoch metrics of one run on their way to MLflow: the only way epochs are logged.
 
     Epochs wait here until the tracking server takes them, each under its own step, as many
-    as wait in one call (:meth:`TrackedRun.log_steps`). An epoch is never split across calls
-    (stored whole or not at all, its ``epoch`` metric with it), so after a call whose answer
-    was lost, and before the first send (a resumed run), the epochs the server already holds
-    are skipped: every epoch is logged once.
+    as wait in one call (:meth:`TrackedRun.log_steps`). An epoch is not split across calls
+    (unless it alone holds more than MLflow's batch of 1,000 metrics), so it is stored whole or
+    not at all, its ``epoch`` metric with it: after a call whose answer was lost, and before the
+    first send (a resumed run), the epochs the server already holds are skipped, and every
+    epoch is logged once.
     """
 
     def __init__(self, run: TrackedRun):
@@ -443,9 +450,8 @@ class EpochLog:
                 for epoch in {int(m.step) for m in stored} & set(self.waiting):
                     del self.waiting[epoch]
             if self.waiting:
-                sent = self.run.log_steps(self.waiting)
-                for epoch in sent:
-                    del self.waiting[epoch]
+                self.run.log_steps(self.waiting)
+                self.waiting.clear()
             self._in_doubt = False
         except Exception:
             self._in_doubt = True
@@ -593,6 +599,7 @@ __all__ = [
     "close_run",
     "download_artifact",
     "ensure_experiment",
+    "find_run",
     "flatten",
     "get_run",
     "log_model",

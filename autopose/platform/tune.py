@@ -93,6 +93,7 @@ from autopose.platform.tracking import (
     close_run,
     ensure_experiment,
     epochs_logged,
+    find_run,
     flatten,
     quick_tracking_failures,
     source_tags,
@@ -229,7 +230,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     trial_key = trial_tags(setup, config, trial_id)[TAG_TRIAL]
     try:
-        found = _trial_run(experiment.tracking_uri, setup.experiment_id, trial_key)
+        found = find_run(experiment.tracking_uri, setup.experiment_id, trial_key)
     except Exception as error:  # MlflowException, requests' and OSError kinds: the server is away
         logger.debug("trial %s trains without its run: %s", trial_id, first_line(error))
         found = None
@@ -260,12 +261,14 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     )
 
 
-def _trial_run(tracking_uri: str, experiment_id: str, trial_key: str):
-    """The MLflow run tagged ``autopose.trial = trial_key``, or None."""
-    found = client(tracking_uri).search_runs(
-        [experiment_id], filter_string=f"tags.`{TAG_TRIAL}` = '{trial_key}'", max_results=1
-    )
-    return found[0] if found else None
+def _runs_by_trial(tracking_uri: str, experiment_id: str, search_name: str) -> dict[str, Any]:
+    """Every MLflow run of search ``search_name``, by its ``autopose.trial`` tag (one query)."""
+    return {
+        run.data.tags.get(TAG_TRIAL): run
+        for run in client(tracking_uri).search_runs(
+            [experiment_id], filter_string=f"tags.`{TAG_SEARCH}` = '{search_name}'", max_results=_MAX_RUNS
+        )
+    }
 
 
 def _complete(run, epochs: int) -> bool:
@@ -379,14 +382,9 @@ class TrialRuns(ray.tune.Callback):
         setup = self.trial_setup
         tags = trial_tags(setup, trial.config, trial.trial_id)
         if self._earlier is None:  # one query for the whole search, not one per trial
-            self._earlier = {
-                run.data.tags.get(TAG_TRIAL): run
-                for run in client(setup.experiment.tracking_uri).search_runs(
-                    [setup.experiment_id],
-                    filter_string=f"tags.`{TAG_SEARCH}` = '{setup.search_name}'",
-                    max_results=_MAX_RUNS,
-                )
-            }
+            self._earlier = _runs_by_trial(
+                setup.experiment.tracking_uri, setup.experiment_id, setup.search_name
+            )
         found = self._earlier.pop(tags[TAG_TRIAL], None)
         if found is not None and _complete(found, setup.experiment.train.epochs):
             state.done = True  # finished before a killed driver could tell Tune: left as it is
@@ -440,14 +438,16 @@ class TrialRuns(ray.tune.Callback):
             self._send(trial, state)
             if state.run is None:
                 return
-            attempt, wall = state.attempt, time.perf_counter() - (state.started or time.perf_counter())
+            attempt_wall = None  # the open attempt, timed with the cost
+            if state.started is not None:
+                attempt_wall = (state.attempt, time.perf_counter() - state.started)
             complete = state.last_epoch + 1 >= self.trial_setup.experiment.train.epochs
             final = status or ("FINISHED" if complete else "KILLED")
             close_run(
                 state.run,
                 final,
-                attempt_wall=(attempt, wall) if state.started is not None else None,
-                wall_s=state.earlier_wall_s + (wall if state.started is not None else 0.0),
+                attempt_wall=attempt_wall,
+                wall_s=state.earlier_wall_s + (attempt_wall[1] if attempt_wall else 0.0),
                 resources=self._resources,
                 step=max(state.last_epoch + 1, 0),
                 stopped_early=final == "KILLED",
@@ -1175,14 +1175,7 @@ def sync_runs(results, setup: TrialSetup) -> dict[str, str] | None:
     """
     experiment = setup.experiment
     try:
-        runs = {
-            run.data.tags.get(TAG_TRIAL): run
-            for run in client(experiment.tracking_uri).search_runs(
-                [setup.experiment_id],
-                filter_string=f"tags.`{TAG_SEARCH}` = '{setup.search_name}'",
-                max_results=_MAX_RUNS,
-            )
-        }
+        runs = _runs_by_trial(experiment.tracking_uri, setup.experiment_id, setup.search_name)
     except Exception:  # the server is away: every trial's run is in doubt
         runs = None
     missing: dict[str, str] = {}
@@ -1261,12 +1254,7 @@ def _outcomes(
     missing: dict[str, str],
 ) -> list[TrialOutcome]:
     try:
-        runs = {
-            run.data.tags.get(TAG_TRIAL): run
-            for run in client(experiment.tracking_uri).search_runs(
-                [experiment_id], filter_string=f"tags.`{TAG_SEARCH}` = '{search_name}'", max_results=_MAX_RUNS
-            )
-        }
+        runs = _runs_by_trial(experiment.tracking_uri, experiment_id, search_name)
     except Exception:  # the server is away (said already): run ids unknown
         runs = {}
     outcomes = []
