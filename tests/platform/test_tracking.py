@@ -79,3 +79,10 @@ def test_close_run_logs_the_cost_and_the_status(run, status, stopped_early):
     assert closed.data.metrics == {"trial_wall_s": 10.0, "cost_cpu_s": 20.0, "cost_gpu_s": 5.0}
     assert _steps(run, "cost_cpu_s") == [3]
     assert (TAG_STOPPED_EARLY in closed.data.tags) == stopped_early
+
+
+def test_a_step_larger_than_one_batch_is_logged_whole_in_several_calls(run):
+    """MLflow takes at most 1,000 metrics a call: a step of 1,500 goes in two, none lost."""
+    run.log_metrics({f"m{i}": float(i) for i in range(1500)}, step=4)
+    metrics = MlflowClient(run.tracking_uri).get_run(run.run_id).data.metrics
+    assert len(metrics) == 1500 and metrics["m1499"] == 1499.0
