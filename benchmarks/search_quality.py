@@ -2,10 +2,11 @@
 
 For every shift of :data:`autopose.data.synth.KNOWN_SHIFTS` (the demo's combined one, and
 rotation, darkness, zoom-out, blur, offset alone) and every seed, every policy kind of
-:mod:`autopose.platform.known_answer` fine-tunes the same warm start under the demo's trial
+:mod:`autopose.platform.known_answer` fine-tunes the seed's warm start under the demo's trial
 budget, and is scored on the val split (pycocotools OKS AP, flip test on):
 
-* the base model: trained once without augmentation on the train split (the same for every
+* the base model: one per seed (``warm_start.seed`` = the seed, so that the spread over seeds
+  holds the base's own), trained without augmentation on the train split (the same for every
   shift: only val and holdout are shifted), by the platform's own warm start
   (:func:`autopose.platform.warm_start.prepare_warm_start`, cached by content, an MLflow run
   in ``WORKDIR/mlflow.db``);
@@ -380,12 +381,16 @@ def run_suite(
     method proposes per cell, one after the other (each proposal reads the results before it);
     ``pba``: the pba method's population per cell (0: off)."""
 
-    configs = known_answer_configs(workdir, shifts, say=_say)
-    cache = workdir / "results" / settings_key(next(iter(configs.values())))
+    # Each seed starts from its own base model (warm_start.seed = the seed): two bases of the same
+    # recipe differ by as much as the search's variants did (measured), so a suite on one base
+    # would rank variants by that base's luck.
+    configs_of = {seed: known_answer_configs(workdir, shifts, say=_say, base_seed=seed) for seed in seeds}
+    configs = configs_of[seeds[0]]
+    caches = {seed: workdir / "results" / settings_key(configs_of[seed][shifts[0]]) for seed in seeds}
     bilevel, variant = search_settings(list(search), configs)
     pending: dict[tuple[str, int, str], dict[str, Any]] = {}
     for seed in seeds:
-        pending.update(_jobs(configs, seed, randoms, bilevel, variant))
+        pending.update(_jobs(configs_of[seed], seed, randoms, bilevel, variant))
     if pba:
         pending.update(_pba_jobs(pending, pba))
     done: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}  # (group, seed) -> label -> result
@@ -405,7 +410,7 @@ def run_suite(
     planned = {seed: len([k for k in pending if k[1] == seed]) + len(shifts) * (1 + tpe) for seed in seeds}
 
     def cached(key: tuple[str, int, str]) -> dict[str, Any] | None:
-        path = cache / key[0] / f"seed{key[1]}" / f"{key[2]}.json"
+        path = caches[key[1]] / key[0] / f"seed{key[1]}" / f"{key[2]}.json"
         if not path.is_file():
             return None
         result = json.loads(path.read_text())
@@ -413,7 +418,7 @@ def run_suite(
         return result if set(pending[key]["shifts"]) <= set(result.get("scores", {})) else None
 
     def store(key: tuple[str, int, str], result: dict[str, Any]) -> None:
-        path = cache / key[0] / f"seed{key[1]}" / f"{key[2]}.json"
+        path = caches[key[1]] / key[0] / f"seed{key[1]}" / f"{key[2]}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result))
 

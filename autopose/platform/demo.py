@@ -339,14 +339,18 @@ def local_ray(num_cpus: int | None = None, say: Callable[[str], None] | None = N
 
 
 def known_answer_configs(
-    workdir: Path, shifts: Sequence[str], say: Callable[[str], None] = lambda _: None
+    workdir: Path,
+    shifts: Sequence[str],
+    say: Callable[[str], None] = lambda _: None,
+    base_seed: int = 0,
 ) -> dict[str, ExperimentConfig]:
     """The known-answer suite's experiments (``benchmarks/search_quality.py``,
     ``benchmarks/search_signal.py``): per shift of :data:`autopose.data.synth.KNOWN_SHIFTS`, the
     demo's full budget on data whose val and holdout splits the shift turns, every one starting
     from the same base model (the train split is the same, so is its key), trained once on one
     thread (as every figure in the README was measured: two threads train it faster in the demo
-    but round differently, and end at another base of the same key) or reused."""
+    but round differently, and end at another base of the same key) or reused. ``base_seed`` is
+    the base's ``warm_start.seed``: another seed, another base of the same recipe."""
     from autopose.platform.tracking import ensure_experiment
     from autopose.platform.warm_start import prepare_warm_start
 
@@ -356,7 +360,9 @@ def known_answer_configs(
         synth, _ = prepare_synth(workdir, budget, shift=shift)
         data, _ = prepare_proxies(workdir, budget, synth)
         config = demo_config(workdir, budget, data, name=f"known-answer-{shift}")
-        one_thread = dataclasses.replace(config.warm_start, cpus_per_worker=1.0, threads_per_worker=1)
+        one_thread = dataclasses.replace(
+            config.warm_start, cpus_per_worker=1.0, threads_per_worker=1, seed=base_seed
+        )
         configs[shift] = config.replace(warm_start=one_thread)
     with quiet_libraries(), local_ray():
         for shift, config in configs.items():
