@@ -8,7 +8,10 @@ search can step the policy with, at the same random draws:
 * ``eq8``: the paper's Eq. 8, the one-step unrolled hypergradient
   (:meth:`autopose.engine.search.BilevelSearch.hypergradient` with ``batchnorm_path = 0``);
 * ``bn``: the BatchNorm-statistics term alone
-  (:meth:`~autopose.engine.search.BilevelSearch.batchnorm_path_gradient`).
+  (:meth:`~autopose.engine.search.BilevelSearch.batchnorm_path_gradient`);
+* ``score``: the score-function estimate on the hard draws
+  (:meth:`~autopose.engine.search.BilevelSearch.influence_gradient`; hard sampling only): each
+  sample's alignment with the val gradient credits the op, gate and direction it was drawn with.
 
 Per op (summed over sub-policies and steps) it prints the t statistic of the descent direction
 over the batches, ``−mean / (sd / √batches)``, for the op's weight (``op_logits``: positive, the
@@ -61,6 +64,8 @@ def probe(config, bilevel: BilevelConfig, batches: int) -> dict:
     search, policy = trainer.search, trainer.augment
     names = [name for name, _ in policy.named_parameters()]
     terms: dict[str, list[dict[str, torch.Tensor]]] = {"eq8": [], "bn": []}
+    if policy.hard:
+        terms["score"], terms["score_cv"] = [], []
     weight = search.batchnorm_path
     batch_iterator = iter(trainer._epoch_batches())
     for index in range(batches):
@@ -72,7 +77,12 @@ def probe(config, bilevel: BilevelConfig, batches: int) -> dict:
         eq8 = dict(zip(names, search.hypergradient(batch, val, noise), strict=True))
         search.batchnorm_path = weight
         bn = dict(zip(names, search.batchnorm_path_gradient(batch, val, noise), strict=True))
-        for key, grads in (("eq8", eq8), ("bn", bn)):
+        found = {"eq8": eq8, "bn": bn}
+        if policy.hard:
+            found["score"] = dict(zip(names, search.influence_gradient(batch, val, noise), strict=True))
+            controlled = search.influence_gradient(batch, val, noise, plain_control=True)
+            found["score_cv"] = dict(zip(names, controlled, strict=True))
+        for key, grads in found.items():
             terms[key].append({name: grads[name].sum(dim=(0, 1)) for name in PARAMETERS})
     result = {"ops": list(policy.space.op_names), "batches": batches}
     for key, samples in terms.items():
@@ -115,7 +125,9 @@ def main() -> None:
     print("| shift | term | " + " | ".join(ops) + " |", file=sys.stderr)
     print("| --- | --- | " + " | ".join("---" for _ in ops) + " |", file=sys.stderr)
     for row in rows:
-        for key in ("eq8", "bn"):
+        for key in ("eq8", "bn", "score", "score_cv"):
+            if f"{key}/op_logits" not in row:
+                continue
             cells = " | ".join(f"{v:+.1f}" for v in row[f"{key}/op_logits"])
             print(f"| {row['shift']} | {key} weight | {cells} |", file=sys.stderr)
 

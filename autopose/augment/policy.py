@@ -696,6 +696,36 @@ class RelaxedPolicy(nn.Module):
             directed = _straight_through(exact.detach(), directed)
         return strengths, torch.where(self._signed, directed, values)
 
+    def draw_log_probabilities(self, noise: PolicyNoise) -> Tensor:
+        """``(B,)``: the log-probability of what the hard draws ``noise`` applied to each sample,
+        differentiable in the sub-policy, op, probability and sign logits (the score function of
+        a policy-gradient estimate; magnitudes are not drawn).
+
+        Per sample: the sub-policy picked, then per step the outcome: nothing (the drawn op's
+        gate closed: ``log Σ_o w_o (1 − p_o)``, whichever op was drawn, since the images do
+        not depend on it) or op ``o`` applied (``log w_o + log p_o``, plus ``log sign_o`` or
+        ``log (1 − sign_o)`` for the direction of a signed op).
+        """
+        if noise.op is None or noise.sign is None:
+            raise ValueError("the draws' log-probability needs noise.op and noise.sign: use sample_noise")
+        noise = noise.to(self.op_logits.device)
+        index, _ = self.choose_sub_policies(noise)
+        op_logits = self.op_logits[index]  # B×N×O
+        with torch.no_grad():  # which op, gate and direction were drawn (as strengths_and_values)
+            drawn = (op_logits - torch.log(-torch.log(noise.op))).argmax(dim=-1, keepdim=True)
+            gate = _relaxed_bernoulli(self.probability_logits[index], noise.bernoulli, self.tau2) > 0.5
+            upward = _relaxed_bernoulli(self.sign_logits[index], noise.sign, self.tau2) > 0.5
+            opened = gate.gather(-1, drawn).squeeze(-1)  # B×N
+            signed = self._signed.expand_as(gate).gather(-1, drawn).squeeze(-1)
+        log_weight = torch.log_softmax(op_logits, dim=-1)
+        probability_logits, sign_logits = self.probability_logits[index], self.sign_logits[index]
+        nothing = torch.logsumexp(log_weight + F.logsigmoid(-probability_logits), dim=-1)
+        applied = (log_weight + F.logsigmoid(probability_logits)).gather(-1, drawn).squeeze(-1)
+        direction = F.logsigmoid(torch.where(upward, sign_logits, -sign_logits)).gather(-1, drawn).squeeze(-1)
+        applied = applied + torch.where(signed, direction, torch.zeros_like(direction))
+        steps = torch.where(opened, applied, nothing).sum(dim=-1)
+        return torch.log_softmax(self.sub_policy_logits, dim=0)[index] + steps
+
     def forward(
         self,
         images: Tensor,

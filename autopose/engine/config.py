@@ -440,6 +440,16 @@ class BilevelConfig:
     (:class:`autopose.augment.RelaxedPolicy` with ``hard=True``), so the trial trains on the
     distribution that ``export()`` writes (up to the share it drops).
 
+    ``choice_gradient`` (hard sampling only): how Eq. 8's gradient reaches the drawn choices
+    (sub-policy, op, gate, direction). ``straight_through`` (default): through the drawn op's
+    strength at 1, a local derivative of how much the drawn op is applied. ``score``: each
+    training sample's alignment with the val gradient (``∇w L_i · ∇w' L_val``, the first-order
+    change of the val loss a step on that sample makes) credits the choices it was drawn with,
+    by the score function (:meth:`autopose.engine.search.BilevelSearch.influence_gradient`):
+    an unbiased estimate of Eq. 8's gradient on the draws' probabilities, whatever the op does
+    between strength 0 and 1. Magnitudes keep Eq. 8's path; the BatchNorm term is added as
+    before. Costs two forward passes of the training batch per search step.
+
     ``init_magnitude``: the ``m`` (0–10) every op starts at; null (default) starts no op at its
     identity (a signed op halfway from its identity to ``m = 10``, an unsigned one at 5), so
     every op's ``p`` and weight have a gradient from the first step; ``5.0`` is the start of
@@ -471,6 +481,7 @@ class BilevelConfig:
     policy_every: int = 1
     policy_optimizer: Literal["adam", "normalized"] = "adam"
     sampling: Literal["relaxed", "hard"] = "relaxed"
+    choice_gradient: Literal["straight_through", "score"] = "straight_through"
     init_magnitude: float | None = None
 
     def _check(self, path, field_: str) -> None:
@@ -498,6 +509,18 @@ class BilevelConfig:
                 f"expected one of 'relaxed', 'hard', got {self.sampling!r}",
                 path=path,
                 field=f"{field_}.sampling".lstrip("."),
+            )
+        if self.choice_gradient not in ("straight_through", "score"):
+            raise AutoposeError(
+                f"expected one of 'straight_through', 'score', got {self.choice_gradient!r}",
+                path=path,
+                field=f"{field_}.choice_gradient".lstrip("."),
+            )
+        if self.choice_gradient == "score" and self.sampling != "hard":
+            raise AutoposeError(
+                "'score' credits hard draws: it needs sampling: hard",
+                path=path,
+                field=f"{field_}.choice_gradient".lstrip("."),
             )
         start = self.init_magnitude
         if start is not None and not (isinstance(start, int | float) and 0.0 < start < 10.0):

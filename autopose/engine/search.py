@@ -108,6 +108,17 @@ while it sets Brightness' direction darker (t = −8.0 on its sign). With ``bala
 term is scaled to unit norm per policy tensor before they are summed, so that ``λ`` is their
 ratio and neither drowns the other. It costs a second backward through the policy's graph.
 
+The score-function estimate (``choice_gradient="score"``, hard draws only). Eq. 8's gradient
+on what the hard draws pick (sub-policy, op, gate, direction) goes, straight-through, through
+the drawn op's strength at 1: a local derivative, not the difference between running the op and
+not. Its unbiased counterpart: to first order ``L_val(w − ζ g) = L_val(w) − (ζ/B) Σ_i a_i`` with
+``a_i = ∇w L_i · v`` each training sample's alignment with the val gradient, so
+``∇α E[L_val(w')] = −(ζ/B) E[Σ_i (a_i − b_i) ∇α log π(draws_i)]`` with ``b_i`` the mean of the
+other samples' alignments (a baseline that keeps it unbiased). ``a_i`` comes from each sample's
+loss at ``w ± εv`` (two forward passes of the training batch, no backward);
+:meth:`RelaxedPolicy.draw_log_probabilities` gives ``log π``. The magnitudes are not drawn and
+keep Eq. 8's path.
+
 What a step reports besides its losses: the hypergradient's norm per policy
 parameter (``policy_grad_norm/<name>``) and its cosine with the previous search
 step's hypergradient (``policy_grad_cosine``; absent on the first step): a mean
@@ -364,6 +375,10 @@ class BilevelSearch:
         balance_paths: scale Eq. 8's hypergradient and the BatchNorm-statistics term each to
             unit L2 norm per policy tensor before ``λ`` weighs the second: ``λ`` is then the
             terms' ratio, whatever their raw sizes (see "Balancing the two paths").
+        choice_gradient: ``"straight_through"`` (the policy's own gradient of its hard draws) or
+            ``"score"``: Eq. 8's gradient on the drawn choices (sub-policy, op, gate, direction)
+            by the score function of each sample's alignment with the val gradient (see "The
+            score-function estimate"); the magnitudes keep Eq. 8's path. Needs ``hard=True``.
         canvas_pad: ``(rows, cols)``: the training batches are canvases around their crops
             (:class:`autopose.data.ProxyDataset` with ``canvas=True``); the policy runs on the
             canvas and the crop is cut from it before the network sees it.
@@ -385,12 +400,19 @@ class BilevelSearch:
         val_batchnorm: Literal["batch", "running"] = "batch",
         batchnorm_path: float = 0.0,
         balance_paths: bool = False,
+        choice_gradient: Literal["straight_through", "score"] = "straight_through",
         canvas_pad: tuple[int, int] = (0, 0),
     ):
         if not (math.isfinite(batchnorm_path) and batchnorm_path >= 0):
             raise ValueError(f"batchnorm_path must be finite and ≥ 0, got {batchnorm_path}")
         if val_batchnorm not in ("batch", "running"):
             raise ValueError(f"val_batchnorm must be 'batch' or 'running', got {val_batchnorm!r}")
+        if choice_gradient not in ("straight_through", "score"):
+            raise ValueError(
+                f"choice_gradient must be 'straight_through' or 'score', got {choice_gradient!r}"
+            )
+        if choice_gradient == "score" and not policy.hard:
+            raise ValueError("choice_gradient='score' credits hard draws: the policy needs hard=True")
         if hessian not in ("finite_difference", "exact"):
             raise ValueError(f"hessian must be 'finite_difference' or 'exact', got {hessian!r}")
         if not unroll_lr > 0:
@@ -409,6 +431,7 @@ class BilevelSearch:
         self.val_batchnorm = val_batchnorm
         self.batchnorm_path = float(batchnorm_path)
         self.balance_paths = bool(balance_paths)
+        self.choice_gradient = choice_gradient
         self.canvas_pad = (int(canvas_pad[0]), int(canvas_pad[1]))
         # the last search step's hypergradient (flat, after the ranks' average), for the cosine
         self.previous_hypergradient: Tensor | None = None
@@ -552,24 +575,33 @@ class BilevelSearch:
         heatmaps: Tensor,
         product: tuple[Tensor, ...],
         batchnorm_loss: Tensor | None = None,
+        choices: list[Tensor | None] | None = None,
     ) -> list[Tensor | None]:
         """``−ζ Jᵀ product`` (+ ``λ ∇α batchnorm_loss``): one backward through the policy's graph
-        (two with ``balance_paths``: each path is then scaled to unit norm per policy tensor)."""
+        (two with ``balance_paths``: each path is then scaled to unit norm per policy tensor).
+        ``choices``: Eq. 8's score-function estimate, which replaces ``−ζ Jᵀ product`` on every
+        parameter it reaches (all but the magnitudes)."""
         outputs = [augmented]
         if self.differentiate_targets:
             outputs.append(heatmaps)
         grad_outputs = [-self.unroll_lr * p for p in product]
-        if batchnorm_loss is not None and self.balance_paths:
-            eq8 = self._backward_to_policy(outputs, grad_outputs, retain_graph=True)
-            path = self._backward_to_policy([batchnorm_loss], [torch.ones_like(batchnorm_loss)])
-            return [
-                _add_optional(_unit(a), None if b is None else self.batchnorm_path * _unit(b))
-                for a, b in zip(eq8, path, strict=True)
-            ]
-        if batchnorm_loss is not None:
-            outputs.append(batchnorm_loss)
-            grad_outputs.append(torch.full_like(batchnorm_loss, self.batchnorm_path))
-        return self._backward_to_policy(outputs, grad_outputs)
+        if choices is None and not (batchnorm_loss is not None and self.balance_paths):
+            if batchnorm_loss is not None:
+                outputs.append(batchnorm_loss)
+                grad_outputs.append(torch.full_like(batchnorm_loss, self.batchnorm_path))
+            return self._backward_to_policy(outputs, grad_outputs)
+        eq8 = self._backward_to_policy(outputs, grad_outputs, retain_graph=batchnorm_loss is not None)
+        if choices is not None:
+            eq8 = [path if score is None else score for path, score in zip(eq8, choices, strict=True)]
+        if batchnorm_loss is None:
+            return eq8
+        path = self._backward_to_policy([batchnorm_loss], [torch.ones_like(batchnorm_loss)])
+        if self.balance_paths:
+            eq8, path = [_unit(a) for a in eq8], [_unit(b) for b in path]
+        return [
+            _add_optional(a, None if b is None else self.batchnorm_path * b)
+            for a, b in zip(eq8, path, strict=True)
+        ]
 
     def _backward_to_policy(
         self, outputs: list[Tensor], grad_outputs: list[Tensor], retain_graph: bool = False
@@ -624,6 +656,8 @@ class BilevelSearch:
         self.hessian = hessian or self.hessian
         try:
             names, weights = self._weights()
+            if noise is None:
+                noise = self.policy.sample_noise(train[0].shape[0])
             augmented, heatmaps, weight = self.augment(train, noise)
             train_grad, at_w = self._train_gradient_at_w(names, weights, augmented, heatmaps, weight)
             v, _ = self._unrolled_val_gradient(names, weights, train_grad, val)
@@ -632,7 +666,10 @@ class BilevelSearch:
             if self.batchnorm_path > 0:
                 unrolled = self._unrolled_weights(weights, train_grad)
                 batchnorm_loss = self._batchnorm_path_loss(names, unrolled, augmented, val)
-            return self._dense(self._policy_gradient_from(augmented, heatmaps, product, batchnorm_loss))
+            choices = self._choices(names, weights, v, augmented, heatmaps, weight, noise)
+            return self._dense(
+                self._policy_gradient_from(augmented, heatmaps, product, batchnorm_loss, choices)
+            )
         finally:
             self.hessian = saved
 
@@ -649,6 +686,89 @@ class BilevelSearch:
         if not loss.requires_grad:
             return [torch.zeros_like(p) for p in self.policy.parameters()]
         return self._dense(torch.autograd.grad(loss, list(self.policy.parameters()), allow_unused=True))
+
+    def _sample_alignments(
+        self,
+        names: list[str],
+        weights: Sequence[Tensor],
+        v: Sequence[Tensor],
+        images: Tensor,
+        heatmaps,
+        weight,
+    ) -> Tensor:
+        """``(B,)``: ``∇w L_i · v`` for each training sample's own loss ``L_i`` (the batch loss is
+        their mean), by the central difference of ``L_i`` at ``w ± εv`` (batch statistics,
+        running ones untouched). Positive: a step on sample ``i`` lowers the val loss."""
+        epsilon = self.fd_radius / max(float(_global_norm(v)), 1e-12)
+        losses = []
+        for direction in (1.0, -1.0):
+            shifted = [w.detach() + direction * epsilon * d for w, d in zip(weights, v, strict=True)]
+            with torch.no_grad(), frozen_batchnorm_stats(self._net):
+                outputs = functional_call(
+                    self._net, dict(zip(names, shifted, strict=True)), (images.detach(),)
+                )
+                losses.append(self._per_sample_losses(outputs, heatmaps.detach(), weight))
+        return (losses[0] - losses[1]) / (2 * epsilon)
+
+    def _per_sample_losses(self, outputs: object, heatmaps: Tensor, weight: Tensor) -> Tensor:
+        def sample(i: int) -> object:
+            return (
+                [o[i : i + 1] for o in outputs] if isinstance(outputs, (list, tuple)) else outputs[i : i + 1]
+            )
+
+        return torch.stack(
+            [
+                self.loss_fn(sample(i), heatmaps[i : i + 1], weight[i : i + 1])
+                for i in range(heatmaps.shape[0])
+            ]
+        )
+
+    def _score_gradient(self, alignment: Tensor, noise: PolicyNoise) -> list[Tensor | None]:
+        """``−(ζ/B) Σ_i (a_i − b_i) ∇α log π(draws_i)``: the score-function estimate of the
+        gradient of ``E[L_val(w − ζ g)]`` through the hard draws (``b_i`` the mean of the other
+        samples' alignments, a baseline that keeps the estimate unbiased)."""
+        batch = alignment.shape[0]
+        baseline = (alignment.sum() - alignment) / max(batch - 1, 1)
+        log_probability = self.policy.draw_log_probabilities(noise)
+        surrogate = -(self.unroll_lr / batch) * ((alignment - baseline).detach() * log_probability).sum()
+        return list(torch.autograd.grad(surrogate, list(self.policy.parameters()), allow_unused=True))
+
+    def _choices(
+        self, names, weights, v, augmented: Tensor, heatmaps: Tensor, weight: Tensor, noise: PolicyNoise
+    ) -> list[Tensor | None] | None:
+        """With ``choice_gradient="score"``, Eq. 8's score-function estimate on the draws' logits
+        (None on the magnitudes); else None."""
+        if self.choice_gradient != "score":
+            return None
+        alignment = self._sample_alignments(names, weights, v, augmented, heatmaps, weight)
+        return self._score_gradient(alignment, noise)
+
+    def _plain_batch(self, train: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """The training batch without augmentation (crops cut from their canvases), its targets."""
+        images, keypoints, visibility = train
+        images, keypoints = cut_window(as_float_images(images), keypoints, self.canvas_pad)
+        heatmaps, weight = self.codec.encode(keypoints, visibility)
+        return images, heatmaps, weight
+
+    def influence_gradient(
+        self, train: Batch, val: Batch, noise: PolicyNoise | None = None, plain_control: bool = False
+    ) -> list[Tensor]:
+        """The score-function estimate of the policy's gradient on its hard draws (sub-policy,
+        op, gate, direction), without changing anything: each sample's alignment
+        ``∇w L_i · ∇w' L_val(w')`` credits the choices it was drawn with. One tensor per policy
+        parameter (zeros for the magnitudes, which are not drawn)."""
+        if not self.policy.hard:
+            raise ValueError("the draws' score function needs a policy with hard=True")
+        names, weights = self._weights()
+        if noise is None:
+            noise = self.policy.sample_noise(train[0].shape[0])
+        augmented, heatmaps, weight = self.augment(train, noise)
+        train_grad, _ = self._train_gradient_at_w(names, weights, augmented, heatmaps, weight)
+        v, _ = self._unrolled_val_gradient(names, weights, train_grad, val)
+        alignment = self._sample_alignments(names, weights, v, augmented, heatmaps, weight)
+        if plain_control:
+            alignment = alignment - self._sample_alignments(names, weights, v, *self._plain_batch(train))
+        return self._dense(self._score_gradient(alignment, noise))
 
     def state_dict(self) -> dict[str, Tensor | None]:
         """What a resumed search needs beyond the optimizers: the last hypergradient (for the
@@ -677,6 +797,8 @@ class BilevelSearch:
             step's hypergradient; absent on the first step), ``fd_epsilon`` (0 for exact).
         """
         names, weights = self._weights()
+        if noise is None:
+            noise = self.policy.sample_noise(train[0].shape[0])
         augmented, heatmaps, weight = self.augment(train, noise)
 
         # Step 2: the plain training pass through the real (possibly DDP) model.
@@ -695,7 +817,8 @@ class BilevelSearch:
         if self.batchnorm_path > 0:
             unrolled = self._unrolled_weights(weights, train_grad)
             batchnorm_loss = self._batchnorm_path_loss(names, unrolled, augmented, val)
-        grads = self._policy_gradient_from(augmented, heatmaps, product, batchnorm_loss)
+        choices = self._choices(names, weights, v, augmented, heatmaps, weight, noise)
+        grads = self._policy_gradient_from(augmented, heatmaps, product, batchnorm_loss, choices)
 
         # Step 5: both optimizers (the weights' .grad is still step 2's).
         self.policy_optimizer.zero_grad(set_to_none=True)

@@ -524,6 +524,7 @@ class Trainer:
             val_batchnorm=bilevel.val_batchnorm,
             batchnorm_path=bilevel.batchnorm_path,
             balance_paths=bilevel.balance_paths,
+            choice_gradient=bilevel.choice_gradient,
             canvas_pad=self.canvas_pad,
         )
         self.policy_every = bilevel.policy_every

@@ -226,6 +226,65 @@ def test_hard_draws_follow_the_exported_distribution():
     assert chi2 < 20.52  # 5 degrees of freedom, p = 0.001
 
 
+def test_the_draws_log_probability_is_the_chance_of_what_was_applied():
+    """Per outcome of one step (the sub-policy; nothing, or an op in a direction) the log-probability
+    is the same for every draw with that outcome, their probabilities sum to 1, and they match
+    the outcomes' frequencies over 40,000 hard draws (χ²)."""
+    space = SearchSpace("pairs", 2, 1, SPACE.subset(["Rotate", "Brightness", "Cutout"]).ops)
+    policy = RelaxedPolicy(space, hard=True, seed=0)
+    with torch.no_grad():
+        policy.sub_policy_logits.copy_(torch.tensor([0.6, -0.4]))
+        policy.op_logits.copy_(torch.tensor([[[1.0, 0.0, -1.0]], [[-0.5, 0.8, 0.2]]]))
+        policy.probability_logits.copy_(torch.tensor([[[0.5, -1.0, 0.2]], [[1.5, 0.0, -0.3]]]))
+        policy.sign_logits.copy_(torch.tensor([[[0.7, -1.0, 0.0]], [[-0.2, 1.2, 0.0]]]))
+    draws = 40_000
+    noise = policy.sample_noise(draws, torch.Generator().manual_seed(9))
+    strengths, values = policy.strengths_and_values(noise)
+    index, _ = policy.choose_sub_policies(noise)
+    plain = space.values(policy.magnitude_tensor()[index]).detach()
+    log_probability = policy.draw_log_probabilities(noise).detach()
+    outcomes: dict[tuple, list[float]] = {}
+    for b in range(draws):
+        if (strengths[b, 0] > 0).any():
+            o = int(strengths[b, 0].argmax())
+            key = (int(index[b]), o, bool(values[b, 0, o] == plain[b, 0, o]) or not space.signed[o])
+        else:
+            key = (int(index[b]), None, None)
+        outcomes.setdefault(key, []).append(float(log_probability[b]))
+    assert len(outcomes) == 12  # 2 sub-policies × (nothing, Rotate ±, Brightness ±, Cutout)
+    for values_of_outcome in outcomes.values():
+        assert max(values_of_outcome) - min(values_of_outcome) < 1e-5
+    chances = {key: math.exp(v[0]) for key, v in outcomes.items()}
+    assert sum(chances.values()) == pytest.approx(1.0, abs=1e-5)
+    chi2 = sum((len(outcomes[k]) - draws * p) ** 2 / (draws * p) for k, p in chances.items())
+    assert chi2 < 31.26  # 11 degrees of freedom, p = 0.001
+
+
+def test_the_draws_score_function_estimates_the_gradient_of_an_expectation():
+    """Reward 1 when Cutout ran: the mean of reward × ∇ log π over many draws approaches the exact
+    gradient of P(Cutout ran) = π_k · w_Cutout · p_Cutout, and the magnitudes get nothing."""
+    space = SearchSpace("pairs", 2, 1, SPACE.subset(["Rotate", "Brightness", "Cutout"]).ops)
+    policy = randomize(RelaxedPolicy(space, hard=True, seed=0), seed=3)
+    cutout = space.index("Cutout")
+    exact = (
+        policy.sub_policy_probabilities()[:, None]
+        * policy.op_weights()[..., cutout]
+        * policy.probabilities()[..., cutout]
+    ).sum()
+    expected = torch.autograd.grad(exact, list(policy.parameters()), allow_unused=True)
+    draws = 200_000
+    noise = policy.sample_noise(draws, torch.Generator().manual_seed(11))
+    strengths, _ = policy.strengths_and_values(noise)
+    reward = (strengths[:, 0, cutout] > 0).float().detach()
+    surrogate = (reward * policy.draw_log_probabilities(noise)).mean()
+    estimate = torch.autograd.grad(surrogate, list(policy.parameters()), allow_unused=True)
+    for name, want, got in zip([n for n, _ in policy.named_parameters()], expected, estimate, strict=True):
+        if name in ("magnitude_logits", "sign_logits"):
+            assert got is None or (got == 0).all(), name
+            continue
+        torch.testing.assert_close(got, want, atol=4e-3, rtol=0, msg=name)
+
+
 # -- export ---------------------------------------------------------------------------------------------
 
 

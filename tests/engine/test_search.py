@@ -537,3 +537,59 @@ def test_step_reports_per_parameter_norms_and_the_cosine_with_the_previous_step(
     b = flat(p.grad for p in policy.parameters()).double()
     assert second["policy_grad_cosine"] == pytest.approx(float(a @ b / (a.norm() * b.norm())), rel=1e-9)
     assert -1.0 <= second["policy_grad_cosine"] <= 1.0
+
+
+def test_sample_alignments_are_each_samples_gradient_along_the_val_gradient():
+    """``∇w L_i · v`` per training sample, by the central difference at ``w ± εv``, against each
+    sample's own autograd gradient dotted with ``v`` (float64, smooth model); they sum to the
+    batch gradient's (the batch loss is the samples' mean, times B)."""
+    model, policy, train, val, noise = setup(seed=6, warmup=30)
+    search = make_search(model, policy, torch.float64, fd_radius=1e-4)
+    names, weights = search._weights()
+    images, heatmaps, weight = search.augment(train, noise)
+    images, heatmaps = images.detach(), heatmaps.detach()
+    train_grad, _ = search._train_gradient_at_w(names, weights, images, heatmaps, weight)
+    v, _ = search._unrolled_val_gradient(names, weights, train_grad, val)
+    alignment = search._sample_alignments(names, weights, v, images, heatmaps, weight)
+    with frozen_batchnorm_stats(model):
+        outputs = model(images)  # batch statistics, as the batch loss sees them
+        losses = search._per_sample_losses(outputs, heatmaps, weight)
+        torch.testing.assert_close(losses.mean(), search.loss_fn(outputs, heatmaps, weight))
+        expected = torch.stack(
+            [flat(torch.autograd.grad(loss, weights, retain_graph=True)) @ flat(v) for loss in losses]
+        )
+    torch.testing.assert_close(alignment, expected, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(
+        alignment.sum(), len(losses) * flat(train_grad) @ flat(v), rtol=1e-4, atol=1e-9
+    )
+
+
+def test_influence_gradient_needs_hard_draws_and_leaves_magnitudes_alone():
+    model, policy, train, val, _ = setup(seed=7, dtype=torch.float32, space=p2net_space(), batch=16)
+    with pytest.raises(ValueError, match="hard=True"):
+        make_search(model, policy).influence_gradient(train, val)
+    hard = RelaxedPolicy(p2net_space(), hard=True, seed=7)
+    before = copy.deepcopy(model.state_dict())
+    names = [n for n, _ in hard.named_parameters()]
+    grads = dict(zip(names, make_search(model, hard).influence_gradient(train, val), strict=True))
+    assert (grads["magnitude_logits"] == 0).all()
+    for name in ("sub_policy_logits", "op_logits", "probability_logits"):
+        assert torch.isfinite(grads[name]).all() and (grads[name] != 0).any(), name
+    for a, b in zip(model.state_dict().values(), before.values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_score_choices_replace_eq8_on_the_draws_and_keep_its_path_on_the_magnitudes():
+    """With ``choice_gradient="score"`` the hypergradient is the score-function estimate on every
+    drawn choice's logits and Eq. 8's straight-through path on the magnitudes."""
+    model, _, train, val, _ = setup(seed=8, dtype=torch.float32, space=p2net_space(), batch=16)
+    policy = RelaxedPolicy(p2net_space(), hard=True, seed=8)
+    noise = policy.sample_noise(16, torch.Generator().manual_seed(9))
+    straight = make_search(model, policy).hypergradient(train, val, noise)
+    scored = make_search(model, policy, choice_gradient="score")
+    mixed = scored.hypergradient(train, val, noise)
+    score = scored.influence_gradient(train, val, noise)
+    for (name, _), a, b, c in zip(policy.named_parameters(), mixed, straight, score, strict=True):
+        torch.testing.assert_close(a, b if name == "magnitude_logits" else c, msg=name)
+    with pytest.raises(ValueError, match="hard=True"):
+        make_search(model, RelaxedPolicy(p2net_space(), seed=8), choice_gradient="score")

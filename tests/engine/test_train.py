@@ -158,6 +158,7 @@ def test_the_policy_steps_every_kth_step_and_its_metrics_average_over_those(smok
         ("batchnorm_path", -0.5, "≥ 0"),
         ("policy_optimizer", "sgd", "'normalized'"),
         ("sampling", "soft", "'hard'"),
+        ("choice_gradient", "reinforce", "'score'"),
         ("init_magnitude", 10.0, "(0, 10)"),
         ("init_magnitude", 0.0, "(0, 10)"),
         ("tau1", (0.5, 2.0), "range"),  # ranges get their values once, where a trial is planned
@@ -191,6 +192,12 @@ def test_the_search_config_reaches_the_relaxed_policy(smoke_data):
     started = trainer.augment.magnitude_tensor().detach()
     torch.testing.assert_close(started, torch.full_like(started, 3.0))
     trainer.run()  # a hard search step runs through the bi-level step
+    assert trainer.step == 1 and trainer.history[-1]["val_loss"] > 0
+
+    scored = BilevelConfig(sampling="hard", choice_gradient="score", policy_lr=0.05)
+    trainer = Trainer(data, model, train, AugmentSpec(kind="search", seed=0, bilevel=scored), SPACE)
+    assert trainer.search.choice_gradient == "score"
+    trainer.run()
     assert trainer.step == 1 and trainer.history[-1]["val_loss"] > 0
 
 
