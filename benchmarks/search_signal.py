@@ -9,6 +9,8 @@ search can step the policy with, at the same random draws:
   (:meth:`autopose.engine.search.BilevelSearch.hypergradient` with ``batchnorm_path = 0``);
 * ``bn``: the BatchNorm-statistics term alone
   (:meth:`~autopose.engine.search.BilevelSearch.batchnorm_path_gradient`);
+* ``pose``: the pose-geometry term alone
+  (:meth:`~autopose.engine.search.BilevelSearch.pose_path_gradient`);
 * ``score``: the score-function estimate on the hard draws
   (:meth:`~autopose.engine.search.BilevelSearch.influence_gradient`; hard sampling only): each
   sample's alignment with the val gradient credits the op, gate and direction it was drawn with.
@@ -63,7 +65,7 @@ def probe(config, bilevel: BilevelConfig, batches: int) -> dict:
     )
     search, policy = trainer.search, trainer.augment
     names = [name for name, _ in policy.named_parameters()]
-    terms: dict[str, list[dict[str, torch.Tensor]]] = {"eq8": [], "bn": []}
+    terms: dict[str, list[dict[str, torch.Tensor]]] = {"eq8": [], "bn": [], "pose": []}
     if policy.hard:
         terms["score"], terms["score_cv"] = [], []
     weight = search.batchnorm_path
@@ -77,7 +79,8 @@ def probe(config, bilevel: BilevelConfig, batches: int) -> dict:
         eq8 = dict(zip(names, search.hypergradient(batch, val, noise), strict=True))
         search.batchnorm_path = weight
         bn = dict(zip(names, search.batchnorm_path_gradient(batch, val, noise), strict=True))
-        found = {"eq8": eq8, "bn": bn}
+        pose = dict(zip(names, search.pose_path_gradient(batch, val, noise), strict=True))
+        found = {"eq8": eq8, "bn": bn, "pose": pose}
         if policy.hard:
             found["score"] = dict(zip(names, search.influence_gradient(batch, val, noise), strict=True))
             controlled = search.influence_gradient(batch, val, noise, plain_control=True)
@@ -125,7 +128,7 @@ def main() -> None:
     print("| shift | term | " + " | ".join(ops) + " |", file=sys.stderr)
     print("| --- | --- | " + " | ".join("---" for _ in ops) + " |", file=sys.stderr)
     for row in rows:
-        for key in ("eq8", "bn", "score", "score_cv"):
+        for key in ("eq8", "bn", "pose", "score", "score_cv"):
             if f"{key}/op_logits" not in row:
                 continue
             cells = " | ".join(f"{v:+.1f}" for v in row[f"{key}/op_logits"])

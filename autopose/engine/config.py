@@ -440,6 +440,14 @@ class BilevelConfig:
     (:class:`autopose.augment.RelaxedPolicy` with ``hard=True``), so the trial trains on the
     distribution that ``export()`` writes (up to the share it drops).
 
+    ``pose_path`` (μ ≥ 0; 0 = off): adds ``μ ∇α`` of the gap between the pose geometry of the
+    augmented training batch and of the val batch (:func:`autopose.engine.search.pose_gap`:
+    each batch's mean and spread of the labelled keypoints' centroid, size and principal axis in
+    the crop). The BatchNorm term's counterpart for where the figures are, how large and how
+    turned: a density match on the labels the val batch already carries, with no network pass.
+    With ``balance_paths`` it is scaled to unit norm per policy tensor like the others, so ``μ``
+    is its ratio to Eq. 8. It only reaches ops that move keypoints.
+
     ``choice_gradient`` (hard sampling only): how Eq. 8's gradient reaches the drawn choices
     (sub-policy, op, gate, direction). ``straight_through`` (default): through the drawn op's
     strength at 1, a local derivative of how much the drawn op is applied. ``score``: each
@@ -478,6 +486,7 @@ class BilevelConfig:
     val_batchnorm: Literal["batch", "running"] = "batch"
     batchnorm_path: float = 0.0
     balance_paths: bool = False
+    pose_path: float = 0.0
     policy_every: int = 1
     policy_optimizer: Literal["adam", "normalized"] = "adam"
     sampling: Literal["relaxed", "hard"] = "relaxed"
@@ -497,6 +506,12 @@ class BilevelConfig:
                 f"must be finite and ≥ 0 (0: Eq. 8 alone), got {self.batchnorm_path}",
                 path=path,
                 field=f"{field_}.batchnorm_path".lstrip("."),
+            )
+        if not (self.pose_path >= 0 and math.isfinite(self.pose_path)):
+            raise AutoposeError(
+                f"must be finite and ≥ 0 (0: off), got {self.pose_path}",
+                path=path,
+                field=f"{field_}.pose_path".lstrip("."),
             )
         if self.policy_optimizer not in ("adam", "normalized"):
             raise AutoposeError(

@@ -343,6 +343,61 @@ def _add_optional(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return a + b
 
 
+POSE_FEATURES = ("centroid_x", "centroid_y", "log_spread", "axis_cos", "axis_sin")
+POSE_SCALE_FLOOR = 0.05  # a feature the val batch holds constant is still compared, in these units
+
+
+def pose_descriptors(keypoints: Tensor, visibility: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Each sample's pose geometry in the crop: ``(B×5 features, B valid)``.
+
+    The features (:data:`POSE_FEATURES`) of the labelled keypoints inside the ``size = (H, W)``
+    crop, in units of half the crop's longer side from its center (so angles are true): the
+    centroid ``(x, y)``; ``log`` of the RMS distance from it (the figure's size); and the
+    principal axis as ``(cos 2θ, sin 2θ)`` times the anisotropy ``(λ1 − λ2)/(λ1 + λ2)`` of the
+    points' covariance (0 for a round cloud; an upright figure gives ``(−a, 0)``, one turned
+    45° gives ``(0, ±a)``). A sample with fewer than 2 such points is not valid (its features
+    are 0). Differentiable in ``keypoints``; which points count is not.
+    """
+    height, width = size
+    half = max(height, width) / 2.0
+    with torch.no_grad():
+        inside = (keypoints[..., 0] >= 0) & (keypoints[..., 0] <= width - 1)
+        inside &= (keypoints[..., 1] >= 0) & (keypoints[..., 1] <= height - 1)
+        mask = ((visibility > 0) & inside).to(keypoints.dtype)  # B×K
+        count = mask.sum(dim=-1)
+        valid = count >= 2
+    points = (keypoints - keypoints.new_tensor([(width - 1) / 2.0, (height - 1) / 2.0])) / half
+    weights = mask / count.clamp_min(1.0)[:, None]
+    centroid = (weights[..., None] * points).sum(dim=1)  # B×2
+    offsets = points - centroid[:, None, :]
+    xx = (weights * offsets[..., 0] ** 2).sum(dim=1)
+    yy = (weights * offsets[..., 1] ** 2).sum(dim=1)
+    xy = (weights * offsets[..., 0] * offsets[..., 1]).sum(dim=1)
+    total = (xx + yy).clamp_min(1e-6)
+    features = torch.stack(
+        [centroid[:, 0], centroid[:, 1], 0.5 * torch.log(total), (xx - yy) / total, 2 * xy / total], -1
+    )
+    return torch.where(valid[:, None], features, torch.zeros_like(features)), valid
+
+
+def pose_gap(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor]) -> Tensor:
+    """``Σ_f ((μ_t − μ_v)² + (σ_t − σ_v)²) / (σ_v² + floor²)``: how far the training batch's pose
+    features (:func:`pose_descriptors`, ``(features, valid)``) lie from the val batch's, by each
+    feature's mean and spread over the batch's valid samples, in units of the val spread
+    (floored at :data:`POSE_SCALE_FLOOR`). The val side is a constant."""
+
+    def moments(features: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        kept = features[valid]
+        if kept.shape[0] < 2:
+            return features.new_zeros(features.shape[-1]), features.new_zeros(features.shape[-1])
+        return kept.mean(dim=0), kept.var(dim=0, unbiased=False).clamp_min(1e-12).sqrt()
+
+    train_mean, train_spread = moments(*train)
+    val_mean, val_spread = (m.detach() for m in moments(val[0].detach(), val[1]))
+    scale = val_spread**2 + POSE_SCALE_FLOOR**2
+    return (((train_mean - val_mean) ** 2 + (train_spread - val_spread) ** 2) / scale).sum()
+
+
 class BilevelSearch:
     """One bi-level search step at a time (see the module docstring).
 
@@ -372,9 +427,11 @@ class BilevelSearch:
         batchnorm_path: ``λ ≥ 0``, the weight of the BatchNorm-statistics term added to Eq. 8
             (see "The BatchNorm-statistics path"); 0 (the default) leaves Eq. 8 alone and
             costs nothing.
-        balance_paths: scale Eq. 8's hypergradient and the BatchNorm-statistics term each to
-            unit L2 norm per policy tensor before ``λ`` weighs the second: ``λ`` is then the
-            terms' ratio, whatever their raw sizes (see "Balancing the two paths").
+        balance_paths: scale Eq. 8's hypergradient and each added term (BatchNorm statistics,
+            pose geometry) to unit L2 norm per policy tensor before their weights: a weight is
+            then the term's ratio to Eq. 8, whatever their raw sizes (see "Balancing the two paths").
+        pose_path: ``μ ≥ 0``, the weight of the pose-geometry term (see "The pose-geometry
+            path"); 0 (the default) adds nothing and costs nothing.
         choice_gradient: ``"straight_through"`` (the policy's own gradient of its hard draws) or
             ``"score"``: Eq. 8's gradient on the drawn choices (sub-policy, op, gate, direction)
             by the score function of each sample's alignment with the val gradient (see "The
@@ -401,10 +458,12 @@ class BilevelSearch:
         batchnorm_path: float = 0.0,
         balance_paths: bool = False,
         choice_gradient: Literal["straight_through", "score"] = "straight_through",
+        pose_path: float = 0.0,
         canvas_pad: tuple[int, int] = (0, 0),
     ):
-        if not (math.isfinite(batchnorm_path) and batchnorm_path >= 0):
-            raise ValueError(f"batchnorm_path must be finite and ≥ 0, got {batchnorm_path}")
+        for name, weight in (("batchnorm_path", batchnorm_path), ("pose_path", pose_path)):
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ValueError(f"{name} must be finite and ≥ 0, got {weight}")
         if val_batchnorm not in ("batch", "running"):
             raise ValueError(f"val_batchnorm must be 'batch' or 'running', got {val_batchnorm!r}")
         if choice_gradient not in ("straight_through", "score"):
@@ -432,6 +491,7 @@ class BilevelSearch:
         self.batchnorm_path = float(batchnorm_path)
         self.balance_paths = bool(balance_paths)
         self.choice_gradient = choice_gradient
+        self.pose_path = float(pose_path)
         self.canvas_pad = (int(canvas_pad[0]), int(canvas_pad[1]))
         # the last search step's hypergradient (flat, after the ranks' average), for the cosine
         self.previous_hypergradient: Tensor | None = None
@@ -447,6 +507,11 @@ class BilevelSearch:
 
     def augment(self, train: Batch, noise: PolicyNoise | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Augmented images (with the policy's graph) and their heatmap targets and weights."""
+        return self._augmented(train, noise)[:3]
+
+    def _augmented(self, train: Batch, noise: PolicyNoise | None = None) -> tuple[Tensor, ...]:
+        """:meth:`augment`'s three, and the moved keypoints (with the policy's graph) and their
+        visibility in the crop."""
         images, keypoints, visibility = train
         images = as_float_images(images)
         if noise is None:
@@ -459,7 +524,16 @@ class BilevelSearch:
             heatmaps, weight = self.codec.encode(moved, moved_visibility.detach())
         else:
             heatmaps, weight = self.codec.encode(moved.detach(), moved_visibility.detach())
-        return augmented, heatmaps, weight
+        return augmented, heatmaps, weight, moved, moved_visibility.detach()
+
+    def _pose_path_loss(
+        self, moved: Tensor, moved_visibility: Tensor, size: tuple[int, int], val: Batch
+    ) -> Tensor | None:
+        """The pose-geometry gap between the augmented batch and the val batch (None when off)."""
+        if self.pose_path == 0:
+            return None
+        train = pose_descriptors(moved, moved_visibility, size)
+        return pose_gap(train, pose_descriptors(val[1], val[2], size))
 
     def _val_targets(self, val: Batch) -> tuple[Tensor, Tensor, Tensor]:
         images, keypoints, visibility = val
@@ -576,32 +650,62 @@ class BilevelSearch:
         product: tuple[Tensor, ...],
         batchnorm_loss: Tensor | None = None,
         choices: list[Tensor | None] | None = None,
+        pose_loss: Tensor | None = None,
     ) -> list[Tensor | None]:
-        """``−ζ Jᵀ product`` (+ ``λ ∇α batchnorm_loss``): one backward through the policy's graph
-        (two with ``balance_paths``: each path is then scaled to unit norm per policy tensor).
-        ``choices``: Eq. 8's score-function estimate, which replaces ``−ζ Jᵀ product`` on every
-        parameter it reaches (all but the magnitudes)."""
+        """``−ζ Jᵀ product`` (+ ``λ ∇α batchnorm_loss`` + ``μ ∇α pose_loss``): one backward
+        through the policy's graph (one per term with ``balance_paths``: each is then scaled to
+        unit norm per policy tensor). ``choices``: Eq. 8's score-function estimate, which
+        replaces ``−ζ Jᵀ product`` on every parameter it reaches (all but the magnitudes)."""
         outputs = [augmented]
         if self.differentiate_targets:
             outputs.append(heatmaps)
         grad_outputs = [-self.unroll_lr * p for p in product]
-        if choices is None and not (batchnorm_loss is not None and self.balance_paths):
-            if batchnorm_loss is not None:
-                outputs.append(batchnorm_loss)
-                grad_outputs.append(torch.full_like(batchnorm_loss, self.batchnorm_path))
+        terms = ((batchnorm_loss, self.batchnorm_path), (pose_loss, self.pose_path))
+        added = [(loss, weight) for loss, weight in terms if loss is not None]
+        if choices is None and not (added and self.balance_paths):
+            for loss, weight in added:
+                outputs.append(loss)
+                grad_outputs.append(torch.full_like(loss, weight))
             return self._backward_to_policy(outputs, grad_outputs)
-        eq8 = self._backward_to_policy(outputs, grad_outputs, retain_graph=batchnorm_loss is not None)
+        total = self._backward_to_policy(outputs, grad_outputs, retain_graph=bool(added))
         if choices is not None:
-            eq8 = [path if score is None else score for path, score in zip(eq8, choices, strict=True)]
-        if batchnorm_loss is None:
-            return eq8
-        path = self._backward_to_policy([batchnorm_loss], [torch.ones_like(batchnorm_loss)])
+            total = [path if score is None else score for path, score in zip(total, choices, strict=True)]
         if self.balance_paths:
-            eq8, path = [_unit(a) for a in eq8], [_unit(b) for b in path]
-        return [
-            _add_optional(a, None if b is None else self.batchnorm_path * b)
-            for a, b in zip(eq8, path, strict=True)
-        ]
+            total = [_unit(a) for a in total]
+        for index, (loss, weight) in enumerate(added):
+            retain = index + 1 < len(added)
+            path = self._backward_to_policy([loss], [torch.ones_like(loss)], retain_graph=retain)
+            if self.balance_paths:
+                path = [_unit(b) for b in path]
+            total = [
+                _add_optional(a, None if b is None else weight * b) for a, b in zip(total, path, strict=True)
+            ]
+        return total
+
+    def _policy_gradient(
+        self,
+        names: list[str],
+        weights: list[Tensor],
+        train_grad: list[Tensor],
+        at_w: tuple[Tensor, ...],
+        augmented: tuple[Tensor, ...],
+        val: Batch,
+        noise: PolicyNoise,
+    ) -> tuple[list[Tensor | None], Tensor, float]:
+        """Steps 3–4 from the training gradient ``g`` (and the input gradient at ``w``): the
+        policy's gradient (Eq. 8 and the added terms), ``L_val(w')`` and the finite difference's ε.
+        ``augmented``: :meth:`_augmented`'s five."""
+        images, heatmaps, weight, moved, moved_visibility = augmented
+        v, val_loss = self._unrolled_val_gradient(names, weights, train_grad, val)
+        product, epsilon = self._mixed_product(names, weights, v, images, heatmaps, weight, at_w)
+        batchnorm_loss = None
+        if self.batchnorm_path > 0:
+            unrolled = self._unrolled_weights(weights, train_grad)
+            batchnorm_loss = self._batchnorm_path_loss(names, unrolled, images, val)
+        choices = self._choices(names, weights, v, images, heatmaps, weight, noise)
+        pose_loss = self._pose_path_loss(moved, moved_visibility, tuple(images.shape[-2:]), val)
+        grads = self._policy_gradient_from(images, heatmaps, product, batchnorm_loss, choices, pose_loss)
+        return grads, val_loss, epsilon
 
     def _backward_to_policy(
         self, outputs: list[Tensor], grad_outputs: list[Tensor], retain_graph: bool = False
@@ -658,18 +762,10 @@ class BilevelSearch:
             names, weights = self._weights()
             if noise is None:
                 noise = self.policy.sample_noise(train[0].shape[0])
-            augmented, heatmaps, weight = self.augment(train, noise)
-            train_grad, at_w = self._train_gradient_at_w(names, weights, augmented, heatmaps, weight)
-            v, _ = self._unrolled_val_gradient(names, weights, train_grad, val)
-            product, _ = self._mixed_product(names, weights, v, augmented, heatmaps, weight, at_w)
-            batchnorm_loss = None
-            if self.batchnorm_path > 0:
-                unrolled = self._unrolled_weights(weights, train_grad)
-                batchnorm_loss = self._batchnorm_path_loss(names, unrolled, augmented, val)
-            choices = self._choices(names, weights, v, augmented, heatmaps, weight, noise)
-            return self._dense(
-                self._policy_gradient_from(augmented, heatmaps, product, batchnorm_loss, choices)
-            )
+            augmented = self._augmented(train, noise)
+            train_grad, at_w = self._train_gradient_at_w(names, weights, *augmented[:3])
+            grads, _, _ = self._policy_gradient(names, weights, train_grad, at_w, augmented, val, noise)
+            return self._dense(grads)
         finally:
             self.hessian = saved
 
@@ -743,6 +839,18 @@ class BilevelSearch:
         alignment = self._sample_alignments(names, weights, v, augmented, heatmaps, weight)
         return self._score_gradient(alignment, noise)
 
+    def pose_path_gradient(self, train: Batch, val: Batch, noise: PolicyNoise | None = None) -> list[Tensor]:
+        """``∇α`` of the pose-geometry gap alone (not weighted by ``μ``), without changing
+        anything: the term ``pose_path`` adds to Eq. 8. One tensor per policy parameter."""
+        _, _, _, moved, moved_visibility = self._augmented(train, noise)
+        size = tuple(self._val_targets(val)[0].shape[-2:])
+        loss = pose_gap(
+            pose_descriptors(moved, moved_visibility, size), pose_descriptors(val[1], val[2], size)
+        )
+        if not loss.requires_grad:
+            return [torch.zeros_like(p) for p in self.policy.parameters()]
+        return self._dense(torch.autograd.grad(loss, list(self.policy.parameters()), allow_unused=True))
+
     def _plain_batch(self, train: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """The training batch without augmentation (crops cut from their canvases), its targets."""
         images, keypoints, visibility = train
@@ -756,7 +864,9 @@ class BilevelSearch:
         """The score-function estimate of the policy's gradient on its hard draws (sub-policy,
         op, gate, direction), without changing anything: each sample's alignment
         ``∇w L_i · ∇w' L_val(w')`` credits the choices it was drawn with. One tensor per policy
-        parameter (zeros for the magnitudes, which are not drawn)."""
+        parameter (zeros for the magnitudes, which are not drawn). ``plain_control``: each
+        alignment minus the same sample's without augmentation (a control variate that does not
+        depend on the draws; ``benchmarks/search_signal.py`` measures both)."""
         if not self.policy.hard:
             raise ValueError("the draws' score function needs a policy with hard=True")
         names, weights = self._weights()
@@ -799,7 +909,7 @@ class BilevelSearch:
         names, weights = self._weights()
         if noise is None:
             noise = self.policy.sample_noise(train[0].shape[0])
-        augmented, heatmaps, weight = self.augment(train, noise)
+        augmented, heatmaps, weight, moved, moved_visibility = self._augmented(train, noise)
 
         # Step 2: the plain training pass through the real (possibly DDP) model.
         images_leaf = augmented.detach().requires_grad_(True)
@@ -811,14 +921,15 @@ class BilevelSearch:
         at_w = (images_leaf.grad,) + ((target_leaf.grad,) if self.differentiate_targets else ())
 
         # Steps 3–4: the unrolled validation gradient and the hypergradient.
-        v, val_loss = self._unrolled_val_gradient(names, weights, train_grad, val)
-        product, epsilon = self._mixed_product(names, weights, v, augmented, heatmaps, weight, at_w)
-        batchnorm_loss = None
-        if self.batchnorm_path > 0:
-            unrolled = self._unrolled_weights(weights, train_grad)
-            batchnorm_loss = self._batchnorm_path_loss(names, unrolled, augmented, val)
-        choices = self._choices(names, weights, v, augmented, heatmaps, weight, noise)
-        grads = self._policy_gradient_from(augmented, heatmaps, product, batchnorm_loss, choices)
+        grads, val_loss, epsilon = self._policy_gradient(
+            names,
+            weights,
+            train_grad,
+            at_w,
+            (augmented, heatmaps, weight, moved, moved_visibility),
+            val,
+            noise,
+        )
 
         # Step 5: both optimizers (the weights' .grad is still step 2's).
         self.policy_optimizer.zero_grad(set_to_none=True)

@@ -525,6 +525,7 @@ class Trainer:
             batchnorm_path=bilevel.batchnorm_path,
             balance_paths=bilevel.balance_paths,
             choice_gradient=bilevel.choice_gradient,
+            pose_path=bilevel.pose_path,
             canvas_pad=self.canvas_pad,
         )
         self.policy_every = bilevel.policy_every

@@ -593,3 +593,69 @@ def test_score_choices_replace_eq8_on_the_draws_and_keep_its_path_on_the_magnitu
         torch.testing.assert_close(a, b if name == "magnitude_logits" else c, msg=name)
     with pytest.raises(ValueError, match="hard=True"):
         make_search(model, RelaxedPolicy(p2net_space(), seed=8), choice_gradient="score")
+
+
+def test_pose_descriptors_of_known_point_clouds():
+    """A vertical bar of points through the crop's center: centroid 0, axis (−1, 0); turned 45°
+    its axis is (0, ±1) (the sign says which way); moved right by a quarter of the longer side:
+    centroid x 0.5; twice as long: log spread + log 2. Points outside the crop or unlabelled do
+    not count; fewer than two leave the sample invalid."""
+    from autopose.engine.search import pose_descriptors
+
+    size = (64, 48)  # H, W: half the longer side is 32 px
+    center = torch.tensor([23.5, 31.5])
+    along = torch.linspace(-10, 10, 5)[:, None]
+    upright = center + along * torch.tensor([0.0, 1.0])
+    turned = center + along * torch.tensor([math.sin(math.radians(45)), math.cos(math.radians(45))])
+    moved = upright + torch.tensor([16.0, 0.0])
+    longer = center + 2 * along * torch.tensor([0.0, 1.0])
+    outside = upright.clone()
+    outside[0] = torch.tensor([-5.0, 0.0])  # left of the crop: not counted
+    lonely = upright.clone()
+    keypoints = torch.stack([upright, turned, moved, longer, outside, lonely])
+    visibility = torch.full((6, 5), 2.0)
+    visibility[5, 1:] = 0  # one labelled point
+    features, valid = pose_descriptors(keypoints, visibility, size)
+    assert valid.tolist() == [True, True, True, True, True, False]
+    torch.testing.assert_close(features[0, :2], torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(features[0, 3:], torch.tensor([-1.0, 0.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(features[1, 3:].abs(), torch.tensor([0.0, 1.0]), atol=1e-5, rtol=0)
+    assert features[2, 0] == pytest.approx(0.5) and features[2, 2] == pytest.approx(features[0, 2])
+    assert features[3, 2] - features[0, 2] == pytest.approx(math.log(2), abs=1e-5)
+    assert features[4, 1] > 0  # the top point left: the centroid moves down
+    assert (features[5] == 0).all()
+
+
+def test_pose_gap_is_zero_for_the_same_geometry_and_grows_with_the_turn():
+    from autopose.engine.search import pose_descriptors, pose_gap
+
+    generator = torch.Generator().manual_seed(0)
+    upright = bars(16, generator)
+    same = pose_gap(*(pose_descriptors(b[1], b[2], (H, W)) for b in (upright, upright)))
+    assert float(same) == pytest.approx(0.0, abs=1e-9)
+    gaps = [
+        float(
+            pose_gap(pose_descriptors(upright[1], upright[2], (H, W)), pose_descriptors(b[1], b[2], (H, W)))
+        )
+        for b in (bars(16, generator, angle=20.0), bars(16, generator, angle=40.0))
+    ]
+    assert 0 < gaps[0] < gaps[1]
+
+
+def test_pose_path_points_rotate_toward_the_val_splits_turns():
+    """Val people turned ±40° (half each way), training people upright, Rotate started at
+    ±22.5°: the pose term's descent raises Rotate's weight and its angle, and leaves the
+    photometric ops' magnitudes alone."""
+    model, _, train, _, _ = setup(seed=9, dtype=torch.float32, batch=32)
+    generator = torch.Generator().manual_seed(10)
+    halves = bars(16, generator, angle=40.0), bars(16, generator, angle=-40.0)
+    val = [torch.cat(parts) for parts in zip(*halves, strict=True)]
+    policy = RelaxedPolicy(toy_space(), hard=True, seed=9)
+    with torch.no_grad():
+        policy.probability_logits.fill_(3.0)  # gates mostly open
+    names = [n for n, _ in policy.named_parameters()]
+    grads = dict(zip(names, make_search(model, policy).pose_path_gradient(train, val), strict=True))
+    rotate, brightness = toy_space().index("Rotate"), toy_space().index("Brightness")
+    assert grads["op_logits"][..., rotate].sum() < 0  # descent: Rotate gains weight
+    assert grads["magnitude_logits"][..., rotate].sum() < 0  # and turns further (m toward 45°)
+    assert (grads["magnitude_logits"][..., brightness] == 0).all()

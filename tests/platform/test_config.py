@@ -78,6 +78,7 @@ def test_round_trip_through_the_logged_mapping(smoke_config):
         (lambda c: c["search"].update(policy_optimizer="sgd"), "search.policy_optimizer", "'normalized'"),
         (lambda c: c["search"].update(sampling="soft"), "search.sampling", "'hard'"),
         (lambda c: c["search"].update(choice_gradient="reinforce"), "search.choice_gradient", "'score'"),
+        (lambda c: c["search"].update(pose_path=-1.0), "search.pose_path", "≥ 0"),
         (lambda c: c["search"].update(choice_gradient="score"), "search.choice_gradient", "sampling: hard"),
         (lambda c: c["search"].update(init_magnitude=10), "search.init_magnitude", "(0, 10)"),
         (lambda c: c["search"].update(init_magnitude="mid"), "search.init_magnitude", "expected float"),
