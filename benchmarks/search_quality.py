@@ -42,8 +42,9 @@ from pathlib import Path
 from typing import Any
 
 from autopose.data.synth import KNOWN_SHIFTS, MATCHED_OPS
+from autopose.engine.config import load_yaml, to_plain
 from autopose.errors import AutoposeError
-from autopose.platform.demo import known_answer_configs
+from autopose.platform.demo import BUDGETS, known_answer_configs
 from autopose.platform.known_answer import (
     exported_steps,
     markdown_table,
@@ -212,14 +213,14 @@ def _splits(config) -> tuple[str, str]:
     return (str(config.data.val), str(config.data.search_val))
 
 
-def search_settings(overrides: list[str], configs: dict[str, Any] | None) -> tuple[Any, str]:
-    """The search's :class:`~autopose.engine.config.BilevelConfig`: the demo's (the engine's
-    defaults without ``configs``) with ``KEY=VALUE`` overrides (values read as YAML), and the
+def search_settings(overrides: list[str], base: dict[str, Any]) -> tuple[Any, str]:
+    """The search's :class:`~autopose.engine.config.BilevelConfig`: ``base`` (the demo's ``search``
+    section) with ``KEY=VALUE`` overrides (values read as YAML), and the
     label suffix its results are cached under: a hash of every setting, so that no two settings
     (a variant, or the demo's own after a change) ever read each other's results."""
     import yaml
 
-    from autopose.engine.config import BilevelConfig, build_dataclass, to_plain
+    from autopose.engine.config import BilevelConfig, build_dataclass
 
     changes = {}
     for item in overrides:
@@ -227,7 +228,6 @@ def search_settings(overrides: list[str], configs: dict[str, Any] | None) -> tup
         if not sep or not key:
             raise AutoposeError(f"expected KEY=VALUE, got {item!r}", field="--search")
         changes[key] = yaml.safe_load(value)
-    base = to_plain(next(iter(configs.values())).search) if configs else {}
     bilevel = build_dataclass(BilevelConfig, {**base, **changes}, field="--search").resolved()
     settings = json.dumps(to_plain(bilevel), sort_keys=True)
     return bilevel, "[" + hashlib.sha256(settings.encode()).hexdigest()[:12] + "]"
@@ -387,7 +387,7 @@ def run_suite(
     configs_of = {seed: known_answer_configs(workdir, shifts, say=_say, base_seed=seed) for seed in seeds}
     configs = configs_of[seeds[0]]
     caches = {seed: workdir / "results" / settings_key(configs_of[seed][shifts[0]]) for seed in seeds}
-    bilevel, variant = search_settings(list(search), configs)
+    bilevel, variant = search_settings(list(search), to_plain(configs[shifts[0]].search))
     pending: dict[tuple[str, int, str], dict[str, Any]] = {}
     for seed in seeds:
         pending.update(_jobs(configs_of[seed], seed, randoms, bilevel, variant))
@@ -503,7 +503,8 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/autopose-known-answer"))
     args = parser.parse_args()
     try:
-        search_settings(args.search, None)  # a bad override is one line, before anything runs
+        # a bad override is one line, before anything runs (checked against the demo's settings)
+        search_settings(args.search, load_yaml(BUDGETS["full"].experiment)["search"])
     except AutoposeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

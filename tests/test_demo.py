@@ -103,15 +103,17 @@ def test_the_search_trial_steps_its_policy_as_the_suite_measured_best(demo_run):
     from autopose.platform.demo import BUDGETS
 
     (search,) = [r for r in _trials(_runs(demo_run)) if r.data.tags.get("autopose.kind") == "search"]
+    measured = ("sampling", "batchnorm_path", "pose_path", "balance_paths", "policy_every")
+    measured += ("policy_optimizer", "unroll_lr")
     policy_step = {
         key: value
         for key, value in load_yaml(BUDGETS["tiny"].experiment)["search"].items()
-        if key
-        in ("sampling", "batchnorm_path", "balance_paths", "policy_every", "policy_optimizer", "unroll_lr")
+        if key in measured
     }
     assert policy_step == {
         "sampling": "hard",
         "batchnorm_path": 0.5,
+        "pose_path": 0.5,
         "balance_paths": True,
         "policy_every": 8,
         "policy_optimizer": "normalized",

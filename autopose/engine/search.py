@@ -108,6 +108,17 @@ while it sets Brightness' direction darker (t = −8.0 on its sign). With ``bala
 term is scaled to unit norm per policy tensor before they are summed, so that ``λ`` is their
 ratio and neither drowns the other. It costs a second backward through the policy's graph.
 
+The pose-geometry path (``pose_path = μ > 0``). The BatchNorm term sees what a shift does to
+the images' statistics; what it does to where the figures stand in the crop (turned, smaller,
+off-center) it sees weakly or wrongly (a zoom changes how much of the crop is background). The
+val batch carries its keypoints, so that geometry can be matched directly:
+:func:`pose_descriptors` reduces each sample's labelled keypoints to their centroid, size and
+principal axis, and :func:`pose_gap` compares the augmented batch's mean and spread of those with
+the val batch's. The moved keypoints carry the policy's graph (geometric ops move them by the
+op's matrix), so ``μ ∇α pose_gap`` reaches the geometric ops' weights, gates, directions and
+magnitudes and nothing else; it needs no network pass. Like the BatchNorm term it is a density
+match: where train and val share their geometry it pulls every geometric op toward less use.
+
 The score-function estimate (``choice_gradient="score"``, hard draws only). Eq. 8's gradient
 on what the hard draws pick (sub-policy, op, gate, direction) goes, straight-through, through
 the drawn op's strength at 1: a local derivative, not the difference between running the op and
