@@ -537,14 +537,13 @@ class BilevelSearch:
             heatmaps, weight = self.codec.encode(moved.detach(), moved_visibility.detach())
         return augmented, heatmaps, weight, moved, moved_visibility.detach()
 
-    def _pose_path_loss(
-        self, moved: Tensor, moved_visibility: Tensor, size: tuple[int, int], val: Batch
-    ) -> Tensor | None:
-        """The pose-geometry gap between the augmented batch and the val batch (None when off)."""
-        if self.pose_path == 0:
-            return None
-        train = pose_descriptors(moved, moved_visibility, size)
-        return pose_gap(train, pose_descriptors(val[1], val[2], size))
+    def _pose_gap_to(self, moved: Tensor, moved_visibility: Tensor, val: Batch) -> Tensor:
+        """The pose-geometry gap (:func:`pose_gap`) between the augmented batch's moved keypoints
+        and the val batch's (both in crops of the val images' size)."""
+        size = tuple(val[0].shape[-2:])
+        return pose_gap(
+            pose_descriptors(moved, moved_visibility, size), pose_descriptors(val[1], val[2], size)
+        )
 
     def _val_targets(self, val: Batch) -> tuple[Tensor, Tensor, Tensor]:
         images, keypoints, visibility = val
@@ -714,7 +713,7 @@ class BilevelSearch:
             unrolled = self._unrolled_weights(weights, train_grad)
             batchnorm_loss = self._batchnorm_path_loss(names, unrolled, images, val)
         choices = self._choices(names, weights, v, images, heatmaps, weight, noise)
-        pose_loss = self._pose_path_loss(moved, moved_visibility, tuple(images.shape[-2:]), val)
+        pose_loss = self._pose_gap_to(moved, moved_visibility, val) if self.pose_path > 0 else None
         grads = self._policy_gradient_from(images, heatmaps, product, batchnorm_loss, choices, pose_loss)
         return grads, val_loss, epsilon
 
@@ -854,10 +853,7 @@ class BilevelSearch:
         """``∇α`` of the pose-geometry gap alone (not weighted by ``μ``), without changing
         anything: the term ``pose_path`` adds to Eq. 8. One tensor per policy parameter."""
         _, _, _, moved, moved_visibility = self._augmented(train, noise)
-        size = tuple(self._val_targets(val)[0].shape[-2:])
-        loss = pose_gap(
-            pose_descriptors(moved, moved_visibility, size), pose_descriptors(val[1], val[2], size)
-        )
+        loss = self._pose_gap_to(moved, moved_visibility, val)
         if not loss.requires_grad:
             return [torch.zeros_like(p) for p in self.policy.parameters()]
         return self._dense(torch.autograd.grad(loss, list(self.policy.parameters()), allow_unused=True))

@@ -659,3 +659,30 @@ def test_pose_path_points_rotate_toward_the_val_splits_turns():
     assert grads["op_logits"][..., rotate].sum() < 0  # descent: Rotate gains weight
     assert grads["magnitude_logits"][..., rotate].sum() < 0  # and turns further (m toward 45°)
     assert (grads["magnitude_logits"][..., brightness] == 0).all()
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_the_pose_term_adds_to_eq8_and_the_batchnorm_term_as_weighted(balance):
+    """``pose_path = μ``: the hypergradient is Eq. 8 + λ·BatchNorm term + μ·pose term (each over
+    its norm per policy tensor with ``balance_paths``), each term from a search computing it
+    alone; μ = 0 changes nothing."""
+    model, policy, train, val, noise = setup(seed=10, dtype=torch.float64, space=p2net_space(), warmup=5)
+    eq8 = make_search(model, policy, torch.float64).hypergradient(train, val, noise)
+    plain = make_search(model, policy, torch.float64)
+    bn, pose = plain.batchnorm_path_gradient(train, val, noise), plain.pose_path_gradient(train, val, noise)
+    options = {"batchnorm_path": 0.3, "balance_paths": balance}
+    ours = make_search(model, policy, torch.float64, pose_path=0.7, **options).hypergradient(
+        train, val, noise
+    )
+    off = make_search(model, policy, torch.float64, **options).hypergradient(train, val, noise)
+    names = [name for name, _ in policy.named_parameters()]
+
+    def unit(t: torch.Tensor) -> torch.Tensor:
+        return t / t.norm() if balance and t.norm() > 0 else t
+
+    for name, a, b, c, got, without in zip(names, eq8, bn, pose, ours, off, strict=True):
+        torch.testing.assert_close(
+            got, unit(a) + 0.3 * unit(b) + 0.7 * unit(c), rtol=1e-9, atol=1e-12, msg=name
+        )
+        torch.testing.assert_close(without, unit(a) + 0.3 * unit(b), rtol=1e-9, atol=1e-12, msg=name)
+    assert (pose[3] != 0).any()  # the magnitudes of geometric ops (parameter 3) feel the pose term
