@@ -446,7 +446,9 @@ class BilevelConfig:
     the crop). The BatchNorm term's counterpart for where the figures are, how large and how
     turned: a density match on the labels the val batch already carries, with no network pass.
     With ``balance_paths`` it is scaled to unit norm per policy tensor like the others, so ``μ``
-    is its ratio to Eq. 8. It only reaches ops that move keypoints.
+    is its ratio to Eq. 8. It only reaches ops that move keypoints. Measured (known-answer
+    suite, one base per seed, λ = 0.5 balanced): μ = 0.5 took the exported policy from +0.061 to
+    +0.081 over none and the matching op on top from 5 to 10 of 18 cells.
 
     ``choice_gradient`` (hard sampling only): how Eq. 8's gradient reaches the drawn choices
     (sub-policy, op, gate, direction). ``straight_through`` (default): through the drawn op's
@@ -456,7 +458,8 @@ class BilevelConfig:
     by the score function (:meth:`autopose.engine.search.BilevelSearch.influence_gradient`):
     an unbiased estimate of Eq. 8's gradient on the draws' probabilities, whatever the op does
     between strength 0 and 1. Magnitudes keep Eq. 8's path; the BatchNorm term is added as
-    before. Costs two forward passes of the training batch per search step.
+    before. Costs two forward passes of the training batch per search step. Measured: no sharper
+    than straight-through at the suite's warm start, and −0.015 ± 0.039 on the suite (README).
 
     ``init_magnitude``: the ``m`` (0–10) every op starts at; null (default) starts no op at its
     identity (a signed op halfway from its identity to ``m = 10``, an unsigned one at 5), so
