@@ -670,10 +670,7 @@ class RelaxedPolicy(nn.Module):
         gates = _relaxed_bernoulli(self.probability_logits[index], noise.bernoulli, self.tau2)
         values = self._low + (self._high - self._low) * self.magnitude_tensor()[index] / MAX_MAGNITUDE
         if self.hard:
-            if noise.op is None:
-                raise ValueError("hard sampling draws the ops from noise.op: use sample_noise")
-            # Gumbel-max: the drawn op follows the softmax weights exactly.
-            drawn = (self.op_logits[index] - torch.log(-torch.log(noise.op))).argmax(dim=-1)
+            drawn = self._drawn_ops(index, noise)
             one_hot = F.one_hot(drawn, op_weights.shape[-1]).to(op_weights.dtype)
             mixing = _straight_through(one_hot, op_weights * one_hot)
             gates = _straight_through((gates > 0.5).to(gates.dtype), gates)
@@ -696,6 +693,13 @@ class RelaxedPolicy(nn.Module):
             directed = _straight_through(exact.detach(), directed)
         return strengths, torch.where(self._signed, directed, values)
 
+    def _drawn_ops(self, index: Tensor, noise: PolicyNoise) -> Tensor:
+        """``B×N``: the op each step of a hard draw runs, for samples of sub-policies ``index``.
+        Gumbel-max over the op logits: the drawn op follows the softmax weights exactly."""
+        if noise.op is None:
+            raise ValueError("hard sampling draws the ops from noise.op: use sample_noise")
+        return (self.op_logits[index] - torch.log(-torch.log(noise.op))).argmax(dim=-1)
+
     def draw_log_probabilities(self, noise: PolicyNoise) -> Tensor:
         """``(B,)``: the log-probability of what the hard draws ``noise`` applied to each sample,
         differentiable in the sub-policy, op, probability and sign logits (the score function of
@@ -706,13 +710,13 @@ class RelaxedPolicy(nn.Module):
         not depend on it) or op ``o`` applied (``log w_o + log p_o``, plus ``log sign_o`` or
         ``log (1 − sign_o)`` for the direction of a signed op).
         """
-        if noise.op is None or noise.sign is None:
-            raise ValueError("the draws' log-probability needs noise.op and noise.sign: use sample_noise")
+        if noise.sign is None:
+            raise ValueError("the draws' log-probability needs noise.sign: use sample_noise")
         noise = noise.to(self.op_logits.device)
         index, _ = self.choose_sub_policies(noise)
         op_logits = self.op_logits[index]  # B×N×O
         with torch.no_grad():  # which op, gate and direction were drawn (as strengths_and_values)
-            drawn = (op_logits - torch.log(-torch.log(noise.op))).argmax(dim=-1, keepdim=True)
+            drawn = self._drawn_ops(index, noise)[..., None]
             gate = _relaxed_bernoulli(self.probability_logits[index], noise.bernoulli, self.tau2) > 0.5
             upward = _relaxed_bernoulli(self.sign_logits[index], noise.sign, self.tau2) > 0.5
             opened = gate.gather(-1, drawn).squeeze(-1)  # B×N
