@@ -70,6 +70,7 @@ from autopose.data.transforms import (
     cut_window,
     transform_points,
     warp_image,
+    window_keypoints,
 )
 from autopose.errors import AutoposeError
 from autopose.files import read_json
@@ -681,8 +682,14 @@ def _cut(
     images: torch.Tensor, keypoints: torch.Tensor, visibility: torch.Tensor, pad: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The crops out of their canvases; absent keypoints stay at (0, 0), as the file stores them."""
-    window, moved = cut_window(images, keypoints, pad)
-    return window, torch.where(visibility[..., None] > 0, moved, keypoints)
+    return cut_window(images, keypoints, pad)[0], _window_keypoints(keypoints, visibility, pad)
+
+
+def _window_keypoints(
+    keypoints: torch.Tensor, visibility: torch.Tensor, pad: tuple[int, int]
+) -> torch.Tensor:
+    """Labelled keypoints in the crop's pixels; absent ones stay at (0, 0)."""
+    return torch.where(visibility[..., None] > 0, window_keypoints(keypoints, pad), keypoints)
 
 
 def _fixed_list_numpy(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...]) -> np.ndarray:
@@ -790,6 +797,15 @@ class ProxyDataset(torch.utils.data.Dataset):
             "image_id": int(columns["image_id"][index]),
             "instance_id": int(columns["instance_id"][index]),
         }
+
+    def labels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every item's ``keypoints`` (``N×K×2``, as :meth:`__getitem__` gives them) and
+        ``visibility`` (``N×K``), without decoding a crop."""
+        if self._columns is None:
+            self._load()
+        visibility = torch.from_numpy(self._columns["visibility"])
+        keypoints = torch.from_numpy(self._columns["keypoints"])
+        return _window_keypoints(keypoints, visibility, self._window_pad), visibility
 
     def iter_batches(self, batch_size: int = 64) -> Iterator[dict[str, Any]]:
         """Stream the file in order as batched tensors (see :func:`decode_batch`)."""

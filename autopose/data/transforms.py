@@ -174,8 +174,16 @@ def cut_window(
         return images, keypoints
     rows, cols = pad
     height, width = images.shape[-2:]
-    window = images[..., rows : height - rows, cols : width - cols]
-    return window, keypoints - keypoints.new_tensor([float(cols), float(rows)])
+    return images[..., rows : height - rows, cols : width - cols], window_keypoints(keypoints, pad)
+
+
+def window_keypoints(keypoints: torch.Tensor, pad: tuple[int, int]) -> torch.Tensor:
+    """Keypoints ``…×K×2`` in canvas pixels, in the pixels of the crop ``pad = (rows, cols)`` in
+    (:func:`cut_window`'s keypoints)."""
+    if pad == (0, 0):
+        return keypoints
+    rows, cols = pad
+    return keypoints - keypoints.new_tensor([float(cols), float(rows)])
 
 
 # The largest crop side accepted. Top-down pose networks take 256×192 or 384×288 (the P2Net

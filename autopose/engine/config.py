@@ -450,6 +450,12 @@ class BilevelConfig:
     suite, one base per seed, λ = 0.5 balanced): μ = 0.5 took the exported policy from +0.061 to
     +0.081 over none and the matching op on top from 5 to 10 of 18 cells.
 
+    ``pose_every_step`` (needs ``pose_path > 0``): the pose term compares each training batch
+    with the pose moments of the whole val split the search reads (``data.search_val``, else
+    ``data.val``) instead of the val batch, and is also taken on the weight steps between policy
+    steps; each policy step uses its mean over the batches since the last one (k = ``policy_every``
+    times the samples, for one backward through the policy's graph per weight step).
+
     ``choice_gradient`` (hard sampling only): how Eq. 8's gradient reaches the drawn choices
     (sub-policy, op, gate, direction). ``straight_through`` (default): through the drawn op's
     strength at 1, a local derivative of how much the drawn op is applied. ``score``: each
@@ -490,6 +496,7 @@ class BilevelConfig:
     batchnorm_path: float = 0.0
     balance_paths: bool = False
     pose_path: float = 0.0
+    pose_every_step: bool = False
     policy_every: int = 1
     policy_optimizer: Literal["adam", "normalized"] = "adam"
     sampling: Literal["relaxed", "hard"] = "relaxed"
@@ -515,6 +522,12 @@ class BilevelConfig:
                 f"must be finite and ≥ 0 (0: off), got {self.pose_path}",
                 path=path,
                 field=f"{field_}.pose_path".lstrip("."),
+            )
+        if self.pose_every_step and not self.pose_path > 0:
+            raise AutoposeError(
+                "takes the pose term on every step: it needs pose_path > 0",
+                path=path,
+                field=f"{field_}.pose_every_step".lstrip("."),
             )
         if self.policy_optimizer not in ("adam", "normalized"):
             raise AutoposeError(

@@ -119,6 +119,17 @@ op's matrix), so ``μ ∇α pose_gap`` reaches the geometric ops' weights, gates
 magnitudes and nothing else; it needs no network pass. Like the BatchNorm term it is a density
 match: where train and val share their geometry it pulls every geometric op toward less use.
 
+The pose term on every weight step (``pose_target``). With the policy stepped every k-th weight
+step, each of its steps sees one training batch, in which about one sample in ten draws a
+given op: the pose term's estimate of that op's effect rests on one or two samples. The term
+needs no network pass, so it can be taken on the k − 1 weight steps between too: with the val
+split's pose moments as its target (computed once from every labelled sample, so no val batch
+is needed there), :meth:`BilevelSearch.augment_between_policy_steps` augments each such batch
+with the policy's graph, adds the term's gradient to a running sum and returns the detached
+batch for the weight step; the next policy step uses the mean over those batches and its own.
+That is k times the samples per policy step for one backward through the policy's graph per
+weight step; the training batch's spread carries Bessel's correction against the split's.
+
 The score-function estimate (``choice_gradient="score"``, hard draws only). Eq. 8's gradient
 on what the hard draws pick (sub-policy, op, gate, direction) goes, straight-through, through
 the drawn op's strength at 1: a local derivative, not the difference between running the op and
@@ -151,7 +162,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -391,22 +402,34 @@ def pose_descriptors(keypoints: Tensor, visibility: Tensor, size: tuple[int, int
     return torch.where(valid[:, None], features, torch.zeros_like(features)), valid
 
 
-def pose_gap(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor]) -> Tensor:
-    """``Σ_f ((μ_t − μ_v)² + (σ_t − σ_v)²) / (σ_v² + floor²)``: how far the training batch's pose
-    features (:func:`pose_descriptors`, ``(features, valid)``) lie from the val batch's, by each
-    feature's mean and spread over the batch's valid samples, in units of the val spread
-    (floored at :data:`POSE_SCALE_FLOOR`). The val side is a constant."""
+PoseMoments = tuple[Tensor, Tensor]  # per feature of POSE_FEATURES: (mean, spread)
 
-    def moments(features: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        kept = features[valid]
-        if kept.shape[0] < 2:
-            return features.new_zeros(features.shape[-1]), features.new_zeros(features.shape[-1])
-        return kept.mean(dim=0), kept.var(dim=0, unbiased=False).clamp_min(1e-12).sqrt()
 
-    train_mean, train_spread = moments(*train)
-    val_mean, val_spread = (m.detach() for m in moments(val[0].detach(), val[1]))
+def pose_moments(features: Tensor, valid: Tensor, unbiased: bool = False) -> PoseMoments:
+    """Each pose feature's mean and spread (standard deviation) over the valid samples of
+    :func:`pose_descriptors`' ``(features, valid)``: two ``(5,)`` tensors (zeros when fewer than
+    2 samples are valid). ``unbiased``: Bessel's correction, for a batch compared with a whole
+    split's moments (without it a batch of 8 looks 7 % too narrow)."""
+    kept = features[valid]
+    if kept.shape[0] < 2:
+        return features.new_zeros(features.shape[-1]), features.new_zeros(features.shape[-1])
+    return kept.mean(dim=0), kept.var(dim=0, unbiased=unbiased).clamp_min(1e-12).sqrt()
+
+
+def pose_moments_gap(train: PoseMoments, val: PoseMoments) -> Tensor:
+    """``Σ_f ((μ_t − μ_v)² + (σ_t − σ_v)²) / (σ_v² + floor²)``: how far the training side's pose
+    moments lie from the val side's, in units of the val spread (floored at
+    :data:`POSE_SCALE_FLOOR`). The val side is a constant."""
+    train_mean, train_spread = train
+    val_mean, val_spread = (m.detach() for m in val)
     scale = val_spread**2 + POSE_SCALE_FLOOR**2
     return (((train_mean - val_mean) ** 2 + (train_spread - val_spread) ** 2) / scale).sum()
+
+
+def pose_gap(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor]) -> Tensor:
+    """:func:`pose_moments_gap` between a training batch's and a val batch's pose features
+    (:func:`pose_descriptors`, ``(features, valid)``), each batch's moments taken alike."""
+    return pose_moments_gap(pose_moments(*train), pose_moments(val[0].detach(), val[1]))
 
 
 class BilevelSearch:
@@ -450,6 +473,10 @@ class BilevelSearch:
         canvas_pad: ``(rows, cols)``: the training batches are canvases around their crops
             (:class:`autopose.data.ProxyDataset` with ``canvas=True``); the policy runs on the
             canvas and the crop is cut from it before the network sees it.
+        pose_target: the val split's pose moments (:func:`pose_moments` of every labelled
+            sample): the pose term then compares each training batch with them instead of with
+            the val batch, and it can be taken between policy steps too
+            (:meth:`augment_between_policy_steps`; see "The pose term on every weight step").
     """
 
     def __init__(
@@ -471,6 +498,7 @@ class BilevelSearch:
         choice_gradient: Literal["straight_through", "score"] = "straight_through",
         pose_path: float = 0.0,
         canvas_pad: tuple[int, int] = (0, 0),
+        pose_target: PoseMoments | None = None,
     ):
         for name, weight in (("batchnorm_path", batchnorm_path), ("pose_path", pose_path)):
             if not (math.isfinite(weight) and weight >= 0):
@@ -504,6 +532,10 @@ class BilevelSearch:
         self.choice_gradient = choice_gradient
         self.pose_path = float(pose_path)
         self.canvas_pad = (int(canvas_pad[0]), int(canvas_pad[1]))
+        self.pose_target = None if pose_target is None else tuple(m.detach() for m in pose_target)
+        # the pose term's gradients taken since the last policy step, and how many batches
+        self.pose_gradient_sum: list[Tensor | None] | None = None
+        self.pose_batches = 0
         # the last search step's hypergradient (flat, after the ranks' average), for the cosine
         self.previous_hypergradient: Tensor | None = None
 
@@ -538,12 +570,50 @@ class BilevelSearch:
         return augmented, heatmaps, weight, moved, moved_visibility.detach()
 
     def _pose_gap_to(self, moved: Tensor, moved_visibility: Tensor, val: Batch) -> Tensor:
-        """The pose-geometry gap (:func:`pose_gap`) between the augmented batch's moved keypoints
-        and the val batch's (both in crops of the val images' size)."""
+        """The pose-geometry gap between the augmented batch's moved keypoints and the val side
+        (both in crops of the val images' size): the val split's moments (``pose_target``) or,
+        without them, the val batch's (:func:`pose_gap`)."""
         size = tuple(val[0].shape[-2:])
-        return pose_gap(
-            pose_descriptors(moved, moved_visibility, size), pose_descriptors(val[1], val[2], size)
+        train = pose_descriptors(moved, moved_visibility, size)
+        if self.pose_target is not None:
+            return pose_moments_gap(pose_moments(*train, unbiased=True), self.pose_target)
+        return pose_gap(train, pose_descriptors(val[1], val[2], size))
+
+    def augment_between_policy_steps(
+        self, train: Batch, noise: PolicyNoise | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Augments a training batch on a weight step that does not move the policy, and adds
+        its pose term's gradient (against ``pose_target``) to those the next policy step
+        averages. Returns the crops, their moved keypoints and visibility, detached: what a
+        plain step trains on (the same draws as the policy's own forward, ``noise`` or fresh)."""
+        if self.pose_target is None:
+            raise ValueError("the pose term between policy steps needs pose_target (the val split's)")
+        images, keypoints, visibility = train
+        augmented, moved, moved_visibility = self.policy(
+            as_float_images(images), keypoints, visibility, noise, pad=self.canvas_pad
         )
+        augmented, moved = cut_window(augmented, moved, self.canvas_pad)
+        moved_visibility = moved_visibility.detach()
+        loss = pose_moments_gap(
+            pose_moments(
+                *pose_descriptors(moved, moved_visibility, tuple(augmented.shape[-2:])), unbiased=True
+            ),
+            self.pose_target,
+        )
+        grads = self._backward_to_policy([loss], [torch.ones_like(loss)])
+        previous = self.pose_gradient_sum or [None] * len(grads)
+        self.pose_gradient_sum = [_add_optional(a, b) for a, b in zip(previous, grads, strict=True)]
+        self.pose_batches += 1
+        return augmented.detach(), moved.detach(), moved_visibility
+
+    def _take_pose_gradients(self) -> tuple[list[Tensor | None], int] | None:
+        """The pose gradients gathered since the last policy step and their count (None if
+        none), which the policy step now uses up."""
+        if self.pose_batches == 0:
+            return None
+        taken = (self.pose_gradient_sum, self.pose_batches)
+        self.pose_gradient_sum, self.pose_batches = None, 0
+        return taken
 
     def _val_targets(self, val: Batch) -> tuple[Tensor, Tensor, Tensor]:
         images, keypoints, visibility = val
@@ -661,18 +731,22 @@ class BilevelSearch:
         batchnorm_loss: Tensor | None = None,
         choices: list[Tensor | None] | None = None,
         pose_loss: Tensor | None = None,
+        pose_gathered: tuple[list[Tensor | None], int] | None = None,
     ) -> list[Tensor | None]:
         """``−ζ Jᵀ product`` (+ ``λ ∇α batchnorm_loss`` + ``μ ∇α pose_loss``): one backward
         through the policy's graph (one per term with ``balance_paths``: each is then scaled to
         unit norm per policy tensor). ``choices``: Eq. 8's score-function estimate, which
-        replaces ``−ζ Jᵀ product`` on every parameter it reaches (all but the magnitudes)."""
+        replaces ``−ζ Jᵀ product`` on every parameter it reaches (all but the magnitudes).
+        ``pose_gathered``: the pose term's gradient sum over earlier batches and their count;
+        the pose term is then the mean over those and this batch."""
         outputs = [augmented]
         if self.differentiate_targets:
             outputs.append(heatmaps)
         grad_outputs = [-self.unroll_lr * p for p in product]
         terms = ((batchnorm_loss, self.batchnorm_path), (pose_loss, self.pose_path))
         added = [(loss, weight) for loss, weight in terms if loss is not None]
-        if choices is None and not (added and self.balance_paths):
+        separate = self.balance_paths or (pose_loss is not None and pose_gathered is not None)
+        if choices is None and not (added and separate):
             for loss, weight in added:
                 outputs.append(loss)
                 grad_outputs.append(torch.full_like(loss, weight))
@@ -685,6 +759,12 @@ class BilevelSearch:
         for index, (loss, weight) in enumerate(added):
             retain = index + 1 < len(added)
             path = self._backward_to_policy([loss], [torch.ones_like(loss)], retain_graph=retain)
+            if loss is pose_loss and pose_gathered is not None:
+                gathered, count = pose_gathered
+                path = [
+                    None if c is None else c / (count + 1)
+                    for c in (_add_optional(a, b) for a, b in zip(path, gathered, strict=True))
+                ]
             if self.balance_paths:
                 path = [_unit(b) for b in path]
             total = [
@@ -701,10 +781,12 @@ class BilevelSearch:
         augmented: tuple[Tensor, ...],
         val: Batch,
         noise: PolicyNoise,
+        pose_gathered: tuple[list[Tensor | None], int] | None = None,
     ) -> tuple[list[Tensor | None], Tensor, float]:
         """Steps 3–4 from the training gradient ``g`` (and the input gradient at ``w``): the
         policy's gradient (Eq. 8 and the added terms), ``L_val(w')`` and the finite difference's ε.
-        ``augmented``: :meth:`_augmented`'s five."""
+        ``augmented``: :meth:`_augmented`'s five; ``pose_gathered``: see
+        :meth:`_policy_gradient_from`."""
         images, heatmaps, weight, moved, moved_visibility = augmented
         v, val_loss = self._unrolled_val_gradient(names, weights, train_grad, val)
         product, epsilon = self._mixed_product(names, weights, v, images, heatmaps, weight, at_w)
@@ -714,7 +796,9 @@ class BilevelSearch:
             batchnorm_loss = self._batchnorm_path_loss(names, unrolled, images, val)
         choices = self._choices(names, weights, v, images, heatmaps, weight, noise)
         pose_loss = self._pose_gap_to(moved, moved_visibility, val) if self.pose_path > 0 else None
-        grads = self._policy_gradient_from(images, heatmaps, product, batchnorm_loss, choices, pose_loss)
+        grads = self._policy_gradient_from(
+            images, heatmaps, product, batchnorm_loss, choices, pose_loss, pose_gathered
+        )
         return grads, val_loss, epsilon
 
     def _backward_to_policy(
@@ -887,16 +971,25 @@ class BilevelSearch:
             alignment = alignment - self._sample_alignments(names, weights, v, *self._plain_batch(train))
         return self._dense(self._score_gradient(alignment, noise))
 
-    def state_dict(self) -> dict[str, Tensor | None]:
+    def state_dict(self) -> dict[str, Any]:
         """What a resumed search needs beyond the optimizers: the last hypergradient (for the
-        cosine the next step reports)."""
+        cosine the next step reports) and the pose gradients gathered since the last policy
+        step."""
         previous = self.previous_hypergradient
-        return {"previous_hypergradient": None if previous is None else previous.detach().cpu()}
+        gathered = self.pose_gradient_sum or []
+        return {
+            "previous_hypergradient": None if previous is None else previous.detach().cpu(),
+            "pose_gradient_sum": [None if g is None else g.detach().cpu() for g in gathered],
+            "pose_batches": self.pose_batches,
+        }
 
-    def load_state_dict(self, state: dict[str, Tensor | None]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         previous = state.get("previous_hypergradient")
         device = next(self.policy.parameters()).device
         self.previous_hypergradient = None if previous is None else previous.to(device)
+        gathered = state.get("pose_gradient_sum") or []  # older checkpoints lack it
+        self.pose_gradient_sum = [None if g is None else g.to(device) for g in gathered] or None
+        self.pose_batches = int(state.get("pose_batches", 0))
 
     def step(self, train: Batch, val: Batch, noise: PolicyNoise | None = None) -> dict[str, float]:
         """One search step: moves the policy (Eq. 8) and the weights (augmented training loss).
@@ -936,6 +1029,7 @@ class BilevelSearch:
             (augmented, heatmaps, weight, moved, moved_visibility),
             val,
             noise,
+            self._take_pose_gradients() if self.pose_path > 0 else None,
         )
 
         # Step 5: both optimizers (the weights' .grad is still step 2's).

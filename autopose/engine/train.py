@@ -506,6 +506,12 @@ class Trainer:
     def _build_search(self, bilevel: BilevelConfig) -> None:
         from autopose.engine.search import BilevelSearch, make_policy_optimizer
 
+        # The α step's un-augmented batches come from the val distribution (see BilevelSearch):
+        # from a held-out split of it when there is one, so the scored val split stays unseen.
+        self.search_val_set = self.holdout_set if self.holdout_set is not None else self.val_set
+        self.search_val_batch = min(
+            bilevel.val_batch_size or self.train_config.batch_size, len(self.search_val_set)
+        )
         self.policy_optimizer = make_policy_optimizer(
             bilevel.policy_optimizer,
             self.augment.parameters(),
@@ -527,14 +533,17 @@ class Trainer:
             choice_gradient=bilevel.choice_gradient,
             pose_path=bilevel.pose_path,
             canvas_pad=self.canvas_pad,
+            pose_target=self._split_pose_moments(self.search_val_set) if bilevel.pose_every_step else None,
         )
         self.policy_every = bilevel.policy_every
-        # The α step's un-augmented batches come from the val distribution (see BilevelSearch):
-        # from a held-out split of it when there is one, so the scored val split stays unseen.
-        self.search_val_set = self.holdout_set if self.holdout_set is not None else self.val_set
-        self.search_val_batch = min(
-            bilevel.val_batch_size or self.train_config.batch_size, len(self.search_val_set)
-        )
+
+    def _split_pose_moments(self, split: ProxyDataset) -> tuple[Tensor, Tensor]:
+        """The pose moments of every labelled sample of ``split`` (the pose term's target)."""
+        from autopose.engine.search import pose_descriptors, pose_moments
+
+        keypoints, visibility = split.labels()
+        descriptors = pose_descriptors(keypoints.float(), visibility.float(), split.metadata.input_size)
+        return tuple(m.to(self.device) for m in pose_moments(*descriptors))
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -678,12 +687,20 @@ class Trainer:
 
     def _plain_step(self, images: Tensor, keypoints: Tensor, visibility: Tensor) -> dict[str, float]:
         """A weight step on the augmented batch; the augmentation (the relaxed policy of a search
-        between its policy steps, too) runs without gradient."""
+        between its policy steps, too) runs without gradient, but for the pose term a search
+        gathers on every step (``search.pose_every_step``)."""
         if isinstance(self.augment, RelaxedPolicy | PolicySchedule):
             self.augment.set_step(self.step)
-        with torch.no_grad():
-            images, keypoints, visibility = self.augment(images, keypoints, visibility, pad=self.canvas_pad)
-            images, keypoints = cut_window(images, keypoints, self.canvas_pad)
+        if self.search is not None and self.search.pose_target is not None:
+            images, keypoints, visibility = self.search.augment_between_policy_steps(
+                (images, keypoints, visibility)
+            )
+        else:
+            with torch.no_grad():
+                images, keypoints, visibility = self.augment(
+                    images, keypoints, visibility, pad=self.canvas_pad
+                )
+                images, keypoints = cut_window(images, keypoints, self.canvas_pad)
         heatmaps, weight = self._targets(keypoints, visibility)
         outputs = self.model(images)
         loss = self.loss_fn(outputs, heatmaps, weight)

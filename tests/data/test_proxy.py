@@ -223,6 +223,21 @@ def test_a_canvas_proxy_reads_as_the_crop_and_holds_the_image_around_it(coco_pro
     assert torch.allclose(streamed["keypoints"], torch.stack([framed[i]["keypoints"] for i in range(4)]))
 
 
+def test_labels_are_every_items_keypoints_and_visibility_in_each_layout(coco_proxy, canvas_proxy):
+    for dataset in (
+        ProxyDataset(coco_proxy),
+        ProxyDataset(canvas_proxy),
+        ProxyDataset(canvas_proxy, canvas=True),
+    ):
+        keypoints, visibility = dataset.labels()
+        assert keypoints.shape[:2] == visibility.shape and len(keypoints) == len(dataset)
+        for i in range(len(dataset)):
+            item = dataset[i]
+            assert torch.equal(keypoints[i], item["keypoints"]) and torch.equal(
+                visibility[i], item["visibility"]
+            )
+
+
 def test_the_margin_is_part_of_the_fingerprint_and_an_old_proxy_has_none(coco_proxy, canvas_proxy):
     assert read_proxy_metadata(coco_proxy).fingerprint != read_proxy_metadata(canvas_proxy).fingerprint
     # A proxy written before canvases existed has no canvas_pad in its metadata: it stores crops.

@@ -686,3 +686,76 @@ def test_the_pose_term_adds_to_eq8_and_the_batchnorm_term_as_weighted(balance):
         )
         torch.testing.assert_close(without, unit(a) + 0.3 * unit(b), rtol=1e-9, atol=1e-12, msg=name)
     assert (pose[3] != 0).any()  # the magnitudes of geometric ops (parameter 3) feel the pose term
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_the_pose_term_between_policy_steps_is_averaged_into_the_next(balance):
+    """With the val split's pose moments as the target, each batch augmented between policy steps
+    adds its pose gradient; the policy step's pose term is the mean over those batches and its
+    own (each as :meth:`pose_path_gradient` gives it), beside Eq. 8 and the BatchNorm term as
+    before; the step uses them up. A batch augmented there is the policy's own forward on the
+    same draws, detached."""
+    from autopose.augment.policy import PolicyNoise
+    from autopose.engine.search import pose_descriptors, pose_moments
+
+    model, policy, train, val, noise = setup(seed=11, dtype=torch.float64, space=p2net_space(), warmup=5)
+    generator = torch.Generator().manual_seed(12)
+    between = [[t.to(torch.float64) for t in bars(8, generator, angle=angle)] for angle in (10.0, -25.0)]
+    draws = []
+    for _ in between:
+        fresh = policy.sample_noise(8, generator)
+        draws.append(PolicyNoise(fresh.sub_policy, fresh.bernoulli, fresh.cutout, fresh.sign, fresh.op))
+    target = pose_moments(*pose_descriptors(val[1], val[2], (H, W)))
+    eq8 = make_search(model, policy, torch.float64).hypergradient(train, val, noise)
+    plain = make_search(model, policy, torch.float64)
+    bn = plain.batchnorm_path_gradient(train, val, noise)
+    options = {"batchnorm_path": 0.3, "balance_paths": balance, "pose_path": 0.7, "pose_target": target}
+    search = make_search(model, policy, torch.float64, **options)
+    pose_terms = [search.pose_path_gradient(b, val, d) for b, d in zip(between, draws, strict=True)]
+    pose_terms.append(search.pose_path_gradient(train, val, noise))
+    for batch, draw in zip(between, draws, strict=True):
+        got = search.augment_between_policy_steps(batch, draw)
+        with torch.no_grad():
+            expected = policy(*batch, draw)
+        for a, b in zip(got, expected, strict=True):
+            assert not a.requires_grad
+            torch.testing.assert_close(a, b)
+    assert search.pose_batches == 2
+    search.step(train, val, noise)
+    assert (search.pose_batches, search.pose_gradient_sum) == (0, None)
+
+    def unit(t: torch.Tensor) -> torch.Tensor:
+        return t / t.norm() if balance and t.norm() > 0 else t
+
+    for index, (name, parameter) in enumerate(policy.named_parameters()):
+        mean_pose = sum(terms[index] for terms in pose_terms) / len(pose_terms)
+        expected = unit(eq8[index]) + 0.3 * unit(bn[index]) + 0.7 * unit(mean_pose)
+        torch.testing.assert_close(parameter.grad, expected, rtol=1e-9, atol=1e-12, msg=name)
+    assert (pose_terms[0][3] != pose_terms[2][3]).any()  # the batches' terms differ
+
+
+def test_the_pose_term_uses_the_target_moments_with_bessels_correction():
+    """With ``pose_target``, the pose term compares the batch (Bessel-corrected spread) with the
+    target's moments, not with the val batch: a val batch of other geometry changes nothing."""
+    from autopose.engine.search import pose_descriptors, pose_moments, pose_moments_gap
+
+    model, policy, train, val, noise = setup(seed=13, dtype=torch.float64, space=p2net_space())
+    target = pose_moments(*pose_descriptors(val[1], val[2], (H, W)))
+    search = make_search(model, policy, torch.float64, pose_path=1.0, pose_target=target)
+    generator = torch.Generator().manual_seed(14)
+    other_val = [t.to(torch.float64) for t in bars(8, generator, angle=-10.0)]
+    for a, b in zip(
+        search.pose_path_gradient(train, val, noise),
+        search.pose_path_gradient(train, other_val, noise),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)
+    _, _, _, moved, visibility = search._augmented(train, noise)
+    batch = pose_descriptors(moved, visibility, (H, W))
+    features = batch[0][batch[1]]
+    mean, spread = pose_moments(*batch, unbiased=True)
+    torch.testing.assert_close(spread, features.std(dim=0))
+    torch.testing.assert_close(mean, features.mean(dim=0))
+    loss = search._pose_gap_to(moved, visibility, other_val)
+    torch.testing.assert_close(loss, pose_moments_gap((mean, spread), target))
+    assert float(loss.detach()) > 0

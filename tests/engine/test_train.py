@@ -72,9 +72,15 @@ def test_counts_steps_reports_every_epoch_and_scores_ap(smoke_data):
 
 
 # every option of the search step on, with a policy step every 3rd step: a resumed run starts at
-# step 2, a plain step, and its search step 3 reports a cosine with step 0's hypergradient
+# step 2, a plain step, and its search step 3 reports a cosine with step 0's hypergradient and
+# averages the pose term over steps 1 (before the checkpoint), 2 and 3
 SEARCH_OPTIONS = BilevelConfig(
-    policy_lr=0.05, policy_every=3, policy_optimizer="normalized", batchnorm_path=0.5
+    policy_lr=0.05,
+    policy_every=3,
+    policy_optimizer="normalized",
+    batchnorm_path=0.5,
+    pose_path=0.5,
+    pose_every_step=True,
 )
 
 
