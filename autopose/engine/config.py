@@ -417,6 +417,10 @@ class BilevelConfig:
     BatchNorm term each to unit norm per policy tensor before summing them, so that ``λ`` is
     their ratio: raw, the BatchNorm term is 5–150× larger and the sum is that term alone.
 
+    ``batchnorm_scope``: ``all``, or ``photometric``: the BatchNorm term's gradient on the ops
+    that move keypoints is dropped (image statistics move with a zoom or a turn too, by how much
+    background a crop shows, which the labels do not need), leaving them to Eq. 8 and the pose term.
+
     ``policy_every`` (k ≥ 1; 1 = every step): the policy steps on every k-th weight step only
     (those whose step count is a multiple of k, so a resumed run picks the same ones); the
     other steps train the weights on the relaxed policy's augmentation without its gradient.
@@ -495,6 +499,7 @@ class BilevelConfig:
     val_batchnorm: Literal["batch", "running"] = "batch"
     batchnorm_path: float = 0.0
     balance_paths: bool = False
+    batchnorm_scope: Literal["all", "photometric"] = "all"
     pose_path: float = 0.0
     pose_every_step: bool = False
     policy_every: int = 1
@@ -528,6 +533,12 @@ class BilevelConfig:
                 "takes the pose term on every step: it needs pose_path > 0",
                 path=path,
                 field=f"{field_}.pose_every_step".lstrip("."),
+            )
+        if self.batchnorm_scope not in ("all", "photometric"):
+            raise AutoposeError(
+                f"expected one of 'all', 'photometric', got {self.batchnorm_scope!r}",
+                path=path,
+                field=f"{field_}.batchnorm_scope".lstrip("."),
             )
         if self.policy_optimizer not in ("adam", "normalized"):
             raise AutoposeError(

@@ -108,6 +108,13 @@ while it sets Brightness' direction darker (t = −8.0 on its sign). With ``bala
 term is scaled to unit norm per policy tensor before they are summed, so that ``λ`` is their
 ratio and neither drowns the other. It costs a second backward through the policy's graph.
 
+The BatchNorm term's scope (``batchnorm_scope``). Image statistics move with geometry too: a
+zoom changes how much of the crop is background and how fine its detail is, so the BatchNorm
+term credits Scale on darkness and blur (t = 3.9 and 2.8 at the suite's warm start) for
+statistics the labels do not need. With ``"photometric"`` its gradient on the ops that move
+keypoints (every ``K×N×O`` entry of theirs) is set to 0 before balancing, leaving those ops to
+Eq. 8 and the pose term; the sub-policy logits keep it.
+
 The pose-geometry path (``pose_path = μ > 0``). The BatchNorm term sees what a shift does to
 the images' statistics; what it does to where the figures stand in the crop (turned, smaller,
 off-center) it sees weakly or wrongly (a zoom changes how much of the crop is background). The
@@ -473,6 +480,8 @@ class BilevelSearch:
         canvas_pad: ``(rows, cols)``: the training batches are canvases around their crops
             (:class:`autopose.data.ProxyDataset` with ``canvas=True``); the policy runs on the
             canvas and the crop is cut from it before the network sees it.
+        batchnorm_scope: ``"all"``, or ``"photometric"``: the BatchNorm term reaches only the
+            ops that leave keypoints in place (see "The BatchNorm term's scope").
         pose_target: the val split's pose moments (:func:`pose_moments` of every labelled
             sample): the pose term then compares each training batch with them instead of with
             the val batch, and it can be taken between policy steps too
@@ -499,6 +508,7 @@ class BilevelSearch:
         pose_path: float = 0.0,
         canvas_pad: tuple[int, int] = (0, 0),
         pose_target: PoseMoments | None = None,
+        batchnorm_scope: Literal["all", "photometric"] = "all",
     ):
         for name, weight in (("batchnorm_path", batchnorm_path), ("pose_path", pose_path)):
             if not (math.isfinite(weight) and weight >= 0):
@@ -509,6 +519,8 @@ class BilevelSearch:
             raise ValueError(
                 f"choice_gradient must be 'straight_through' or 'score', got {choice_gradient!r}"
             )
+        if batchnorm_scope not in ("all", "photometric"):
+            raise ValueError(f"batchnorm_scope must be 'all' or 'photometric', got {batchnorm_scope!r}")
         if choice_gradient == "score" and not policy.hard:
             raise ValueError("choice_gradient='score' credits hard draws: the policy needs hard=True")
         if hessian not in ("finite_difference", "exact"):
@@ -533,6 +545,12 @@ class BilevelSearch:
         self.pose_path = float(pose_path)
         self.canvas_pad = (int(canvas_pad[0]), int(canvas_pad[1]))
         self.pose_target = None if pose_target is None else tuple(m.detach() for m in pose_target)
+        self.batchnorm_scope = batchnorm_scope
+        # per op: it leaves the keypoints where they are (what the BatchNorm term may judge alone)
+        self._keypoints_kept = torch.tensor(
+            [not (spec.geometric or spec.mirrors) for spec in policy.space.specs],
+            device=next(policy.parameters()).device,
+        )
         # the pose term's gradients taken since the last policy step, and how many batches
         self.pose_gradient_sum: list[Tensor | None] | None = None
         self.pose_batches = 0
@@ -605,6 +623,13 @@ class BilevelSearch:
         self.pose_gradient_sum = [_add_optional(a, b) for a, b in zip(previous, grads, strict=True)]
         self.pose_batches += 1
         return augmented.detach(), moved.detach(), moved_visibility
+
+    def _photometric_only(self, grad: Tensor | None) -> Tensor | None:
+        """A per-op (``K×N×O``) policy gradient with the entries of ops that move keypoints set
+        to 0; the sub-policy logits' (``K``) as they are."""
+        if grad is None or grad.dim() != 3:
+            return grad
+        return torch.where(self._keypoints_kept, grad, torch.zeros_like(grad))
 
     def _take_pose_gradients(self) -> tuple[list[Tensor | None], int] | None:
         """The pose gradients gathered since the last policy step and their count (None if
@@ -745,7 +770,11 @@ class BilevelSearch:
         grad_outputs = [-self.unroll_lr * p for p in product]
         terms = ((batchnorm_loss, self.batchnorm_path), (pose_loss, self.pose_path))
         added = [(loss, weight) for loss, weight in terms if loss is not None]
-        separate = self.balance_paths or (pose_loss is not None and pose_gathered is not None)
+        separate = (
+            self.balance_paths
+            or (pose_loss is not None and pose_gathered is not None)
+            or (batchnorm_loss is not None and self.batchnorm_scope == "photometric")
+        )
         if choices is None and not (added and separate):
             for loss, weight in added:
                 outputs.append(loss)
@@ -759,6 +788,8 @@ class BilevelSearch:
         for index, (loss, weight) in enumerate(added):
             retain = index + 1 < len(added)
             path = self._backward_to_policy([loss], [torch.ones_like(loss)], retain_graph=retain)
+            if loss is batchnorm_loss and self.batchnorm_scope == "photometric":
+                path = [self._photometric_only(g) for g in path]
             if loss is pose_loss and pose_gathered is not None:
                 gathered, count = pose_gathered
                 path = [

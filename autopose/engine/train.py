@@ -529,6 +529,7 @@ class Trainer:
             hessian=bilevel.hessian,
             val_batchnorm=bilevel.val_batchnorm,
             batchnorm_path=bilevel.batchnorm_path,
+            batchnorm_scope=bilevel.batchnorm_scope,
             balance_paths=bilevel.balance_paths,
             choice_gradient=bilevel.choice_gradient,
             pose_path=bilevel.pose_path,

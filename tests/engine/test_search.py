@@ -759,3 +759,31 @@ def test_the_pose_term_uses_the_target_moments_with_bessels_correction():
     loss = search._pose_gap_to(moved, visibility, other_val)
     torch.testing.assert_close(loss, pose_moments_gap((mean, spread), target))
     assert float(loss.detach()) > 0
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_a_photometric_batchnorm_term_leaves_the_ops_that_move_keypoints_to_the_others(balance):
+    """``batchnorm_scope="photometric"``: the BatchNorm term's entries of the ops that move
+    keypoints (Rotate, Scale, … in every ``K×N×O`` tensor) are 0, the rest as before (each
+    term balanced after that); Eq. 8 and the pose term reach every op as before."""
+    model, policy, train, val, noise = setup(seed=15, dtype=torch.float64, space=p2net_space(), warmup=5)
+    eq8 = make_search(model, policy, torch.float64).hypergradient(train, val, noise)
+    plain = make_search(model, policy, torch.float64)
+    bn, pose = plain.batchnorm_path_gradient(train, val, noise), plain.pose_path_gradient(train, val, noise)
+    moves = torch.tensor([spec.geometric or spec.mirrors for spec in policy.space.specs])
+    assert moves.any() and not moves.all()
+    assert any((b[..., moves] != 0).any() for b in bn if b.dim() == 3)  # the term does reach them
+    options = {"batchnorm_path": 0.3, "pose_path": 0.7, "balance_paths": balance}
+    ours = make_search(model, policy, torch.float64, batchnorm_scope="photometric", **options)
+    got = ours.hypergradient(train, val, noise)
+
+    def unit(t: torch.Tensor) -> torch.Tensor:
+        return t / t.norm() if balance and t.norm() > 0 else t
+
+    for (name, _), a, b, c, g in zip(policy.named_parameters(), eq8, bn, pose, got, strict=True):
+        kept = b if b.dim() != 3 else torch.where(moves, torch.zeros_like(b), b)
+        torch.testing.assert_close(
+            g, unit(a) + 0.3 * unit(kept) + 0.7 * unit(c), rtol=1e-9, atol=1e-12, msg=name
+        )
+    with pytest.raises(ValueError, match="batchnorm_scope"):
+        make_search(model, policy, batchnorm_scope="images")
