@@ -103,7 +103,8 @@ def test_the_search_trial_steps_its_policy_as_the_suite_measured_best(demo_run):
     from autopose.platform.demo import BUDGETS
 
     (search,) = [r for r in _trials(_runs(demo_run)) if r.data.tags.get("autopose.kind") == "search"]
-    measured = ("sampling", "batchnorm_path", "pose_path", "balance_paths", "policy_every")
+    measured = ("sampling", "batchnorm_path", "batchnorm_scope", "pose_path", "pose_every_step")
+    measured += ("balance_paths", "policy_every")
     measured += ("policy_optimizer", "unroll_lr")
     policy_step = {
         key: value
@@ -113,7 +114,9 @@ def test_the_search_trial_steps_its_policy_as_the_suite_measured_best(demo_run):
     assert policy_step == {
         "sampling": "hard",
         "batchnorm_path": 0.5,
+        "batchnorm_scope": "photometric",
         "pose_path": 0.5,
+        "pose_every_step": True,
         "balance_paths": True,
         "policy_every": 8,
         "policy_optimizer": "normalized",
