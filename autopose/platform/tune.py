@@ -48,7 +48,9 @@ import json
 import logging
 import math
 import os
+import queue
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -292,6 +294,7 @@ class _TrialRun:
     pending: dict[int, dict[str, Any]] = field(default_factory=dict)  # epochs before the run opened
     pending_node: str | None = None  # the node the latest result came from
     sent_at: float = -math.inf  # when its epochs last went (monotonic clock)
+    view: _TrialView | None = None  # what the writer last knew of the trial (to send what waits)
 
     def unsent(self) -> bool:
         """Whether anything the trial reported is not in its run yet."""
@@ -300,6 +303,21 @@ class _TrialRun:
         return self.run is None or bool(self.pending) or bool(self.epochs and self.epochs.waiting)
 
     node: str | None = None  # the node tag set
+
+
+@dataclass(frozen=True)
+class _TrialView:
+    """What the writer needs of a Tune trial, taken when Tune tells of it: the writer thread
+    reads it later, while Tune goes on changing the trial (a PBT member's config, its results)."""
+
+    trial_id: str
+    config: dict[str, Any]
+    last_result: dict[str, Any] | None
+    checkpoint: Any
+
+    @classmethod
+    def of(cls, trial) -> _TrialView:
+        return cls(trial.trial_id, copy.deepcopy(trial.config), trial.last_result, trial.checkpoint)
 
 
 class TrialRuns(ray.tune.Callback):
@@ -315,6 +333,13 @@ class TrialRuns(ray.tune.Callback):
     * retry, error and completion: the attempt's wall time (``attempt_wall_s``); error and
       completion also close the run with its cost (:func:`close_run`): FAILED, FINISHED, or KILLED
       and tagged ``autopose.stopped_early`` for a trial the scheduler stopped before its last epoch.
+
+    The writes run on a thread of their own, in the order Tune's events came: Tune's loop only
+    hands each event over (with its time and a copy of what it needs of the trial), so a tracking
+    server that takes tens of milliseconds a call does not hold the search up (through a local
+    ``mlflow server`` the writes in Tune's loop gave 23 results/s). A trial's start is the one
+    event Tune waits for, since the trial looks its run up as it starts (:func:`run_trial`). The
+    thread owns every trial's record; the experiment's end waits for it to finish.
 
     A tracking server that does not answer stops nothing: what it did not take waits here (every
     epoch is in Tune's results too), the driver says once that it went away and once that it
@@ -334,20 +359,88 @@ class TrialRuns(ray.tune.Callback):
         # The search's runs an earlier driver left (a resume), by trial tag; read at the first start.
         self._earlier: dict[str, Any] | None = None
         self._retry_at = 0.0
+        self._due_checked = 0.0
         self._resources = resources_of(setup.experiment.train)
+        self._events: queue.SimpleQueue | None = None  # Tune's events, for the writer thread
+        self._writer: threading.Thread | None = None
 
-    # -- Tune's events
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune keeps its callbacks with the experiment (Tuner.restore): a thread does not pickle,
+        # and a restored driver starts its own.
+        state = self.__dict__.copy()
+        state["_events"] = state["_writer"] = None
+        return state
+
+    # -- Tune's events: handed to the writer thread with the time they came
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        state = self.trials.setdefault(trial.trial_id, _TrialRun())
-        if state.started is not None:  # a PBT member continuing after a pause: its last attempt ends
-            last = state.last_result
-            self._write(trial, lambda: self._end_attempt(trial, state, at=last), retry_now=True)
-        state.started, state.counted, state.node = time.perf_counter(), False, None
-        self._write(trial, lambda: self._send(trial, state))
+        # The trial looks its run up as it starts (run_trial): Tune waits until it is open.
+        self._post(self._started, trial, wait=True)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
-        state = self.trials.setdefault(trial.trial_id, _TrialRun(started=time.perf_counter()))
-        state.last_result = time.perf_counter()
+        self._post(self._reported, trial, dict(result))
+
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+        self._post(self._recovered, trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._post(self._close, trial, "FAILED")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._post(self._close, trial, None)
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self.finish_writes()
+
+    def _post(self, handler: Callable[..., None], trial, *args: Any, wait: bool = False) -> None:
+        """Hand ``handler(view of trial, now, *args)`` to the writer thread; ``wait``: until it ran."""
+        if self._writer is None:
+            self._events = queue.SimpleQueue()
+            self._writer = threading.Thread(target=self._write_events, name="autopose-mlflow", daemon=True)
+            self._writer.start()
+        done = threading.Event() if wait else None
+        self._events.put((handler, _TrialView.of(trial), time.perf_counter(), args, done))
+        while done is not None and not done.wait(timeout=1.0) and self._writer.is_alive():
+            pass
+
+    def finish_writes(self) -> None:
+        """Wait until every event handed over so far is written (or kept for a lost server)."""
+        if self._writer is not None:
+            self._events.put(None)
+            self._writer.join()
+            self._writer = self._events = None
+
+    def _write_events(self) -> None:
+        """The writer thread: Tune's events in order, and the epochs due on :attr:`BATCH_S`."""
+        while True:
+            try:
+                event = self._events.get(timeout=self.BATCH_S)
+            except queue.Empty:
+                event = ()
+            if event is None:
+                return
+            if event:
+                handler, view, at, args, done = event
+                try:
+                    handler(view, at, *args)
+                except Exception:  # a bug here must not stop the writes of the other trials
+                    logger.exception("autopose: the MLflow writer failed on trial %s", _trial_name(view))
+                if done is not None:
+                    done.set()
+            self._send_due()
+
+    # -- on the writer thread
+    def _started(self, trial: _TrialView, at: float) -> None:
+        state = self.trials.setdefault(trial.trial_id, _TrialRun())
+        state.view = trial
+        if state.started is not None:  # a PBT member continuing after a pause: its last attempt ends
+            last = state.last_result if state.last_result is not None else at
+            self._write(trial, lambda: self._end_attempt(state, at=last), retry_now=True)
+        state.started, state.counted, state.node = at, False, None
+        self._write(trial, lambda: self._send(trial, state))
+
+    def _reported(self, trial: _TrialView, at: float, result: dict) -> None:
+        state = self.trials.setdefault(trial.trial_id, _TrialRun(started=at))
+        state.view, state.last_result = trial, at
         if isinstance(result.get("epoch"), int | float):
             state.last_epoch = max(state.last_epoch, int(result["epoch"]))
             state.pending[int(result["epoch"])] = _epoch_metrics(result)
@@ -356,27 +449,24 @@ class TrialRuns(ray.tune.Callback):
         if time.monotonic() - state.sent_at >= self.BATCH_S:
             self._write(trial, lambda: self._send(trial, state))
 
-    def on_step_end(self, iteration: int, trials: list, **info) -> None:
-        """Send the epochs that waited :attr:`BATCH_S` for more of their trial's."""
-        due = time.monotonic() - self.BATCH_S
-        for trial in trials:
-            state = self.trials.get(trial.trial_id)
-            if state is not None and state.unsent() and state.sent_at <= due:
-                self._write(trial, lambda trial=trial, state=state: self._send(trial, state))
+    def _send_due(self) -> None:
+        """Send the epochs that waited :attr:`BATCH_S` for more of their trial's (one look over
+        the trials per :attr:`BATCH_S`)."""
+        now = time.monotonic()
+        if now - self._due_checked < self.BATCH_S:
+            return
+        self._due_checked = now
+        for state in self.trials.values():
+            if state.unsent() and state.sent_at <= now - self.BATCH_S and state.view is not None:
+                self._write(state.view, lambda view=state.view, state=state: self._send(view, state))
 
-    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+    def _recovered(self, trial: _TrialView, at: float) -> None:
         state = self.trials.get(trial.trial_id)
         if state is not None and state.started is not None:
-            self._write(trial, lambda: self._end_attempt(trial, state), retry_now=True)
-
-    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._close(trial, "FAILED")
-
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self._close(trial, None)
+            self._write(trial, lambda: self._end_attempt(state, at=at), retry_now=True)
 
     # -- the writes
-    def _open(self, trial, state: _TrialRun) -> None:
+    def _open(self, trial: _TrialView, state: _TrialRun) -> None:
         if state.run is not None or state.done:
             return
         setup = self.trial_setup
@@ -400,7 +490,7 @@ class TrialRuns(ray.tune.Callback):
         state.attempt, state.earlier_wall_s = len(walls), sum(m.value for m in walls)
         state.run, state.epochs = run, EpochLog(run)
 
-    def _send(self, trial, state: _TrialRun) -> None:
+    def _send(self, trial: _TrialView, state: _TrialRun) -> None:
         state.sent_at = time.monotonic()
         self._open(trial, state)
         if state.run is None:
@@ -416,18 +506,18 @@ class TrialRuns(ray.tune.Callback):
             state.run.set_tags({TAG_NODE: state.pending_node})
             state.node = state.pending_node
 
-    def _end_attempt(self, trial, state: _TrialRun, at: float | None = None) -> None:
-        """Log the open attempt's wall time (from its start to ``at``, default now)."""
+    def _end_attempt(self, state: _TrialRun, at: float) -> None:
+        """Log the open attempt's wall time (from its start to ``at``)."""
         if state.started is None:
             return
-        wall = (at if at is not None else time.perf_counter()) - state.started
+        wall = at - state.started
         if state.run is not None:
             state.run.log_metrics({"attempt_wall_s": wall}, step=state.attempt)
             state.attempt += 1
         state.earlier_wall_s += wall
         state.started = None
 
-    def _close(self, trial, status: str | None) -> None:
+    def _close(self, trial: _TrialView, at: float, status: str | None) -> None:
         """Close the trial's run: ``status``, or by its epochs when None (FINISHED with every
         epoch, else KILLED: stopped early). A server away leaves it to :func:`sync_runs`."""
         state = self.trials.get(trial.trial_id)
@@ -440,7 +530,7 @@ class TrialRuns(ray.tune.Callback):
                 return
             attempt_wall = None  # the open attempt, timed with the cost
             if state.started is not None:
-                attempt_wall = (state.attempt, time.perf_counter() - state.started)
+                attempt_wall = (state.attempt, at - state.started)
             complete = state.last_epoch + 1 >= self.trial_setup.experiment.train.epochs
             final = status or ("FINISHED" if complete else "KILLED")
             close_run(
@@ -458,7 +548,7 @@ class TrialRuns(ray.tune.Callback):
 
         self._write(trial, close, retry_now=True)
 
-    def _write(self, trial, write: Callable[[], None], *, retry_now: bool = False) -> None:
+    def _write(self, trial: _TrialView, write: Callable[[], None], *, retry_now: bool = False) -> None:
         """Run ``write``; a server away is said once and asked again at most every ``RETRY_S``."""
         now = time.monotonic()
         if self.lost and not retry_now and now < self._retry_at:

@@ -365,7 +365,9 @@ def test_tracking_server_back_mid_trial_gets_the_waiting_epochs(ray_cluster, smo
     ends FINISHED and complete without any ``--resume``."""
 
     db, artifacts = tmp_path / "server.db", tmp_path / "artifacts"
-    epochs = 10
+    # The driver writes from its own thread, seconds behind the trial while it opens the run on a
+    # busy machine: the trial must still report when the path is mended (20 × 4 steps, ~25 s).
+    epochs = 20
     with open(tmp_path / "server.log", "ab") as log:
         server = _start_mlflow_server(db, artifacts, _free_port(), log)
         relay = _Relay(int(server.args[server.args.index("--port") + 1]))
@@ -376,7 +378,7 @@ def test_tracking_server_back_mid_trial_gets_the_waiting_epochs(ray_cluster, smo
             "tracking_uri": uri,
             "search": {"trials": 0},
             "baselines": {"random_seeds": [], "handcrafted": False, "none": True},
-            "train": {"epochs": epochs, "steps_per_epoch": 2},
+            "train": {"epochs": epochs, "steps_per_epoch": 4},
             "tune": {"max_failures": 0},
             "examples": 0,
         }

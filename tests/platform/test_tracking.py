@@ -86,3 +86,36 @@ def test_a_step_larger_than_one_batch_is_logged_whole_in_several_calls(run):
     run.log_metrics({f"m{i}": float(i) for i in range(1500)}, step=4)
     metrics = MlflowClient(run.tracking_uri).get_run(run.run_id).data.metrics
     assert len(metrics) == 1500 and metrics["m1499"] == 1499.0
+
+
+def test_the_driver_writes_each_trials_run_from_its_own_thread_as_tune_told_it(smoke_config):
+    """TrialRuns hands Tune's events to a writer thread: the run holds every epoch once, is
+    closed FINISHED, and carries the trial as it was when Tune told of it, whatever Tune changes
+    later; the experiment's end waits for the writes. A fresh callback pickles (Tune keeps it
+    with the experiment)."""
+    import pickle
+    from types import SimpleNamespace
+
+    from autopose.platform.config import load_experiment
+    from autopose.platform.tracking import TAG_SEED, TAG_TRIAL, ensure_experiment, find_run
+    from autopose.platform.tune import TrialRuns, TrialSetup
+
+    config = load_experiment(smoke_config({"experiment": "writer", "train": {"epochs": 3}}))
+    experiment_id = ensure_experiment(config.tracking_uri, config.experiment)
+    callback = TrialRuns(TrialSetup(config, "writer", experiment_id))
+    pickle.loads(pickle.dumps(callback))
+    trial = SimpleNamespace(
+        trial_id="w_00000", config={"trial": {"kind": "none", "seed": 4}}, last_result=None, checkpoint=None
+    )
+    callback.on_trial_start(0, [], trial)
+    for epoch in range(3):
+        callback.on_trial_result(0, [], trial, {"epoch": epoch, "val_ap": 0.1 * (epoch + 1)})
+    trial.config["trial"]["seed"] = 99  # Tune's trial changes after the events: the writer saw a copy
+    callback.on_trial_complete(0, [], trial)
+    callback.on_experiment_end([trial])
+    assert callback._writer is None
+
+    run = find_run(config.tracking_uri, experiment_id, "writer/w_00000", key_tag=TAG_TRIAL)
+    assert run.info.status == "FINISHED" and run.data.tags[TAG_SEED] == "4"
+    history = MlflowClient(config.tracking_uri).get_metric_history(run.info.run_id, "val_ap")
+    assert sorted((m.step, round(m.value, 6)) for m in history) == [(0, 0.1), (1, 0.2), (2, 0.3)]
