@@ -80,7 +80,10 @@ class TrainingJob:
         augment: the trial's augmentation.
         space: the search space mapping.
         tracking_uri: absolute MLflow URI (Ray workers run in other folders).
-        run_id: the MLflow run rank 0 logs to (None: no tracking).
+        run_id: the MLflow run rank 0 logs to (None: no tracking, unless ``run_key``).
+        run_key: ``(experiment id, autopose.trial tag)``: the run to look up when it is first
+            needed, for a trial that did not find it as it started (a search's driver opens the
+            trial's run from its own thread, :class:`autopose.platform.tune.TrialRuns`).
         examples: crops in ``policy/examples.png`` (0: no picture).
         title: the picture's title.
         in_tune: the loop runs inside a Tune trial (in-process mode reports to Tune).
@@ -99,6 +102,7 @@ class TrainingJob:
     space: dict[str, Any]
     tracking_uri: str | None = None
     run_id: str | None = None
+    run_key: tuple[str, str] | None = None
     examples: int = 8
     title: str = ""
     in_tune: bool = False
@@ -179,11 +183,23 @@ class _ReportingHooks(TrainHooks):
         self._artifacts_waiting = False  # the final policy and its picture, not logged yet
         self._failed = False  # a tracking call failed (said once)
 
-    def run(self):
-        if self._run is None and self.job.run_id is not None:
-            from autopose.platform.tracking import TrackedRun
+    @property
+    def tracked(self) -> bool:
+        return self.job.run_id is not None or self.job.run_key is not None
 
-            self._run = TrackedRun.attach(self.job.tracking_uri, self.job.run_id)
+    def run(self):
+        """The run rank 0 logs to: attached by its id, or looked up by ``run_key`` (LookupError
+        while the driver has not opened it: the artifacts wait, as for a lost server)."""
+        if self._run is None and self.tracked:
+            from autopose.platform.tracking import TrackedRun, find_run
+
+            run_id = self.job.run_id
+            if run_id is None:
+                found = find_run(self.job.tracking_uri, *self.job.run_key)
+                if found is None:
+                    raise LookupError(f"no run tagged {self.job.run_key[1]!r} yet")
+                run_id = found.info.run_id
+            self._run = TrackedRun.attach(self.job.tracking_uri, run_id)
         return self._run
 
     def _cpu_seconds(self, trainer: Trainer) -> float:
@@ -209,7 +225,7 @@ class _ReportingHooks(TrainHooks):
             extra: dict[str, Any] = {}
             if trainer.is_main and self.job.in_tune:
                 extra[NODE_KEY] = ray.get_runtime_context().get_node_id()  # the driver tags the run
-            if trainer.is_main and self.job.run_id is not None:
+            if trainer.is_main and self.tracked:
                 self._track(report, metrics, trainer)
                 if self._artifacts_waiting:
                     extra[ARTIFACTS_UNLOGGED] = 1  # the driver logs the policy from the checkpoint

@@ -223,8 +223,9 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune trainable: train on Ray Train and report every epoch to Tune.
 
     The trial writes nothing to MLflow but its artifacts (the final policy and its picture): the
-    driver's :class:`TrialRuns` opened its run before this starts, and logs its epochs, status
-    and cost from the reports. A tracking server that does not answer stops nothing.
+    driver's :class:`TrialRuns` opens its run as it starts (from the driver's writer thread, so
+    the trial looks it up again when it logs them), and logs its epochs, status and cost from the
+    reports. A tracking server that does not answer, or a run not open yet, stops nothing.
     """
     quick_tracking_failures()
     experiment = setup.experiment
@@ -249,6 +250,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         space=experiment.space_dict,
         tracking_uri=experiment.tracking_uri,
         run_id=found.info.run_id if found is not None else None,
+        run_key=(setup.experiment_id, trial_key),
         examples=experiment.examples,
         title=f"{setup.search_name}: {spec.kind} (seed {spec.seed})",
         in_tune=True,
@@ -337,9 +339,10 @@ class TrialRuns(ray.tune.Callback):
     The writes run on a thread of their own, in the order Tune's events came: Tune's loop only
     hands each event over (with its time and a copy of what it needs of the trial), so a tracking
     server that takes tens of milliseconds a call does not hold the search up (through a local
-    ``mlflow server`` the writes in Tune's loop gave 23 results/s). A trial's start is the one
-    event Tune waits for, since the trial looks its run up as it starts (:func:`run_trial`). The
-    thread owns every trial's record; the experiment's end waits for it to finish.
+    ``mlflow server`` the writes in Tune's loop gave 23 results/s). A trial may thus start before
+    its run is open: it looks the run up again when it logs its artifacts (``run_key`` of
+    :class:`autopose.platform.runner.TrainingJob`). The thread owns every trial's record; the
+    experiment's end waits for it to finish.
 
     A tracking server that does not answer stops nothing: what it did not take waits here (every
     epoch is in Tune's results too), the driver says once that it went away and once that it
@@ -373,8 +376,7 @@ class TrialRuns(ray.tune.Callback):
 
     # -- Tune's events: handed to the writer thread with the time they came
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        # The trial looks its run up as it starts (run_trial): Tune waits until it is open.
-        self._post(self._started, trial, wait=True)
+        self._post(self._started, trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         self._post(self._reported, trial, dict(result))
@@ -391,16 +393,13 @@ class TrialRuns(ray.tune.Callback):
     def on_experiment_end(self, trials: list, **info) -> None:
         self.finish_writes()
 
-    def _post(self, handler: Callable[..., None], trial, *args: Any, wait: bool = False) -> None:
-        """Hand ``handler(view of trial, now, *args)`` to the writer thread; ``wait``: until it ran."""
+    def _post(self, handler: Callable[..., None], trial, *args: Any) -> None:
+        """Hand ``handler(view of trial, now, *args)`` to the writer thread."""
         if self._writer is None:
             self._events = queue.SimpleQueue()
             self._writer = threading.Thread(target=self._write_events, name="autopose-mlflow", daemon=True)
             self._writer.start()
-        done = threading.Event() if wait else None
-        self._events.put((handler, _TrialView.of(trial), time.perf_counter(), args, done))
-        while done is not None and not done.wait(timeout=1.0) and self._writer.is_alive():
-            pass
+        self._events.put((handler, _TrialView.of(trial), time.perf_counter(), args))
 
     def finish_writes(self) -> None:
         """Wait until every event handed over so far is written (or kept for a lost server)."""
@@ -419,13 +418,11 @@ class TrialRuns(ray.tune.Callback):
             if event is None:
                 return
             if event:
-                handler, view, at, args, done = event
+                handler, view, at, args = event
                 try:
                     handler(view, at, *args)
                 except Exception:  # a bug here must not stop the writes of the other trials
                     logger.exception("autopose: the MLflow writer failed on trial %s", _trial_name(view))
-                if done is not None:
-                    done.set()
             self._send_due()
 
     # -- on the writer thread

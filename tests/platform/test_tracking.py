@@ -119,3 +119,21 @@ def test_the_driver_writes_each_trials_run_from_its_own_thread_as_tune_told_it(s
     assert run.info.status == "FINISHED" and run.data.tags[TAG_SEED] == "4"
     history = MlflowClient(config.tracking_uri).get_metric_history(run.info.run_id, "val_ap")
     assert sorted((m.step, round(m.value, 6)) for m in history) == [(0, 0.1), (1, 0.2), (2, 0.3)]
+
+
+def test_a_trial_finds_its_run_by_its_key_once_the_driver_has_opened_it(tmp_path):
+    """A trial that started before the driver's writer opened its run (``run_key``, no
+    ``run_id``) gets a LookupError until the run exists (its artifacts then wait, as for a lost
+    server), and the run itself after."""
+    from autopose.platform.runner import TrainingJob, _ReportingHooks
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = ensure_experiment(uri, "late")
+    job = TrainingJob(None, None, None, None, {}, tracking_uri=uri, run_key=(experiment_id, "late/t7"))
+    hooks = _ReportingHooks(job, session=None)
+    assert hooks.tracked
+    with pytest.raises(LookupError, match="late/t7"):
+        hooks.run()
+    opened = TrackedRun.open(uri, experiment_id, run_name="trial", tags={TAG_TRIAL: "late/t7"})
+    assert hooks.run().run_id == opened.run_id
+    assert not _ReportingHooks(TrainingJob(None, None, None, None, {}), session=None).tracked
