@@ -12,6 +12,9 @@ experiment (:func:`autopose.platform.compare.collect`) and the report's
   ≥ 200 (the driver is never a cluster search's bottleneck: a trial of real training reports an
   epoch every few minutes, so 200/s is more than a thousand trials need at once), beside
   ``tune_alone_results_per_s``: the same trials on a bare Tuner without autopose or MLflow;
+* ``trials_done_s``: when the last trial reported its last result (Tune's timestamps, whole
+  seconds): how long the trials took beside this driver; the rest of ``search_s`` is the driver's
+  writer thread finishing what the tracking store has not taken yet;
 * ``compare_s`` (target ≤ 5 s at 1,000 runs) and ``report_s`` (≤ 30 s);
 * ``driver_peak_rss_mb``: the driver process's peak resident memory after the search, and its growth.
 
@@ -176,6 +179,16 @@ def tune_alone(folder: Path, trials: int, epochs: int, concurrent: int) -> float
     return trials * epochs / (time.perf_counter() - started)
 
 
+def last_result_time(tune_folder: Path) -> float:
+    """When the search's last result was reported (Tune's ``timestamp``, seconds since the epoch)."""
+    return max(
+        json.loads(line).get("timestamp", 0)
+        for path in tune_folder.glob("*/result.json")
+        for line in path.read_text().splitlines()
+        if line.strip()
+    )
+
+
 def one_search(
     folder: Path, data, uri: str, store: str, trials: int, epochs: int, concurrent: int, alone: float
 ) -> None:
@@ -189,9 +202,10 @@ def one_search(
         write_config(folder, data, name=name, uri=uri, trials=trials, epochs=epochs, concurrent=concurrent)
     )
     rss_before = peak_rss_mb()
-    started = time.perf_counter()
+    started, wall_started = time.perf_counter(), time.time()
     outcomes = run_search(config, verbose=0, trial_function=report_only)
     search_s = time.perf_counter() - started
+    trials_done_s = last_result_time(folder / "runs" / "tune" / name) - wall_started
     rss_after = peak_rss_mb()
     assert all(o.status == "TERMINATED" for o in outcomes), [o.error for o in outcomes if o.error][:3]
 
@@ -218,6 +232,7 @@ def one_search(
         results=trials * epochs,
         search_s=round(search_s, 1),
         results_per_s=round(trials * epochs / search_s, 1),
+        trials_done_s=round(trials_done_s, 1),
         tune_alone_results_per_s=round(alone, 1),
         compare_s=round(compare_s, 2),
         compare_rows=len(rows),
