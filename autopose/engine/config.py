@@ -534,30 +534,15 @@ class BilevelConfig:
                 path=path,
                 field=f"{field_}.pose_every_step".lstrip("."),
             )
-        if self.batchnorm_scope not in ("all", "photometric"):
-            raise AutoposeError(
-                f"expected one of 'all', 'photometric', got {self.batchnorm_scope!r}",
-                path=path,
-                field=f"{field_}.batchnorm_scope".lstrip("."),
-            )
-        if self.policy_optimizer not in ("adam", "normalized"):
-            raise AutoposeError(
-                f"expected one of 'adam', 'normalized', got {self.policy_optimizer!r}",
-                path=path,
-                field=f"{field_}.policy_optimizer".lstrip("."),
-            )
-        if self.sampling not in ("relaxed", "hard"):
-            raise AutoposeError(
-                f"expected one of 'relaxed', 'hard', got {self.sampling!r}",
-                path=path,
-                field=f"{field_}.sampling".lstrip("."),
-            )
-        if self.choice_gradient not in ("straight_through", "score"):
-            raise AutoposeError(
-                f"expected one of 'straight_through', 'score', got {self.choice_gradient!r}",
-                path=path,
-                field=f"{field_}.choice_gradient".lstrip("."),
-            )
+        hints = typing.get_type_hints(BilevelConfig)
+        for name in ("batchnorm_scope", "policy_optimizer", "sampling", "choice_gradient"):
+            allowed, value = typing.get_args(hints[name]), getattr(self, name)
+            if value not in allowed:
+                raise AutoposeError(
+                    f"expected one of {', '.join(map(repr, allowed))}, got {value!r}",
+                    path=path,
+                    field=f"{field_}.{name}".lstrip("."),
+                )
         if self.choice_gradient == "score" and self.sampling != "hard":
             raise AutoposeError(
                 "'score' credits hard draws: it needs sampling: hard",
