@@ -763,7 +763,8 @@ class BilevelSearch:
         unit norm per policy tensor). ``choices``: Eq. 8's score-function estimate, which
         replaces ``−ζ Jᵀ product`` on every parameter it reaches (all but the magnitudes).
         ``pose_gathered``: the pose term's gradient sum over earlier batches and their count;
-        the pose term is then the mean over those and this batch."""
+        the pose term is then the mean over those and this batch. With ``batchnorm_scope``
+        ``"photometric"`` the BatchNorm term loses its entries on the ops that move keypoints."""
         outputs = [augmented]
         if self.differentiate_targets:
             outputs.append(heatmaps)
