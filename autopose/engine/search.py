@@ -592,10 +592,18 @@ class BilevelSearch:
         (both in crops of the val images' size): the val split's moments (``pose_target``) or,
         without them, the val batch's (:func:`pose_gap`)."""
         size = tuple(val[0].shape[-2:])
-        train = pose_descriptors(moved, moved_visibility, size)
         if self.pose_target is not None:
-            return pose_moments_gap(pose_moments(*train, unbiased=True), self.pose_target)
-        return pose_gap(train, pose_descriptors(val[1], val[2], size))
+            return self._pose_gap_to_target(moved, moved_visibility, size)
+        return pose_gap(
+            pose_descriptors(moved, moved_visibility, size), pose_descriptors(val[1], val[2], size)
+        )
+
+    def _pose_gap_to_target(self, moved: Tensor, moved_visibility: Tensor, size: tuple[int, int]) -> Tensor:
+        """The pose-geometry gap between the augmented batch's moved keypoints (in crops of
+        ``size``) and the val split's moments (``pose_target``); the batch's spread with Bessel's
+        correction."""
+        train = pose_descriptors(moved, moved_visibility, size)
+        return pose_moments_gap(pose_moments(*train, unbiased=True), self.pose_target)
 
     def augment_between_policy_steps(
         self, train: Batch, noise: PolicyNoise | None = None
@@ -612,12 +620,7 @@ class BilevelSearch:
         )
         augmented, moved = cut_window(augmented, moved, self.canvas_pad)
         moved_visibility = moved_visibility.detach()
-        loss = pose_moments_gap(
-            pose_moments(
-                *pose_descriptors(moved, moved_visibility, tuple(augmented.shape[-2:])), unbiased=True
-            ),
-            self.pose_target,
-        )
+        loss = self._pose_gap_to_target(moved, moved_visibility, tuple(augmented.shape[-2:]))
         grads = self._backward_to_policy([loss], [torch.ones_like(loss)])
         previous = self.pose_gradient_sum or [None] * len(grads)
         self.pose_gradient_sum = [_add_optional(a, b) for a, b in zip(previous, grads, strict=True)]
