@@ -92,9 +92,7 @@ def apply_step(
     delta = None
     matrix = None
     warp_needed = torch.zeros(batch, dtype=torch.bool, device=images.device)
-    photometric = torch.tensor(
-        [not (spec.geometric or spec.mirrors) for spec in specs], device=strengths.device
-    )
+    photometric = torch.tensor([not spec.moves_keypoints for spec in specs], device=strengths.device)
     mirror_strength = None
     # One op per sample at full strength and no gradient wanted (discrete policies, RandAugment):
     # write each op's result into a copy instead of blending, which is several times cheaper.

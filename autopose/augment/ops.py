@@ -452,6 +452,11 @@ class OpSpec:
         return self.matrix is not None
 
     @property
+    def moves_keypoints(self) -> bool:
+        """A geometric op or the mirror: the keypoints move with the pixels."""
+        return self.geometric or self.mirrors
+
+    @property
     def has_magnitude(self) -> bool:
         return self.default_range is not None
 

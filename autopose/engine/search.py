@@ -548,7 +548,7 @@ class BilevelSearch:
         self.batchnorm_scope = batchnorm_scope
         # per op: it leaves the keypoints where they are (what the BatchNorm term may judge alone)
         self._keypoints_kept = torch.tensor(
-            [not (spec.geometric or spec.mirrors) for spec in policy.space.specs],
+            [not spec.moves_keypoints for spec in policy.space.specs],
             device=next(policy.parameters()).device,
         )
         # the pose term's gradients taken since the last policy step, and how many batches
