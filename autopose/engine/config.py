@@ -460,6 +460,13 @@ class BilevelConfig:
     steps; each policy step uses its mean over the batches since the last one (k = ``policy_every``
     times the samples, for one backward through the policy's graph per weight step).
 
+    ``appearance_moments`` (needs ``pose_path > 0``): the pose term also compares the augmented
+    crops' brightness, contrast and detail (their mean and spread over the batch) with the val
+    side's, in the same units (:func:`autopose.engine.search.appearance_descriptors`), so that
+    the photometric ops, which move no keypoint, are judged beside the geometric ones in one gap.
+    With ``pose_every_step`` the val side is the moments of the val split's crops (up to
+    :data:`autopose.engine.train.APPEARANCE_TARGET_SAMPLES` of them, decoded once).
+
     ``choice_gradient`` (hard sampling only): how Eq. 8's gradient reaches the drawn choices
     (sub-policy, op, gate, direction). ``straight_through`` (default): through the drawn op's
     strength at 1, a local derivative of how much the drawn op is applied. ``score``: each
@@ -502,6 +509,7 @@ class BilevelConfig:
     batchnorm_scope: Literal["all", "photometric"] = "all"
     pose_path: float = 0.0
     pose_every_step: bool = False
+    appearance_moments: bool = False
     policy_every: int = 1
     policy_optimizer: Literal["adam", "normalized"] = "adam"
     sampling: Literal["relaxed", "hard"] = "relaxed"
@@ -533,6 +541,12 @@ class BilevelConfig:
                 "takes the pose term on every step: it needs pose_path > 0",
                 path=path,
                 field=f"{field_}.pose_every_step".lstrip("."),
+            )
+        if self.appearance_moments and not self.pose_path > 0:
+            raise AutoposeError(
+                "joins the pose term: it needs pose_path > 0",
+                path=path,
+                field=f"{field_}.appearance_moments".lstrip("."),
             )
         hints = typing.get_type_hints(BilevelConfig)
         for name in ("batchnorm_scope", "policy_optimizer", "sampling", "choice_gradient"):

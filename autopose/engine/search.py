@@ -137,6 +137,21 @@ batch for the weight step; the next policy step uses the mean over those batches
 That is k times the samples per policy step for one backward through the policy's graph per
 weight step; the training batch's spread carries Bessel's correction against the split's.
 
+The appearance moments (``appearance``). With the pose term on every weight step the geometric
+ops found their shift in most cells of the known-answer suite, the photometric ones did not:
+on darkness Brightness got the top weight but its gate and direction stayed near their start,
+so the exported policy darkened 6–13 % of the samples (the shift-matched policy darkens 90 %).
+The BatchNorm term, the only one that sees brightness, is one noisy batch per policy step and,
+balanced to unit norm, pushes the photometric ops as hard on a shift that has none of them as on
+one that is all theirs. The pose term's counterpart for pixels: :func:`appearance_descriptors`
+reduces each crop to its brightness, contrast and detail, and their mean and spread over the
+augmented batch join the pose features' in the same gap, in units of the val side's spread. One
+sum then weighs a shift's geometry against its appearance in one unit, so the op that closes
+the larger gap gets the larger push; its spread part moves the gates (a mixture of darkened
+and untouched crops is wider than the val split). It reaches every op (a zoom changes how much
+background a crop shows), costs a backward through the policy's image graph on every weight
+step that takes the pose term, and, like it, needs no network pass.
+
 The score-function estimate (``choice_gradient="score"``, hard draws only). Eq. 8's gradient
 on what the hard draws pick (sub-policy, op, gate, direction) goes, straight-through, through
 the drawn op's strength at 1: a local derivative, not the difference between running the op and
@@ -173,6 +188,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.optim.optimizer import ParamsT
@@ -373,7 +389,11 @@ def _add_optional(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 
 POSE_FEATURES = ("centroid_x", "centroid_y", "log_spread", "axis_cos", "axis_sin")
-POSE_SCALE_FLOOR = 0.05  # a feature the val batch holds constant is still compared, in these units
+APPEARANCE_FEATURES = ("log_brightness", "log_contrast", "log_detail")
+# a feature the val side holds constant is still compared, in these units (both kinds: the pose
+# features are fractions of the crop or logs, the appearance features logs)
+MOMENT_SCALE_FLOOR = 0.05
+APPEARANCE_EPS = 1e-3  # a flat or black crop's logs stay finite; small beside a crop's detail (≈ 0.01)
 
 
 def pose_descriptors(keypoints: Tensor, visibility: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -409,34 +429,65 @@ def pose_descriptors(keypoints: Tensor, visibility: Tensor, size: tuple[int, int
     return torch.where(valid[:, None], features, torch.zeros_like(features)), valid
 
 
-PoseMoments = tuple[Tensor, Tensor]  # per feature of POSE_FEATURES: (mean, spread)
+def appearance_descriptors(images: Tensor) -> Tensor:
+    """Each crop's appearance: ``B×3×H×W`` float 0…1 → ``B×3`` features
+    (:data:`APPEARANCE_FEATURES`), all logs, of the grey image ``Y`` (the channels' mean):
+    brightness ``log(mean Y + ε)``; contrast ``log(std Y + ε)``; detail, the mean absolute
+    difference between ``Y`` and its 3×3 average over the contrast (``log(d + ε) − log(std Y
+    + ε)``, with ``ε`` :data:`APPEARANCE_EPS`). A factor on every pixel (Brightness) moves the
+    first two by its log and leaves detail; a blur (Sharpness below 1) lowers detail alone.
+    Differentiable in the images."""
+    grey = images.mean(dim=1, keepdim=True)
+    contrast = grey.std(dim=(1, 2, 3), unbiased=False)
+    smooth = F.avg_pool2d(grey, 3, stride=1, padding=1, count_include_pad=False)
+    detail = (grey - smooth).abs().mean(dim=(1, 2, 3))
+    log_contrast = torch.log(contrast + APPEARANCE_EPS)
+    return torch.stack(
+        [
+            torch.log(grey.mean(dim=(1, 2, 3)) + APPEARANCE_EPS),
+            log_contrast,
+            torch.log(detail + APPEARANCE_EPS) - log_contrast,
+        ],
+        dim=-1,
+    )
 
 
-def pose_moments(features: Tensor, valid: Tensor, unbiased: bool = False) -> PoseMoments:
-    """Each pose feature's mean and spread (standard deviation) over the valid samples of
-    :func:`pose_descriptors`' ``(features, valid)``: two ``(5,)`` tensors (zeros when fewer than
-    2 samples are valid). ``unbiased``: Bessel's correction, for a batch compared with a whole
-    split's moments (without it a batch of 8 looks 7 % too narrow)."""
+Moments = tuple[Tensor, Tensor]  # per feature: (mean, spread)
+
+
+def feature_moments(features: Tensor, valid: Tensor, unbiased: bool = False) -> Moments:
+    """Each feature's mean and spread (standard deviation) over the valid samples of
+    ``(features B×F, valid B)`` (:func:`pose_descriptors`, or :func:`appearance_descriptors`
+    with every sample valid): two ``(F,)`` tensors (zeros when fewer than 2 samples are valid).
+    ``unbiased``: Bessel's correction, for a batch compared with a whole split's moments
+    (without it a batch of 8 looks 7 % too narrow)."""
     kept = features[valid]
     if kept.shape[0] < 2:
         return features.new_zeros(features.shape[-1]), features.new_zeros(features.shape[-1])
     return kept.mean(dim=0), kept.var(dim=0, unbiased=unbiased).clamp_min(1e-12).sqrt()
 
 
-def pose_moments_gap(train: PoseMoments, val: PoseMoments) -> Tensor:
-    """``Σ_f ((μ_t − μ_v)² + (σ_t − σ_v)²) / (σ_v² + floor²)``: how far the training side's pose
-    moments lie from the val side's, in units of the val spread (floored at
-    :data:`POSE_SCALE_FLOOR`). The val side is a constant."""
+def moments_gap(train: Moments, val: Moments) -> Tensor:
+    """``Σ_f ((μ_t − μ_v)² + (σ_t − σ_v)²) / (σ_v² + floor²)``: how far the training side's
+    feature moments lie from the val side's, in units of the val spread (floored at
+    :data:`MOMENT_SCALE_FLOOR`), so that gaps of different features (pose and appearance) add up
+    in one unit. The val side is a constant."""
     train_mean, train_spread = train
     val_mean, val_spread = (m.detach() for m in val)
-    scale = val_spread**2 + POSE_SCALE_FLOOR**2
+    scale = val_spread**2 + MOMENT_SCALE_FLOOR**2
     return (((train_mean - val_mean) ** 2 + (train_spread - val_spread) ** 2) / scale).sum()
 
 
+def _appearance_moments(images: Tensor, unbiased: bool = False) -> Moments:
+    """:func:`feature_moments` of :func:`appearance_descriptors` (every crop counts)."""
+    features = appearance_descriptors(images)
+    return feature_moments(features, features.new_ones(features.shape[0], dtype=torch.bool), unbiased)
+
+
 def pose_gap(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor]) -> Tensor:
-    """:func:`pose_moments_gap` between a training batch's and a val batch's pose features
+    """:func:`moments_gap` between a training batch's and a val batch's pose features
     (:func:`pose_descriptors`, ``(features, valid)``), each batch's moments taken alike."""
-    return pose_moments_gap(pose_moments(*train), pose_moments(val[0].detach(), val[1]))
+    return moments_gap(feature_moments(*train), feature_moments(val[0].detach(), val[1]))
 
 
 class BilevelSearch:
@@ -482,10 +533,15 @@ class BilevelSearch:
             canvas and the crop is cut from it before the network sees it.
         batchnorm_scope: ``"all"``, or ``"photometric"``: the BatchNorm term reaches only the
             ops that leave keypoints in place (see "The BatchNorm term's scope").
-        pose_target: the val split's pose moments (:func:`pose_moments` of every labelled
+        pose_target: the val split's pose moments (:func:`feature_moments` of every labelled
             sample): the pose term then compares each training batch with them instead of with
             the val batch, and it can be taken between policy steps too
             (:meth:`augment_between_policy_steps`; see "The pose term on every weight step").
+        appearance: the pose term also compares the augmented crops' appearance moments
+            (:func:`appearance_descriptors`) with the val side's, in the same units (see "The
+            appearance moments"); needs ``pose_path > 0``.
+        appearance_target: the val split's appearance moments, the counterpart of
+            ``pose_target`` (needed with it when ``appearance`` is on).
     """
 
     def __init__(
@@ -507,8 +563,10 @@ class BilevelSearch:
         choice_gradient: Literal["straight_through", "score"] = "straight_through",
         pose_path: float = 0.0,
         canvas_pad: tuple[int, int] = (0, 0),
-        pose_target: PoseMoments | None = None,
+        pose_target: Moments | None = None,
         batchnorm_scope: Literal["all", "photometric"] = "all",
+        appearance: bool = False,
+        appearance_target: Moments | None = None,
     ):
         for name, weight in (("batchnorm_path", batchnorm_path), ("pose_path", pose_path)):
             if not (math.isfinite(weight) and weight >= 0):
@@ -523,6 +581,10 @@ class BilevelSearch:
             raise ValueError(f"batchnorm_scope must be 'all' or 'photometric', got {batchnorm_scope!r}")
         if choice_gradient == "score" and not policy.hard:
             raise ValueError("choice_gradient='score' credits hard draws: the policy needs hard=True")
+        if appearance and not pose_path > 0:
+            raise ValueError("appearance joins the pose term: it needs pose_path > 0")
+        if appearance and (pose_target is None) != (appearance_target is None):
+            raise ValueError("with appearance, pose_target and appearance_target come together")
         if hessian not in ("finite_difference", "exact"):
             raise ValueError(f"hessian must be 'finite_difference' or 'exact', got {hessian!r}")
         if not unroll_lr > 0:
@@ -546,6 +608,10 @@ class BilevelSearch:
         self.canvas_pad = (int(canvas_pad[0]), int(canvas_pad[1]))
         self.pose_target = None if pose_target is None else tuple(m.detach() for m in pose_target)
         self.batchnorm_scope = batchnorm_scope
+        self.appearance = bool(appearance)
+        self.appearance_target = (
+            None if appearance_target is None else tuple(m.detach() for m in appearance_target)
+        )
         # per op: it leaves the keypoints where they are (what the BatchNorm term may judge alone)
         self._keypoints_kept = torch.tensor(
             [not spec.moves_keypoints for spec in policy.space.specs],
@@ -587,23 +653,32 @@ class BilevelSearch:
             heatmaps, weight = self.codec.encode(moved.detach(), moved_visibility.detach())
         return augmented, heatmaps, weight, moved, moved_visibility.detach()
 
-    def _pose_gap_to(self, moved: Tensor, moved_visibility: Tensor, val: Batch) -> Tensor:
-        """The pose-geometry gap between the augmented batch's moved keypoints and the val side
-        (both in crops of the val images' size): the val split's moments (``pose_target``) or,
-        without them, the val batch's (:func:`pose_gap`)."""
+    def _pose_gap_to(self, augmented: Tensor, moved: Tensor, moved_visibility: Tensor, val: Batch) -> Tensor:
+        """The pose term: the gap between the augmented batch (its moved keypoints and, with
+        ``appearance``, its crops) and the val side (crops of the val images' size): the val
+        split's moments (``pose_target``) or, without them, the val batch's (:func:`pose_gap`)."""
         size = tuple(val[0].shape[-2:])
         if self.pose_target is not None:
-            return self._pose_gap_to_target(moved, moved_visibility, size)
-        return pose_gap(
+            return self._pose_gap_to_target(augmented, moved, moved_visibility, size)
+        gap = pose_gap(
             pose_descriptors(moved, moved_visibility, size), pose_descriptors(val[1], val[2], size)
         )
+        if self.appearance:
+            val_appearance = _appearance_moments(as_float_images(val[0]).detach())
+            gap = gap + moments_gap(_appearance_moments(augmented), val_appearance)
+        return gap
 
-    def _pose_gap_to_target(self, moved: Tensor, moved_visibility: Tensor, size: tuple[int, int]) -> Tensor:
-        """The pose-geometry gap between the augmented batch's moved keypoints (in crops of
-        ``size``) and the val split's moments (``pose_target``); the batch's spread with Bessel's
-        correction."""
+    def _pose_gap_to_target(
+        self, augmented: Tensor, moved: Tensor, moved_visibility: Tensor, size: tuple[int, int]
+    ) -> Tensor:
+        """The pose term against the val split's moments (``pose_target``, and
+        ``appearance_target`` with ``appearance``) for an augmented batch (its crops, of
+        ``size``, and moved keypoints); the batch's spreads with Bessel's correction."""
         train = pose_descriptors(moved, moved_visibility, size)
-        return pose_moments_gap(pose_moments(*train, unbiased=True), self.pose_target)
+        gap = moments_gap(feature_moments(*train, unbiased=True), self.pose_target)
+        if self.appearance:
+            gap = gap + moments_gap(_appearance_moments(augmented, unbiased=True), self.appearance_target)
+        return gap
 
     def augment_between_policy_steps(
         self, train: Batch, noise: PolicyNoise | None = None
@@ -620,7 +695,7 @@ class BilevelSearch:
         )
         augmented, moved = cut_window(augmented, moved, self.canvas_pad)
         moved_visibility = moved_visibility.detach()
-        loss = self._pose_gap_to_target(moved, moved_visibility, tuple(augmented.shape[-2:]))
+        loss = self._pose_gap_to_target(augmented, moved, moved_visibility, tuple(augmented.shape[-2:]))
         grads = self._backward_to_policy([loss], [torch.ones_like(loss)])
         previous = self.pose_gradient_sum or [None] * len(grads)
         self.pose_gradient_sum = [_add_optional(a, b) for a, b in zip(previous, grads, strict=True)]
@@ -830,7 +905,7 @@ class BilevelSearch:
             unrolled = self._unrolled_weights(weights, train_grad)
             batchnorm_loss = self._batchnorm_path_loss(names, unrolled, images, val)
         choices = self._choices(names, weights, v, images, heatmaps, weight, noise)
-        pose_loss = self._pose_gap_to(moved, moved_visibility, val) if self.pose_path > 0 else None
+        pose_loss = self._pose_gap_to(images, moved, moved_visibility, val) if self.pose_path > 0 else None
         grads = self._policy_gradient_from(
             images, heatmaps, product, batchnorm_loss, choices, pose_loss, pose_gathered
         )
@@ -971,8 +1046,8 @@ class BilevelSearch:
     def pose_path_gradient(self, train: Batch, val: Batch, noise: PolicyNoise | None = None) -> list[Tensor]:
         """``∇α`` of the pose-geometry gap alone (not weighted by ``μ``), without changing
         anything: the term ``pose_path`` adds to Eq. 8. One tensor per policy parameter."""
-        _, _, _, moved, moved_visibility = self._augmented(train, noise)
-        loss = self._pose_gap_to(moved, moved_visibility, val)
+        augmented, _, _, moved, moved_visibility = self._augmented(train, noise)
+        loss = self._pose_gap_to(augmented, moved, moved_visibility, val)
         if not loss.requires_grad:
             return [torch.zeros_like(p) for p in self.policy.parameters()]
         return self._dense(torch.autograd.grad(loss, list(self.policy.parameters()), allow_unused=True))

@@ -49,6 +49,7 @@ from autopose.augment import (
     no_policy,
     random_policy,
 )
+from autopose.augment.policy import as_float_images
 from autopose.augment.schedule import PolicySchedule, policy_from_document, schedule_document
 from autopose.data import CocoCropDataset, HeatmapCodec, ProxyDataset, load_coco
 from autopose.data.proxy import ProxyMetadata, read_proxy_metadata
@@ -78,6 +79,10 @@ MPII_UPPER_BODY = tuple(range(7, 16))  # thorax … wrists in MPII's joint order
 # land apart; the values stay as they are, since results depend on them.
 SEED_STRIDE, VAL_ORDER_OFFSET, RANK_OFFSET = 100_003, 17, 7919
 PASS_STRIDE = 1_000_003
+# The appearance moments' target reads at most this many crops of the val split, decoded once at
+# the start of a search trial (the demo's holdout split holds fewer; a mean and a spread of three
+# features are known to about 2 % of the spread from this many)
+APPEARANCE_TARGET_SAMPLES = 2048
 
 
 # -- what the loop hands to its hooks -----------------------------------------------------------------
@@ -535,16 +540,38 @@ class Trainer:
             pose_path=bilevel.pose_path,
             canvas_pad=self.canvas_pad,
             pose_target=self._split_pose_moments(self.search_val_set) if bilevel.pose_every_step else None,
+            appearance=bilevel.appearance_moments,
+            appearance_target=(
+                self._split_appearance_moments(self.search_val_set)
+                if bilevel.appearance_moments and bilevel.pose_every_step
+                else None
+            ),
         )
         self.policy_every = bilevel.policy_every
 
     def _split_pose_moments(self, split: ProxyDataset) -> tuple[Tensor, Tensor]:
         """The pose moments of every labelled sample of ``split`` (the pose term's target)."""
-        from autopose.engine.search import pose_descriptors, pose_moments
+        from autopose.engine.search import feature_moments, pose_descriptors
 
         keypoints, visibility = split.labels()
         descriptors = pose_descriptors(keypoints.float(), visibility.float(), split.metadata.input_size)
-        return tuple(m.to(self.device) for m in pose_moments(*descriptors))
+        return tuple(m.to(self.device) for m in feature_moments(*descriptors))
+
+    def _split_appearance_moments(self, split: ProxyDataset) -> tuple[Tensor, Tensor]:
+        """The appearance moments of the first :data:`APPEARANCE_TARGET_SAMPLES` crops of
+        ``split`` (the appearance term's target), in file order."""
+        from autopose.engine.search import appearance_descriptors, feature_moments
+
+        features, count = [], 0
+        for batch in split.iter_batches(batch_size=64):
+            images = as_float_images(batch["image"][: APPEARANCE_TARGET_SAMPLES - count])
+            features.append(appearance_descriptors(images))
+            count += images.shape[0]
+            if count >= APPEARANCE_TARGET_SAMPLES:
+                break
+        stacked = torch.cat(features)
+        valid = torch.ones(stacked.shape[0], dtype=torch.bool)
+        return tuple(m.to(self.device) for m in feature_moments(stacked, valid))
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -696,7 +696,7 @@ def test_the_pose_term_between_policy_steps_is_averaged_into_the_next(balance):
     before; the step uses them up. A batch augmented there is the policy's own forward on the
     same draws, detached."""
     from autopose.augment.policy import PolicyNoise
-    from autopose.engine.search import pose_descriptors, pose_moments
+    from autopose.engine.search import feature_moments, pose_descriptors
 
     model, policy, train, val, noise = setup(seed=11, dtype=torch.float64, space=p2net_space(), warmup=5)
     generator = torch.Generator().manual_seed(12)
@@ -705,7 +705,7 @@ def test_the_pose_term_between_policy_steps_is_averaged_into_the_next(balance):
     for _ in between:
         fresh = policy.sample_noise(8, generator)
         draws.append(PolicyNoise(fresh.sub_policy, fresh.bernoulli, fresh.cutout, fresh.sign, fresh.op))
-    target = pose_moments(*pose_descriptors(val[1], val[2], (H, W)))
+    target = feature_moments(*pose_descriptors(val[1], val[2], (H, W)))
     eq8 = make_search(model, policy, torch.float64).hypergradient(train, val, noise)
     plain = make_search(model, policy, torch.float64)
     bn = plain.batchnorm_path_gradient(train, val, noise)
@@ -737,10 +737,10 @@ def test_the_pose_term_between_policy_steps_is_averaged_into_the_next(balance):
 def test_the_pose_term_uses_the_target_moments_with_bessels_correction():
     """With ``pose_target``, the pose term compares the batch (Bessel-corrected spread) with the
     target's moments, not with the val batch: a val batch of other geometry changes nothing."""
-    from autopose.engine.search import pose_descriptors, pose_moments, pose_moments_gap
+    from autopose.engine.search import feature_moments, moments_gap, pose_descriptors
 
     model, policy, train, val, noise = setup(seed=13, dtype=torch.float64, space=p2net_space())
-    target = pose_moments(*pose_descriptors(val[1], val[2], (H, W)))
+    target = feature_moments(*pose_descriptors(val[1], val[2], (H, W)))
     search = make_search(model, policy, torch.float64, pose_path=1.0, pose_target=target)
     generator = torch.Generator().manual_seed(14)
     other_val = [t.to(torch.float64) for t in bars(8, generator, angle=-10.0)]
@@ -753,11 +753,11 @@ def test_the_pose_term_uses_the_target_moments_with_bessels_correction():
     _, _, _, moved, visibility = search._augmented(train, noise)
     batch = pose_descriptors(moved, visibility, (H, W))
     features = batch[0][batch[1]]
-    mean, spread = pose_moments(*batch, unbiased=True)
+    mean, spread = feature_moments(*batch, unbiased=True)
     torch.testing.assert_close(spread, features.std(dim=0))
     torch.testing.assert_close(mean, features.mean(dim=0))
-    loss = search._pose_gap_to(moved, visibility, other_val)
-    torch.testing.assert_close(loss, pose_moments_gap((mean, spread), target))
+    loss = search._pose_gap_to(search.augment(train, noise)[0], moved, visibility, other_val)
+    torch.testing.assert_close(loss, moments_gap((mean, spread), target))
     assert float(loss.detach()) > 0
 
 
@@ -787,3 +787,102 @@ def test_a_photometric_batchnorm_term_leaves_the_ops_that_move_keypoints_to_the_
         )
     with pytest.raises(ValueError, match="batchnorm_scope"):
         make_search(model, policy, batchnorm_scope="images")
+
+
+# -- the appearance moments ---------------------------------------------------------------------------
+def appearance_by_hand(image: torch.Tensor) -> list[float]:
+    """:func:`appearance_descriptors` of one ``3×H×W`` image, pixel by pixel in float64."""
+    grey = image.double().mean(dim=0)
+    height, width = grey.shape
+    mean = float(grey.mean())
+    contrast = math.sqrt(float(((grey - mean) ** 2).mean()))
+    detail = 0.0
+    for y in range(height):
+        for x in range(width):
+            window = grey[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2]  # the 3×3 inside the image
+            detail += abs(float(grey[y, x] - window.mean()))
+    detail /= height * width
+    eps = 1e-3
+    return [math.log(mean + eps), math.log(contrast + eps), math.log(detail + eps) - math.log(contrast + eps)]
+
+
+def test_appearance_descriptors_of_known_images():
+    """Brightness, contrast and detail against a pixel-by-pixel count; a factor moves the first
+    two by about its log and leaves detail; a blur lowers detail alone; a flat crop stays finite."""
+    from autopose.engine.search import APPEARANCE_FEATURES, appearance_descriptors
+
+    generator = torch.Generator().manual_seed(0)
+    images, _, _ = bars(3, generator)
+    got = appearance_descriptors(images)
+    assert got.shape == (3, len(APPEARANCE_FEATURES))
+    for image, row in zip(images, got, strict=True):
+        expected = torch.tensor(appearance_by_hand(image), dtype=torch.float64)
+        torch.testing.assert_close(row.double(), expected, rtol=0, atol=1e-5)
+    darker = appearance_descriptors(ops.brightness_image(images, torch.tensor(0.5)))
+    assert ((darker - got)[:, :2] < math.log(0.5) + 0.15).all() and ((darker - got)[:, :2] < 0).all()
+    torch.testing.assert_close(darker[:, 2], got[:, 2], rtol=0, atol=0.1)
+    blurred = appearance_descriptors(ops.sharpness_image(images, torch.tensor(0.0)))
+    assert (blurred[:, 2] < got[:, 2] - 0.2).all()
+    torch.testing.assert_close(blurred[:, 0], got[:, 0], rtol=0, atol=0.02)
+    assert torch.isfinite(appearance_descriptors(torch.full((1, 3, 8, 6), 0.3))).all()
+
+
+def test_the_appearance_moments_join_the_pose_gap_in_one_unit():
+    """With ``appearance``: the pose term is the pose gap plus the appearance gap, each in units
+    of the val side's spread: against the val batch (both sides' plain spreads) or, with the
+    targets, against the split's moments (the batch's spreads with Bessel's correction). Without
+    ``pose_path`` or with one target of two it is refused."""
+    from autopose.engine.search import appearance_descriptors, feature_moments, moments_gap, pose_descriptors
+
+    model, policy, train, val, noise = setup(seed=16, dtype=torch.float64, space=p2net_space())
+    augmented, _, _, moved, visibility = make_search(model, policy, torch.float64)._augmented(train, noise)
+    every = torch.ones(8, dtype=torch.bool)
+    batch_pose = pose_descriptors(moved, visibility, (H, W))
+    batch_look = appearance_descriptors(augmented)
+    val_pose = pose_descriptors(val[1], val[2], (H, W))
+    val_look = feature_moments(appearance_descriptors(val[0]), every)
+
+    by_batch = make_search(model, policy, torch.float64, pose_path=1.0, appearance=True)
+    expected = moments_gap(feature_moments(*batch_pose), feature_moments(*val_pose))
+    expected = expected + moments_gap(feature_moments(batch_look, every), val_look)
+    torch.testing.assert_close(by_batch._pose_gap_to(augmented, moved, visibility, val), expected)
+
+    pose_target = feature_moments(*val_pose)
+    by_split = make_search(
+        model,
+        policy,
+        torch.float64,
+        pose_path=1.0,
+        appearance=True,
+        pose_target=pose_target,
+        appearance_target=val_look,
+    )
+    expected = moments_gap(feature_moments(*batch_pose, unbiased=True), pose_target)
+    expected = expected + moments_gap(feature_moments(batch_look, every, unbiased=True), val_look)
+    torch.testing.assert_close(by_split._pose_gap_to(augmented, moved, visibility, val), expected)
+    with pytest.raises(ValueError, match="pose_path"):
+        make_search(model, policy, appearance=True)
+    with pytest.raises(ValueError, match="appearance_target"):
+        make_search(model, policy, pose_path=1.0, appearance=True, pose_target=pose_target)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_appearance_term_points_brightness_toward_the_val_splits_brightness(seed):
+    """Brightness at factor 1.36 on every sample: with a val split half as bright, the pose
+    term with ``appearance`` lowers the factor and the gate on descent; with the training crops
+    the darker ones, it raises both. Without ``appearance`` it leaves Brightness alone."""
+    policy = RelaxedPolicy(brightness_space(), init_magnitude=7.0, seed=seed)
+    model = TinyPoseNet()
+    generator = torch.Generator().manual_seed(seed + 10)
+    noise = dataclasses.replace(policy.sample_noise(16, torch.Generator().manual_seed(seed + 20)), sign=None)
+    normal, other = bars(16, generator), bars(16, generator)
+    darker, dark_train = (0.5 * other[0], *other[1:]), (0.5 * normal[0], *normal[1:])
+    names = [name for name, _ in policy.named_parameters()]
+    magnitude, gate = names.index("magnitude_logits"), names.index("probability_logits")
+    search = make_search(model, policy, pose_path=1.0, appearance=True)
+    toward_dark = search.pose_path_gradient(normal, darker, noise)
+    toward_bright = search.pose_path_gradient(dark_train, other, noise)
+    assert toward_dark[magnitude].sum() > 0 > toward_bright[magnitude].sum()
+    assert toward_dark[gate].sum() > 0 > toward_bright[gate].sum()
+    blind = make_search(model, policy, pose_path=1.0).pose_path_gradient(normal, darker, noise)
+    assert all((g == 0).all() for g in blind)

@@ -81,6 +81,7 @@ SEARCH_OPTIONS = BilevelConfig(
     batchnorm_path=0.5,
     pose_path=0.5,
     pose_every_step=True,
+    appearance_moments=True,
 )
 
 
@@ -542,3 +543,29 @@ def test_loader_processes_feed_the_batches_the_main_process_reads(smoke_data):
         assert trainer.loader.persistent_workers == (workers > 0)
         losses.append(trainer.run().history[-1]["train_loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_the_appearance_target_is_the_search_val_splits_crops(smoke_data, monkeypatch):
+    """A search with ``appearance_moments`` and ``pose_every_step`` compares its batches with the
+    appearance moments of the val split's crops as the loader gives them; at most
+    ``APPEARANCE_TARGET_SAMPLES`` of them, the first in file order."""
+    from autopose.augment.policy import as_float_images
+    from autopose.engine import train as train_module
+    from autopose.engine.search import appearance_descriptors, feature_moments
+
+    data, model, train = configs(smoke_data, steps_per_epoch=1)
+    spec = AugmentSpec(kind="search", seed=3, bilevel=SEARCH_OPTIONS)
+    trainer = Trainer(data, model, train, spec, SPACE)
+    split = trainer.search_val_set
+    images = as_float_images(torch.stack([split[i]["image"] for i in range(len(split))]))
+    assert len(split) > 3
+
+    def moments(crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = appearance_descriptors(crops)
+        return feature_moments(features, torch.ones(features.shape[0], dtype=torch.bool))
+
+    for got, expected in zip(trainer.search.appearance_target, moments(images), strict=True):
+        torch.testing.assert_close(got, expected)
+    monkeypatch.setattr(train_module, "APPEARANCE_TARGET_SAMPLES", 3)
+    for got, expected in zip(trainer._split_appearance_moments(split), moments(images[:3]), strict=True):
+        torch.testing.assert_close(got, expected)

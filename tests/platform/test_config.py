@@ -82,6 +82,7 @@ def test_round_trip_through_the_logged_mapping(smoke_config):
         (lambda c: c["search"].update(pose_every_step=True), "search.pose_every_step", "pose_path > 0"),
         (lambda c: c["search"].update(batchnorm_scope="colour"), "search.batchnorm_scope", "'photometric'"),
         (lambda c: c["search"].update(pose_every_step="yes"), "search.pose_every_step", "expected bool"),
+        (lambda c: c["search"].update(appearance_moments=True), "search.appearance_moments", "pose_path > 0"),
         (lambda c: c["search"].update(choice_gradient="score"), "search.choice_gradient", "sampling: hard"),
         (lambda c: c["search"].update(init_magnitude=10), "search.init_magnitude", "(0, 10)"),
         (lambda c: c["search"].update(init_magnitude="mid"), "search.init_magnitude", "expected float"),
