@@ -44,12 +44,15 @@ from typing import Any
 from autopose.data.synth import KNOWN_SHIFTS, MATCHED_OPS
 from autopose.engine.config import load_yaml, to_plain
 from autopose.errors import AutoposeError
+from autopose.files import read_text
 from autopose.platform.demo import BUDGETS, known_answer_configs
 from autopose.platform.known_answer import (
     exported_steps,
     markdown_table,
     matched_policy,
+    paired_difference,
     search_found_shift,
+    search_targets,
     summarize,
 )
 from autopose.platform.selection import CandidateScore, select
@@ -479,6 +482,24 @@ def run_suite(
     return cells
 
 
+def read_cells(path: Path) -> list[dict[str, Any]]:
+    """The per-cell lines of a suite's output (JSON lines; the summary lines are skipped); a
+    file that is missing, not JSON lines, or without a cell is one :class:`AutoposeError`."""
+    cells = []
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise AutoposeError(f"line {number} is not JSON ({error.msg})", path=path) from None
+        if isinstance(record, dict) and {"shift", "seed", "ap"} <= set(record):
+            cells.append(record)
+    if not cells:
+        raise AutoposeError("holds no cell of the known-answer suite", path=path)
+    return cells
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shifts", nargs="+", default=list(KNOWN_SHIFTS), choices=list(KNOWN_SHIFTS))
@@ -501,10 +522,17 @@ def main() -> int:
     )
     parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/autopose-known-answer"))
+    parser.add_argument(
+        "--against",
+        type=Path,
+        metavar="JSONL",
+        help="another variant's output on the same bases: print the exported policy's paired difference",
+    )
     args = parser.parse_args()
     try:
         # a bad override is one line, before anything runs (checked against the demo's settings)
         search_settings(args.search, load_yaml(BUDGETS["full"].experiment)["search"])
+        against = read_cells(args.against) if args.against else None
     except AutoposeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -517,6 +545,14 @@ def main() -> int:
     summary = summarize(cells)
     for shift, row in summary.items():
         print(json.dumps({"summary": shift, **row}), flush=True)
+    print(json.dumps({"targets": "search quality, step 2", **search_targets(cells)}), flush=True)
+    if against is not None:
+        try:
+            paired = paired_difference(cells, against)
+        except ValueError as error:
+            print(f"error: --against {args.against}: {error}", file=sys.stderr)
+            return 2
+        print(json.dumps({"paired_against": str(args.against), **paired}), flush=True)
     print(
         json.dumps(
             {

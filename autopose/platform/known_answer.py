@@ -240,3 +240,104 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# Step 2's targets (search quality), on the cells of one suite run.
+TARGET_FOUND_SHARE = 0.8  # the matching op on top, in the right direction, in this share of cells
+TARGET_MATCHED_GAIN_SHARE = 0.5  # of the matched policy's gain over none, on the mean over shifts
+TARGET_SEARCH_COST = 1.5  # a search trial's CPU time in baseline trials, in every cell
+
+
+def _shift_means(cells: Sequence[Mapping[str, Any]], kind: str) -> dict[str, float]:
+    groups: dict[str, list[float]] = {}
+    for cell in cells:
+        groups.setdefault(cell["shift"], []).append(cell["ap"][kind])
+    return {shift: statistics.fmean(values) for shift, values in groups.items()}
+
+
+def search_targets(cells: Sequence[Mapping[str, Any]], kind: str = "exported") -> dict[str, Any]:
+    """Each target of search-quality step 2 for ``kind`` (the exported policy retrained, by
+    default), met or not, with the figures it was judged on:
+
+    * ``beats_none``, ``beats_random``: ``kind``'s mean val AP above none's and above the best
+      equal-compute random policy's on every shift (``short_of``: the shifts where it is not);
+    * ``beats_adabn_on_darkness``: its mean above AdaBN's on the darkness shift (absent when the
+      cells hold no darkness shift);
+    * ``found``: the search found the shift (:func:`search_found_shift`) in at least
+      :data:`TARGET_FOUND_SHARE` of the cells;
+    * ``matched_gain_share``: its gain over none, on the mean over every cell, at least
+      :data:`TARGET_MATCHED_GAIN_SHARE` of the matched policy's;
+    * ``search_cost``: a search trial at most :data:`TARGET_SEARCH_COST` baseline trials (CPU
+      time) in every cell.
+
+    ``cells``: the suite's per-cell lines (``ap`` with none, adabn, random, matched and
+    ``kind``; ``found``; ``search_cost``)."""
+    if not cells:
+        raise ValueError("no cells to judge")
+    means = {k: _shift_means(cells, k) for k in ("none", "adabn", "random", "matched", kind)}
+    ours = means[kind]
+    checks: dict[str, dict[str, Any]] = {}
+    for name, other in (("beats_none", "none"), ("beats_random", "random")):
+        short = sorted(shift for shift, value in ours.items() if not value > means[other][shift])
+        checks[name] = {"met": not short, "short_of": short}
+    if "darkness" in ours:
+        checks["beats_adabn_on_darkness"] = {
+            "met": ours["darkness"] > means["adabn"]["darkness"],
+            "value": round(ours["darkness"], 4),
+            "adabn": round(means["adabn"]["darkness"], 4),
+        }
+    found = sum(bool(cell.get("found")) for cell in cells)
+    checks["found"] = {
+        "met": found >= TARGET_FOUND_SHARE * len(cells),
+        "value": found,
+        "of": len(cells),
+        "target": TARGET_FOUND_SHARE,
+    }
+    gain = statistics.fmean(c["ap"][kind] - c["ap"]["none"] for c in cells)
+    matched_gain = statistics.fmean(c["ap"]["matched"] - c["ap"]["none"] for c in cells)
+    share = gain / matched_gain if matched_gain > 0 else float("nan")
+    checks["matched_gain_share"] = {
+        "met": share >= TARGET_MATCHED_GAIN_SHARE,
+        "value": round(share, 3),
+        "target": TARGET_MATCHED_GAIN_SHARE,
+    }
+    costs = [float(c["search_cost"]) for c in cells]
+    checks["search_cost"] = {
+        "met": max(costs) <= TARGET_SEARCH_COST,
+        "max": round(max(costs), 2),
+        "mean": round(statistics.fmean(costs), 2),
+        "cells_within": sum(cost <= TARGET_SEARCH_COST for cost in costs),
+        "target": TARGET_SEARCH_COST,
+    }
+    return {"kind": kind, "met": sum(c["met"] for c in checks.values()), "of": len(checks), "checks": checks}
+
+
+def paired_difference(
+    cells: Sequence[Mapping[str, Any]], against: Sequence[Mapping[str, Any]], kind: str = "exported"
+) -> dict[str, Any]:
+    """``kind``'s val AP in ``cells`` minus in ``against`` (another variant's run), paired by
+    (shift, seed): mean, sd, cells ahead, overall and per shift. Both runs must have trained the
+    same bases and baselines (none's AP agrees in every shared cell), or the pairs would hold the
+    bases' difference: :class:`ValueError` otherwise, and when no cell is shared."""
+    by_cell = {(c["shift"], c["seed"]): c for c in against}
+    pairs = [(c, by_cell[(c["shift"], c["seed"])]) for c in cells if (c["shift"], c["seed"]) in by_cell]
+    if not pairs:
+        raise ValueError("the two runs share no (shift, seed) cell")
+    for ours, theirs in pairs:
+        if abs(ours["ap"]["none"] - theirs["ap"]["none"]) > 1e-9:
+            raise ValueError(
+                f"none's val AP differs in cell {ours['shift']}/seed {ours['seed']} "
+                f"({ours['ap']['none']} against {theirs['ap']['none']}): not the same bases"
+            )
+
+    def row(members: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> dict[str, Any]:
+        differences = [a["ap"][kind] - b["ap"][kind] for a, b in members]
+        mean, sd = _mean_sd(differences)
+        return {"mean": mean, "sd": sd, "ahead": sum(d > 0 for d in differences), "n": len(differences)}
+
+    shifts = list(dict.fromkeys(a["shift"] for a, _ in pairs))
+    return {
+        "kind": kind,
+        "overall": row(pairs),
+        "shifts": {shift: row([p for p in pairs if p[0]["shift"] == shift]) for shift in shifts},
+    }

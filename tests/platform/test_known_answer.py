@@ -12,8 +12,10 @@ from autopose.platform.known_answer import (
     exported_steps,
     markdown_table,
     matched_policy,
+    paired_difference,
     right_direction,
     search_found_shift,
+    search_targets,
     summarize,
 )
 
@@ -111,3 +113,55 @@ def test_summary_pairs_every_kind_with_none_by_seed():
     assert "| matched | 0.360 (+0.110 ± 0.014, 2/2)" in table
     assert [line.split(" |")[0] for line in table.splitlines()[2:5]] == ["| none", "| matched", "| exported"]
     assert set(KINDS) >= {"none", "adabn", "random", "matched", "search", "exported"}
+
+
+def _cell(shift, seed, found=True, cost=1.2, **ap):
+    base = {"none": 0.20, "adabn": 0.30, "random": 0.25, "matched": 0.40, "exported": 0.32}
+    return {"shift": shift, "seed": seed, "ap": {**base, **ap}, "found": found, "search_cost": cost}
+
+
+def test_search_targets_judge_every_target_of_step_two():
+    cells = [
+        _cell("darkness", 0, exported=0.35),
+        _cell("darkness", 1, exported=0.33),
+        _cell("blur", 0, exported=0.24, found=False),  # above none, below the best random
+        _cell("blur", 1, exported=0.26, cost=1.6),
+        _cell("offset", 0, exported=0.19),  # below none on the shift's mean
+        _cell("offset", 1, exported=0.20),
+    ]
+    judged = search_targets(cells)
+    checks = judged["checks"]
+    assert checks["beats_none"] == {"met": False, "short_of": ["offset"]}
+    assert checks["beats_random"] == {"met": False, "short_of": ["blur", "offset"]}
+    assert checks["beats_adabn_on_darkness"] == {"met": True, "value": 0.34, "adabn": 0.30}
+    assert checks["found"] == {"met": True, "value": 5, "of": 6, "target": 0.8}  # 5 ≥ 4.8
+    # gain (0.15 + 0.13 + 0.04 + 0.06 − 0.01 + 0.00) / 6 over the matched 0.20
+    assert checks["matched_gain_share"]["value"] == pytest.approx(0.37 / 6 / 0.20, abs=1e-3)
+    assert not checks["matched_gain_share"]["met"]
+    assert checks["search_cost"] == {
+        "met": False,
+        "max": 1.6,
+        "mean": 1.27,
+        "cells_within": 5,
+        "target": 1.5,
+    }
+    assert (judged["met"], judged["of"]) == (2, 6)
+    # four of six found is below 80 %; without a darkness shift there is no AdaBN target
+    fewer = search_targets([{**c, "found": i < 4} for i, c in enumerate(cells) if c["shift"] != "darkness"])
+    assert not fewer["checks"]["found"]["met"] and "beats_adabn_on_darkness" not in fewer["checks"]
+
+
+def test_paired_difference_pairs_cells_by_shift_and_seed_and_refuses_other_bases():
+    ours = [
+        _cell("blur", 0, exported=0.30),
+        _cell("blur", 1, exported=0.28),
+        _cell("rotation", 0, exported=0.5),
+    ]
+    theirs = [_cell("blur", 1, exported=0.30), _cell("blur", 0, exported=0.25), _cell("offset", 0)]
+    paired = paired_difference(ours, theirs)
+    assert paired["overall"] == {"mean": 0.015, "sd": 0.0495, "ahead": 1, "n": 2}  # +0.05, −0.02
+    assert set(paired["shifts"]) == {"blur"}
+    with pytest.raises(ValueError, match="not the same bases"):
+        paired_difference(ours, [_cell("blur", 0, none=0.21)])
+    with pytest.raises(ValueError, match="share no"):
+        paired_difference(ours, [_cell("zoom_out", 0)])
