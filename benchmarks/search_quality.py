@@ -47,6 +47,7 @@ from autopose.errors import AutoposeError
 from autopose.files import read_text
 from autopose.platform.demo import BUDGETS, known_answer_configs
 from autopose.platform.known_answer import (
+    answering_share,
     exported_steps,
     markdown_table,
     matched_policy,
@@ -361,6 +362,7 @@ def _cell(shift: str, seed: int, results: dict[str, dict[str, Any]], variant: st
         "op_prob": search["op_prob"],
         "exported": search["exported"],
         "found": search_found_shift(search["op_prob"], search["exported"], MATCHED_OPS[shift]),
+        "answering_share": round(answering_share(search["exported"], MATCHED_OPS[shift]), 4),
         "search_cost": round(search["train_cpu_s"] / (sum(baseline_cpu) / len(baseline_cpu)), 2),
         "selected": selected,
         "tpe_chosen": best_tpe if proposals else None,

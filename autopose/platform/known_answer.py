@@ -76,6 +76,10 @@ def matched_policy(shift: str) -> dict[str, Any]:
     return _policy(_MATCHED[shift])
 
 
+# How far the symmetric shifts' ops must move, either way, to count as answering them (their units).
+_REACH = {"Rotate": 10.0, "TranslateX": 0.05}
+
+
 # Which way each op must move from the identity to answer its shift.
 def right_direction(op: str, values: Sequence[float], shares: Sequence[float] | None = None) -> bool:
     """Whether the exported values of ``op`` go the way its shift needs.
@@ -95,10 +99,29 @@ def right_direction(op: str, values: Sequence[float], shares: Sequence[float] | 
     def share(predicate) -> float:
         return sum(w for v, w in zip(values, shares, strict=True) if predicate(v)) / total
 
-    if op in ("Rotate", "TranslateX"):
-        reach = 10.0 if op == "Rotate" else 0.05
+    if op in _REACH:
+        reach = _REACH[op]
         return share(lambda v: v <= -reach) >= 0.25 and share(lambda v: v >= reach) >= 0.25
     return share(lambda v: v < 0.95) > share(lambda v: v > 1.05)
+
+
+def answering_share(exported: Sequence[Sequence[Any]], matched_ops: Sequence[str]) -> float:
+    """How often the exported policy moves a sample the way its shift needs: the summed
+    share (:func:`exported_steps`) of the rows whose op answers the shift and whose value does
+    what :func:`right_direction` asks of it (Rotate and TranslateX at least their reach either
+    way, Brightness, Scale and Sharpness below 0.95). The shift-matched policy gives 0.9; the
+    demo space's search policy at its start (six ops, ``p`` 0.5, each sign 0.5) about 0.04, or
+    0.08 for Rotate and TranslateX, whose both directions count. Rows without a share (cached
+    before policy/2) count nothing."""
+    return sum(
+        float(row[3])
+        for row in exported
+        if row[0] in matched_ops and _answers(row[0], float(row[2])) and len(row) > 3
+    )
+
+
+def _answers(op: str, value: float) -> bool:
+    return abs(value) >= _REACH[op] if op in _REACH else value < 0.95
 
 
 def exported_steps(document: Mapping[str, Any], space: Any) -> list[list[Any]]:
@@ -158,12 +181,14 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
 
 def summarize(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Per shift and overall: each kind's val AP (mean, sd), its paired difference to ``none``
-    (mean, sd, seeds where it is ahead), the exported policy's mean rank, and in how many
-    seeds the search found the shift.
+    (mean, sd, seeds where it is ahead), the exported policy's mean rank, in how many
+    seeds the search found the shift, and the exported policy's mean :func:`answering_share`
+    (None where no cell has one).
 
     Args:
         cells: one per (shift, seed): ``{"shift", "seed", "ap": {kind: val AP},
-            "found": bool}`` (``found``: see :func:`search_found_shift`; absent without a search).
+            "found": bool, "answering_share": float}`` (both absent without a search; see
+            :func:`search_found_shift` and :func:`answering_share`).
     """
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for cell in cells:
@@ -190,12 +215,14 @@ def summarize(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             }
         ranks = [_rank(c["ap"], "exported") for c in members if "exported" in c["ap"]]
         found = [bool(c["found"]) for c in members if "found" in c]
+        answering = [float(c["answering_share"]) for c in members if "answering_share" in c]
         summary[shift] = {
             "seeds": len(members),
             "kinds": rows,
             "exported_rank": round(statistics.fmean(ranks), 2) if ranks else None,
             "ranked": len([k for k in members[0]["ap"] if k in RANKED]) if members else 0,
             "found": sum(found),
+            "answering_share": round(statistics.fmean(answering), 3) if answering else None,
         }
     return summary
 
@@ -208,7 +235,8 @@ def _rank(ap: Mapping[str, float], kind: str) -> int:
 def table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The summary as a header and rows: a row per kind, a column per shift, each cell
     ``mean AP (gain over none ± sd, seeds ahead of none)``; then the exported policy's mean
-    rank and the seeds in which the search found the shift."""
+    rank, the seeds in which the search found the shift and, where the cells carry it, the
+    exported policy's mean share answering the shift."""
     shifts = list(summary)
     kinds = [k for k in KINDS if any(k in summary[s]["kinds"] for s in shifts)]
     header = ["kind", *(f"{s} (n={summary[s]['seeds']})" for s in shifts)]
@@ -231,6 +259,9 @@ def table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     ]
     rows.append(["exported rank", *ranks])
     rows.append(["search found the shift", *(f"{summary[s]['found']}/{summary[s]['seeds']}" for s in shifts)])
+    if any(summary[s].get("answering_share") is not None for s in shifts):
+        shares = [summary[s].get("answering_share") for s in shifts]
+        rows.append(["exported share answering", *("–" if v is None else f"{v:.2f}" for v in shares)])
     return header, rows
 
 

@@ -9,6 +9,7 @@ from autopose.data.synth import KNOWN_SHIFTS, MATCHED_OPS
 from autopose.platform.demo import DEMO_SPACE_FILE
 from autopose.platform.known_answer import (
     KINDS,
+    answering_share,
     exported_steps,
     markdown_table,
     matched_policy,
@@ -82,6 +83,36 @@ def test_the_search_found_the_shift_only_with_the_top_weight_moved_the_right_way
     assert search_found_shift({"Rotate": 0.5, "Cutout": 0.2}, exported, ("Rotate", "Brightness"))
     assert not search_found_shift({"Rotate": 0.1, "Cutout": 0.6}, exported, ("Rotate", "Brightness"))
     assert not search_found_shift({"Brightness": 0.6}, exported, ("Rotate", "Brightness"))  # brighter
+
+
+def test_answering_share_counts_the_samples_moved_the_way_the_shift_needs():
+    space = load_search_space(DEMO_SPACE_FILE)
+    for shift, ops in (("darkness", ("Brightness",)), ("rotation", ("Rotate",)), ("zoom_out", ("Scale",))):
+        rows = exported_steps(matched_policy(shift), space)
+        assert answering_share(rows, ops) == pytest.approx(0.9)  # p = 0.9 on every sub-policy
+        assert answering_share(rows, ("Cutout",)) == 0.0
+    rows = [
+        ["Brightness", 0.6, 0.5, 0.30],  # darker: counts
+        ["Brightness", 0.6, 1.5, 0.20],  # brighter: does not
+        ["Brightness", 0.6, 0.97, 0.05],  # within 0.05 of the identity: does not
+        ["Rotate", 0.5, -12.0, 0.10],  # Rotate counts either way past 10°
+        ["Rotate", 0.5, 8.0, 0.15],
+        ["Cutout", 0.5, 0.2, 0.20],
+        ["Brightness", 0.6, 0.4],  # no share (cached before policy/2): counts nothing
+    ]
+    assert answering_share(rows, ("Brightness",)) == pytest.approx(0.30)
+    assert answering_share(rows, ("Rotate", "Brightness")) == pytest.approx(0.40)
+    cells = [
+        {"shift": "darkness", "seed": s, "ap": {"none": 0.1, "exported": 0.3}, "answering_share": v}
+        for s, v in ((0, 0.30), (1, 0.10))
+    ]
+    summary = summarize([*cells, {"shift": "blur", "seed": 0, "ap": {"none": 0.4, "exported": 0.4}}])
+    assert summary["darkness"]["answering_share"] == pytest.approx(0.2)
+    assert summary["blur"]["answering_share"] is None
+    assert summary["overall"]["answering_share"] == pytest.approx(0.2)  # of the cells that have one
+    assert "| exported share answering | 0.20 | – | 0.20 |" in markdown_table(summary)
+    blur_only = summarize([{"shift": "blur", "seed": 0, "ap": {"none": 0.4, "exported": 0.4}}])
+    assert "share answering" not in markdown_table(blur_only)  # no cell carries it: no row
 
 
 def test_summary_pairs_every_kind_with_none_by_seed():
