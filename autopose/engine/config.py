@@ -388,7 +388,10 @@ class BilevelConfig:
     relaxed-Bernoulli temperature of each op's probability; with ``*_final``
     given they anneal geometrically from the start value to it over the run. ``unroll_lr`` is
     ζ of Eq. 8 (null: the weights' learning rate). ``hessian`` picks the
-    second-order term: DARTS' finite difference or the exact product.
+    second-order term: DARTS' central finite difference (``finite_difference``: two model
+    passes at ``w ± εv``, error O(ε²)), the one-sided difference (``forward_difference``: one
+    pass at ``w + εv`` against the image gradient the weight step has already taken at ``w``,
+    error O(ε), one model pass fewer per policy step), or the exact product.
     ``num_sub_policies`` (K) and ``ops_per_sub_policy`` (N) override the space's.
     ``policy_betas`` are the policy's Adam betas. DARTS' (0.5, 0.999) remember the first
     steps' hypergradients, which on a network trained from scratch are orders of magnitude
@@ -498,7 +501,7 @@ class BilevelConfig:
     tau2_final: float | None = None
     policy_lr: float | tuple[float, float] = 3.0e-3
     unroll_lr: float | None = None
-    hessian: Literal["finite_difference", "exact"] = "finite_difference"
+    hessian: Literal["finite_difference", "forward_difference", "exact"] = "finite_difference"
     num_sub_policies: int | None = None
     ops_per_sub_policy: int | None = None
     val_batch_size: int | None = None
@@ -549,7 +552,7 @@ class BilevelConfig:
                 field=f"{field_}.appearance_moments".lstrip("."),
             )
         hints = typing.get_type_hints(BilevelConfig)
-        for name in ("batchnorm_scope", "policy_optimizer", "sampling", "choice_gradient"):
+        for name in ("hessian", "batchnorm_scope", "policy_optimizer", "sampling", "choice_gradient"):
             allowed, value = typing.get_args(hints[name]), getattr(self, name)
             if value not in allowed:
                 raise AutoposeError(

@@ -122,6 +122,23 @@ def test_resumed_run_matches_the_uninterrupted_one(smoke_data, tmp_path, kind):
         assert resumed.history[-1]["policy_grad_cosine"] == pytest.approx(cosine, rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("hessian", "engine", "central"),
+    [
+        ("finite_difference", "finite_difference", True),
+        ("forward_difference", "finite_difference", False),
+        ("exact", "exact", True),
+    ],
+)
+def test_the_configs_hessian_picks_the_search_steps_second_order_term(smoke_data, hessian, engine, central):
+    """``search.hessian``: the central difference, the one-sided one (the search reuses the
+    weight step's image gradient at ``w``) or the exact product."""
+    data, model, train = configs(smoke_data, epochs=1, steps_per_epoch=1)
+    bilevel = BilevelConfig(policy_lr=0.05, hessian=hessian)
+    trainer = Trainer(data, model, train, AugmentSpec(kind="search", seed=0, bilevel=bilevel), SPACE)
+    assert (trainer.search.hessian, trainer.search.central) == (engine, central)
+
+
 def test_the_policy_steps_every_kth_step_and_its_metrics_average_over_those(smoke_data):
     """``policy_every: 3``: steps 0 and 3 of 5 are search steps; the others train the weights on
     the relaxed policy without moving it; ``val_loss`` is the mean over the search steps only,
@@ -166,6 +183,7 @@ def test_the_policy_steps_every_kth_step_and_its_metrics_average_over_those(smok
         ("policy_optimizer", "sgd", "'normalized'"),
         ("sampling", "soft", "'hard'"),
         ("choice_gradient", "reinforce", "'score'"),
+        ("hessian", "second", "'forward_difference'"),
         ("init_magnitude", 10.0, "(0, 10)"),
         ("init_magnitude", 0.0, "(0, 10)"),
         ("tau1", (0.5, 2.0), "range"),  # ranges get their values once, where a trial is planned
