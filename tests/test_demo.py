@@ -105,7 +105,7 @@ def test_the_search_trial_steps_its_policy_as_the_suite_measured_best(demo_run):
     (search,) = [r for r in _trials(_runs(demo_run)) if r.data.tags.get("autopose.kind") == "search"]
     measured = ("sampling", "batchnorm_path", "batchnorm_scope", "pose_path", "pose_every_step")
     measured += ("balance_paths", "policy_every")
-    measured += ("policy_optimizer", "unroll_lr")
+    measured += ("policy_optimizer", "unroll_lr", "hessian")
     policy_step = {
         key: value
         for key, value in load_yaml(BUDGETS["tiny"].experiment)["search"].items()
@@ -121,6 +121,7 @@ def test_the_search_trial_steps_its_policy_as_the_suite_measured_best(demo_run):
         "policy_every": 8,
         "policy_optimizer": "normalized",
         "unroll_lr": 0.1,
+        "hessian": "forward_difference",
     }
     for key, value in policy_step.items():
         assert search.data.params[f"search.{key}"] == str(value)
