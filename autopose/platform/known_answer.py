@@ -116,7 +116,7 @@ def answering_share(exported: Sequence[Sequence[Any]], matched_ops: Sequence[str
     return sum(
         float(row[3])
         for row in exported
-        if row[0] in matched_ops and _answers(row[0], float(row[2])) and len(row) > 3
+        if len(row) > 3 and row[0] in matched_ops and _answers(row[0], float(row[2]))
     )
 
 
