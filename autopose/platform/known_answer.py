@@ -102,7 +102,7 @@ def right_direction(op: str, values: Sequence[float], shares: Sequence[float] | 
     if op in _REACH:
         reach = _REACH[op]
         return share(lambda v: v <= -reach) >= 0.25 and share(lambda v: v >= reach) >= 0.25
-    return share(lambda v: v < 0.95) > share(lambda v: v > 1.05)
+    return share(lambda v: _answers(op, v)) > share(lambda v: v > 1.05)
 
 
 def answering_share(exported: Sequence[Sequence[Any]], matched_ops: Sequence[str]) -> float:
@@ -259,8 +259,8 @@ def table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     ]
     rows.append(["exported rank", *ranks])
     rows.append(["search found the shift", *(f"{summary[s]['found']}/{summary[s]['seeds']}" for s in shifts)])
-    if any(summary[s].get("answering_share") is not None for s in shifts):
-        shares = [summary[s].get("answering_share") for s in shifts]
+    shares = [summary[s]["answering_share"] for s in shifts]
+    if any(v is not None for v in shares):
         rows.append(["exported share answering", *("–" if v is None else f"{v:.2f}" for v in shares)])
     return header, rows
 
